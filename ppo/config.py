@@ -1,0 +1,271 @@
+"""Typed configuration: dataclasses with one help string per field, loaded from YAML plus
+`key=value` overrides.
+
+Why this shape: a misspelt key must fail at load time (naming the file, the key and the closest
+valid key) instead of silently falling back to a default, and the sizes we derive from the user's
+numbers (mini-batch counts, per-rank batches) live in `BatchPlan`, never written back into the
+config the user gave us.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message names file, key and value."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a help string (shown by `ppo-rlhf <stage> --help` and the README)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PPOConfig:
+    """Everything one PPO run needs. `PPOConfig()` works; names follow TRL's where they exist."""
+
+    # --- models and data (used by the CLI recipes; the Python API takes model objects) ---
+    model_name_or_path: str | None = opt(None, "Policy: a Hugging Face model directory or hub name.")
+    reward_model_path: str | None = opt(None, "Reward model directory (AutoModelForSequenceClassification, num_labels=1).")
+    value_model_path: str | None = opt(None, "Critic to start from; default: the reward model, else the policy.")
+    ref_model_path: str | None = opt(None, "Frozen reference; default: a copy of the starting policy.")
+    prompts_file: str | None = opt(None, "Prompts: a text file (one per line) or a JSONL/JSON/CSV/Parquet file.")
+    dataset_name: str | None = opt(None, "A `datasets` name or local path, instead of prompts_file.")
+    prompt_column: str = opt("prompt", "Dataset column holding the prompt (a string or chat messages).")
+    reward_funcs: list = opt([], "Reward functions: built-in names or `module:function` / `file.py:function`.")
+    reward_weights: list | None = opt(None, "One weight per reward source: the reward model first, then each function.")
+    num_epochs: int = opt(1, "Passes over the prompt set.")
+    max_length: int | None = opt(None, "Cap on prompt + response tokens; longer prompts are cut from the left.")
+
+    # --- optimisation ---
+    learning_rate: float = opt(1e-5, "AdamW learning rate of the policy.")
+    value_learning_rate: float | None = opt(None, "AdamW learning rate of the critic; None: learning_rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    batch_size: int = opt(4, "Prompts per PPO iteration (global, across all ranks).")
+    mini_batch_size: int | None = opt(None, "Samples per optimizer step; None: the whole rollout (one step per epoch).")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches each mini-batch is split into (memory, not maths).")
+    ppo_epochs: int = opt(4, "Passes of the update over each rollout.")
+    max_grad_norm: float | None = opt(1.0, "Gradient-norm clip per model; None disables.")
+    seed: int = opt(0, "Seeds sampling, shuffling and initialisation.")
+
+    # --- PPO ---
+    gamma: float = opt(1.0, "Discount factor.")
+    lam: float = opt(0.95, "GAE lambda.")
+    clip_range: float = opt(0.2, "Policy ratio clip epsilon.")
+    clip_range_value: float = opt(0.2, "Value clip around the rollout's values.")
+    vf_coef: float = opt(0.1, "Weight of the value loss.")
+    entropy_coef: float = opt(0.0, "Weight of the entropy bonus (0: entropy is only logged).")
+    whiten_advantages: bool = opt(True, "Normalise advantages over the batch's real tokens.")
+    whiten_rewards: bool = opt(False, "Normalise per-token rewards (mean kept) before GAE.")
+    reward_clip: float | None = opt(None, "Clip scores to [-reward_clip, reward_clip] before the KL penalty.")
+    approx_kl_stop: float | None = opt(None, "Stop the epochs early when a mini-batch's approx-KL exceeds this.")
+
+    # --- KL to the reference ---
+    kl_coef: float = opt(0.1, "Initial KL penalty coefficient.")
+    adap_kl_ctrl: bool = opt(True, "Adapt kl_coef towards target_kl (Ziegler et al., 2019).")
+    target_kl: float = opt(0.01, "Target of the adaptive controller (summed KL per response).")
+    kl_horizon: int = opt(10000, "Horizon of the adaptive controller.")
+    kl_estimator: str = opt("k1", "Per-token KL estimator in the reward: k1, k2 or k3.")
+
+    # --- sampling ---
+    max_new_tokens: int = opt(32, "Longest response in tokens.")
+    temperature: float = opt(1.0, "Sampling temperature; also applied to training log-probs.")
+    top_k: int | None = opt(None, "Keep only the k most likely tokens (None/0: off).")
+    top_p: float | None = opt(None, "Nucleus sampling mass (None/1.0: off).")
+    num_generations: int = opt(1, "Samples per prompt.")
+    stop_strings: list = opt([], "Extra strings that end a response (the EOS always does).")
+    missing_eos_penalty: float | None = opt(None, "Subtracted from the score of responses that never ended.")
+
+    # --- models ---
+    value_head: str = opt("separate", "'separate': its own critic model; 'shared': a value head on the policy.")
+    precision: str = opt("fp32", "fp32, bf16 (autocast) or auto (bf16 where the hardware is fast at it).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    logprob_chunk_size: int = opt(8, "Rows per chunk when turning logits into log-probs (bounds [B,T,V] memory).")
+
+    # --- output ---
+    output_dir: str = opt("ppo_output", "Where metrics, checkpoints and the final model go.")
+    save_steps: int = opt(0, "Checkpoint every N steps (0: only the final model).")
+    save_total_limit: int | None = opt(None, "Keep at most this many step_N checkpoints.")
+    logging_steps: int = opt(1, "Write a metrics line every N steps.")
+    progress_bar: bool = opt(True, "Show a progress bar during train().")
+    resume_from_checkpoint: str | None = opt(None, "A step_N directory or 'latest' in output_dir.")
+
+    def __post_init__(self) -> None:
+        _check_range(self, "batch_size", self.batch_size, 1)
+        _check_range(self, "ppo_epochs", self.ppo_epochs, 1)
+        _check_range(self, "gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        _check_range(self, "num_generations", self.num_generations, 1)
+        _check_range(self, "max_new_tokens", self.max_new_tokens, 1)
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        _check_choice("value_head", self.value_head, ("separate", "shared"))
+        _check_choice("precision", self.precision, ("fp32", "bf16", "auto"))
+        _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            raise ConfigError(f"missing_eos_penalty must be positive (it is subtracted), got {self.missing_eos_penalty}")
+
+
+def _check_range(cfg: Any, name: str, value: int, low: int) -> None:
+    if value is None or value < low:
+        raise ConfigError(f"{type(cfg).__name__}.{name} must be >= {low}, got {value!r}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Sizes derived from a PPOConfig and the number of ranks; never written back to the config.
+
+    rollout_size   = batch_size * num_generations samples per iteration (global)
+    mini_batch     = samples per optimizer step (global)
+    micro_batch    = samples per forward/backward on one rank
+    """
+
+    rollout_size: int
+    mini_batch: int
+    micro_batch: int
+    steps_per_epoch: int
+    world_size: int
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        return self.steps_per_epoch
+
+
+def plan_batches(config: PPOConfig, n_prompts: int | None = None, world_size: int = 1) -> BatchPlan:
+    """Derive the batch arithmetic. `n_prompts` overrides batch_size (for `step()` on any list)."""
+    prompts = config.batch_size if n_prompts is None else n_prompts
+    rollout = prompts * config.num_generations
+    mini = min(config.mini_batch_size or rollout, rollout)
+    if mini % world_size:
+        raise ConfigError(f"mini_batch_size {mini} must divide evenly over {world_size} ranks")
+    per_rank = mini // world_size
+    micro = max(1, math.ceil(per_rank / config.gradient_accumulation_steps))
+    return BatchPlan(rollout, mini, micro, math.ceil(rollout / mini), world_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML file + dotted key=value overrides -> dataclass, strictly.
+# ----------------------------------------------------------------------------------------------
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Build `cls` from an optional YAML file and `key=value` overrides (values parsed as YAML).
+
+    Unknown keys raise ConfigError naming the file, the key, a close match and the valid keys.
+    """
+    values: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text: {err}") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(loaded).__name__}")
+        values.update(_flatten(loaded))
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        values[key.strip().lstrip("-").replace("-", "_")] = yaml.safe_load(raw) if raw != "" else None
+    return build_config(cls, values, source)
+
+
+def build_config(cls: type[C], values: dict[str, Any], source: str = "arguments") -> C:
+    """Instantiate `cls` from a flat dict, checking every key and coercing simple types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(cls, key, source, list(fields)))
+        kwargs[key] = _coerce(hints[key], value, key, source)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    # Sections in YAML are only for readability (`sampling: {temperature: 0.7}`): keys are flat.
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not key.endswith("_kwargs"):
+            flat.update(_flatten(value, prefix))
+        else:
+            flat[prefix + str(key)] = value
+    return flat
+
+
+def _unknown_key_message(cls: type, key: str, source: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"{source}: unknown key {key!r} for {cls.__name__}.{hint} Valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    if value is None:
+        return None
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    options = [o for o in options if o is not type(None)]
+    for target in options:
+        base = typing.get_origin(target) or target
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if base is list:
+            return list(value) if isinstance(value, (list, tuple)) else [value]
+        if base is dict and isinstance(value, dict):
+            return value
+    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{source}: key {key!r} expects {wanted}, got {value!r}")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the effective config as YAML next to a run's outputs (what actually ran)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def config_help(cls: type) -> list[tuple[str, str, str]]:
+    """(name, default, help) rows for docs and `--help`."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((f.name, json.dumps(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,111 @@
+"""Forward passes shared by scoring (no grad) and the update (with grad).
+
+One code path computes log-probabilities for both, which is what makes the PPO ratio exactly 1 on
+the first mini-batch: the same positions, the same temperature, the same reductions. The maths
+(log-softmax gather, entropy) is in `ppo.functional`; this module only runs models.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ppo import functional as F
+from ppo.rollout.hf import position_ids_from_mask
+
+
+def response_logits(model, input_ids: Tensor, attention_mask: Tensor, response_width: int, output_hidden: bool = False):
+    """Logits predicting each response token, `[B, R, V]`, and optionally the final hidden states at
+    the same positions, `[B, R, H]`.
+
+    The state before response token t sits at column P - 1 + t, so we keep the last R + 1 positions
+    and drop the final one; `logits_to_keep` spares the LM head the prompt positions.
+    """
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=response_width + 1,
+        output_hidden_states=output_hidden,
+    )
+    logits = out.logits[:, -response_width - 1 : -1]
+    hidden = out.hidden_states[-1][:, -response_width - 1 : -1] if output_hidden else None
+    return logits, hidden
+
+
+def logprobs_and_entropy(logits: Tensor, labels: Tensor, temperature: float, chunk_rows: int, with_entropy: bool):
+    """`[B, R, V]` logits -> log-probs `[B, R]` of `labels` (and entropy `[B, R]`) at `temperature`.
+
+    Rows go through in chunks so that at most a chunk's worth of fp32 `[b, R, V]` exists at once,
+    next to the model's own logits tensor.
+    """
+    logprob_chunks, entropy_chunks = [], []
+    for start in range(0, logits.shape[0], chunk_rows):
+        chunk = logits[start : start + chunk_rows]
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        logprob_chunks.append(F.logprobs_from_logits(chunk, labels[start : start + chunk_rows]))
+        if with_entropy:
+            entropy_chunks.append(F.entropy_from_logits(chunk))
+    logprobs = torch.cat(logprob_chunks)
+    return logprobs, (torch.cat(entropy_chunks) if with_entropy else None)
+
+
+def policy_logprobs(model, input_ids, attention_mask, response_width, temperature, chunk_rows, with_entropy=False, output_hidden=False):
+    """Log-probs `[B, R]` of the response tokens under `model`, entropy `[B, R]` or None, and the
+    final hidden states `[B, R, H]` when asked (for a shared value head)."""
+    logits, hidden = response_logits(model, input_ids, attention_mask, response_width, output_hidden)
+    labels = input_ids[:, -response_width:]
+    logprobs, entropy = logprobs_and_entropy(logits, labels, temperature, chunk_rows, with_entropy)
+    return logprobs, entropy, hidden
+
+
+def _backbone_and_head(model):
+    """The transformer body and the scalar head of an AutoModelForSequenceClassification."""
+    head = getattr(model, "score", None)
+    if head is None:
+        head = getattr(model, "classifier", None)
+    body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if head is None or body is None:
+        raise TypeError(
+            f"{type(model).__name__} is not shaped like AutoModelForSequenceClassification "
+            "(expected a backbone and a `score` head)"
+        )
+    return body, head
+
+
+def token_values(critic, input_ids: Tensor, attention_mask: Tensor, response_width: int) -> Tensor:
+    """The critic's score head read at every state before a response token: `[B, R]`."""
+    body, head = _backbone_and_head(critic)
+    hidden = body(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state[:, -response_width - 1 : -1]
+    return head(hidden).squeeze(-1).float()
+
+
+def sequence_scores(reward_model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """One score per sequence, `[B]`, read at the last real token whatever the padding side.
+
+    We do the pooling ourselves: the models' own pooling looks for the pad id, which picks the
+    wrong token when pad == EOS. A plain `nn.Module` reward model is called as
+    `forward(input_ids, attention_mask)` and must return `[B]` or `[B, 1]`.
+    """
+    if not (hasattr(reward_model, "base_model_prefix") and (hasattr(reward_model, "score") or hasattr(reward_model, "classifier"))):
+        scores = reward_model(input_ids, attention_mask)
+        scores = getattr(scores, "logits", scores)
+        return scores.reshape(input_ids.shape[0], -1)[:, 0].float()
+    body, head = _backbone_and_head(reward_model)
+    hidden = body(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last_real = (attention_mask.bool() * columns).argmax(dim=1)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real]
+    return head(pooled)[:, 0].float()

@@ -1,0 +1,383 @@
+"""Pure tensor maths for PPO on language models: no modules, no config objects, scalars passed in.
+
+Conventions
+-----------
+* Shapes are ``[B, T]`` over response tokens unless a docstring says otherwise; logits are
+  ``[B, T, V]``.
+* ``mask`` has the same shape as the data and may be float or bool: non-zero marks a real response
+  token, zero marks padding. Masked-out positions never influence a result, whatever *finite* value
+  they hold: they are replaced by 0 with ``torch.where`` before any arithmetic, so even huge values
+  cannot overflow into inf/NaN, and gradients at those positions are exactly 0.
+* Precision: 16-bit float inputs are upcast and everything is computed and *returned* in fp32;
+  fp32 stays fp32 and fp64 stays fp64. Results are therefore fp32 for bf16 inputs.
+* A reduction over ``dim`` removes that dimension, as torch does. A masked mean over zero real
+  positions is 0 (not NaN), so an empty micro-batch contributes nothing instead of poisoning the
+  update; ``masked_var``/``masked_whiten`` instead raise, since a variance of nothing is a bug.
+* Stats returned next to losses are detached 0-d tensors (no ``.item()``: no device sync).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "logprobs_from_logits", "entropy_from_logits", "masked_mean", "masked_var", "masked_whiten",
+    "compute_gae", "kl_penalty", "clipped_policy_loss", "clipped_value_loss", "token_level_rewards",
+    "explained_variance", "FixedKLController", "AdaptiveKLController",
+]
+
+# Upper bound on the elements of one fp32 temporary built from logits (64 MiB); module-level so
+# tests can shrink it to exercise the chunk loop.
+_CHUNK_NUMEL = 1 << 24
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc(x: Tensor) -> Tensor:
+    return x.to(_acc_dtype(x.dtype)) if x.is_floating_point() else x.float()
+
+
+def _bool_mask(mask: Tensor, like: Tensor) -> Tensor:
+    if mask.shape != like.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match data shape {tuple(like.shape)}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _masked(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Upcast x and zero its masked-out positions; also return the bool mask."""
+    m = _bool_mask(mask, x)
+    return torch.where(m, _acc(x), 0), m
+
+
+def _chunks(shape: torch.Size) -> Iterator[tuple]:
+    """Index tuples covering the leading dims of a ``[..., V]`` tensor in pieces of at most
+    ``_CHUNK_NUMEL`` elements (but never less than one row). Slicing, not reshaping, keeps every
+    piece a view even when the logits are a non-contiguous slice of the model output."""
+
+    def rec(prefix: tuple, dims: tuple) -> Iterator[tuple]:
+        if len(dims) <= 1:
+            yield prefix
+            return
+        inner = math.prod(dims[1:])
+        if inner <= _CHUNK_NUMEL:
+            step = max(1, _CHUNK_NUMEL // max(inner, 1))
+            for s in range(0, dims[0], step):
+                yield prefix + (slice(s, s + step),)
+        else:
+            for i in range(dims[0]):
+                yield from rec(prefix + (i,), dims[1:])
+
+    yield from rec((), tuple(shape))
+
+
+def _softmax_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    mx = z.amax(-1, keepdim=True)
+    return mx, (z - mx).exp_().sum(-1, keepdim=True).log_()
+
+
+def _log_softmax(z: Tensor, mx: Tensor, log_sum: Tensor) -> Tensor:
+    # (z - max) - log(sum(exp(z - max))) rather than z - logsumexp(z): both terms are small, so no
+    # digits are lost when the logits are large. Clamping -inf (vocabulary masked by a logits
+    # processor) keeps p * log p at 0 instead of NaN.
+    return (z - mx).sub_(log_sum).clamp_min_(torch.finfo(z.dtype).min)
+
+
+class _LogProbs(torch.autograd.Function):
+    """Gathered log-softmax that saves only the (possibly bf16) logits plus [B, T] statistics and
+    recomputes the softmax chunk by chunk in backward: no full-size fp32 tensor is ever kept."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:
+        out = logits.new_empty(labels.shape, dtype=_acc_dtype(logits.dtype))
+        mx, log_sum = torch.empty_like(out), torch.empty_like(out)
+        for idx in _chunks(logits.shape):
+            z = _acc(logits[idx])
+            m, s = _softmax_stats(z)
+            out[idx] = ((z.gather(-1, labels[idx].unsqueeze(-1)) - m) - s).squeeze(-1)
+            mx[idx], log_sum[idx] = m.squeeze(-1), s.squeeze(-1)
+        ctx.save_for_backward(logits, labels, mx, log_sum)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        logits, labels, mx, log_sum = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for idx in _chunks(logits.shape):
+            g = grad[idx].unsqueeze(-1)
+            z = _log_softmax(_acc(logits[idx]), mx[idx].unsqueeze(-1), log_sum[idx].unsqueeze(-1))
+            out[idx] = z.exp_().mul_(-g).scatter_add_(-1, labels[idx].unsqueeze(-1), g)  # g*(onehot-p)
+        return out, None
+
+
+class _Entropy(torch.autograd.Function):
+    """Softmax entropy with the same memory profile as `_LogProbs`; dH/dz_j = -p_j (log p_j + H)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor) -> Tensor:
+        ent = logits.new_empty(logits.shape[:-1], dtype=_acc_dtype(logits.dtype))
+        mx, log_sum = torch.empty_like(ent), torch.empty_like(ent)
+        for idx in _chunks(logits.shape):
+            z = _acc(logits[idx])
+            m, s = _softmax_stats(z)
+            # -sum(p log p) adds same-sign terms: no cancellation, unlike lse - sum(p z).
+            logp = _log_softmax(z, m, s)
+            ent[idx] = -(logp.exp() * logp).sum(-1)
+            mx[idx], log_sum[idx] = m.squeeze(-1), s.squeeze(-1)
+        ctx.save_for_backward(logits, mx, log_sum, ent)
+        return ent
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        logits, mx, log_sum, ent = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for idx in _chunks(logits.shape):
+            logp = _log_softmax(_acc(logits[idx]), mx[idx].unsqueeze(-1), log_sum[idx].unsqueeze(-1))
+            g = logp.exp() * (logp + ent[idx].unsqueeze(-1))
+            out[idx] = g.mul_(-grad[idx].unsqueeze(-1))
+        return out
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """Log-probability of ``labels`` under ``softmax(logits)``: ``[B, T, V]``, ``[B, T]`` -> ``[B, T]``.
+
+    Computed as the gathered logit minus a chunked fp32 logsumexp (split as max + log-sum for
+    accuracy), so at most one chunk (``_CHUNK_NUMEL`` elements) of fp32 exists at a time, in
+    forward and backward alike. Returns fp32 (fp64 for fp64 logits). ``labels`` must be valid
+    indices in ``[0, V)``, padding included. First-order differentiable w.r.t. ``logits``.
+    """
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)}")
+    return _LogProbs.apply(logits, labels.long())
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of ``softmax(logits)`` in nats: ``[..., V]`` -> ``[...]``.
+
+    Chunked like :func:`logprobs_from_logits`; returns fp32 (fp64 for fp64 logits); ``-inf`` logits
+    are allowed (they contribute 0). First-order differentiable.
+    """
+    return _Entropy.apply(logits)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """Mean of ``x`` over real positions: ``[B, T]`` -> 0-d (``dim=None``) or with ``dim`` removed.
+
+    A slice with no real position gives 0.
+    """
+    xz, m = _masked(x, mask)
+    if dim is None:
+        return xz.sum() / m.sum().clamp_min(1)
+    return xz.sum(dim) / m.sum(dim).clamp_min(1)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``x`` over all real positions, ``[B, T]`` -> 0-d; Bessel-corrected (n - 1) when
+    ``unbiased``. Raises ValueError with fewer than 2 (unbiased) or 1 (biased) real positions;
+    checking that reads the count back to the host (one sync).
+    """
+    xz, m = _masked(x, mask)
+    n = int(m.sum())
+    need = 2 if unbiased else 1
+    if n < need:
+        raise ValueError(f"masked_var: need at least {need} real positions (unbiased={unbiased}), got {n}")
+    mean = xz.sum() / n
+    # Two passes (mean, then squared deviations) avoid the E[x^2] - E[x]^2 cancellation.
+    sq = torch.where(m, (xz - mean) ** 2, 0).sum()
+    return sq / (n - 1 if unbiased else n)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """``(x - mean) / sqrt(var + 1e-8)`` over real positions, ``[B, T]`` -> ``[B, T]``, with the
+    unbiased variance; ``shift_mean=False`` adds the mean back. 0 at masked positions. Needs at
+    least 2 real positions (see :func:`masked_var`).
+    """
+    xz, m = _masked(x, mask)
+    mean = masked_mean(xz, m)
+    out = (xz - mean) * torch.rsqrt(masked_var(xz, m, unbiased=True) + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m, out, 0)
+
+
+def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised Advantage Estimation: ``[B, T]`` rewards, values, mask -> (advantages, returns).
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``, where
+    ``V_{t+1}`` and ``A_{t+1}`` count as 0 past the last column or at a masked position: the episode
+    ends after its last real token. ``returns = advantages + values``. Both are 0 at masked
+    positions. Pure (no detach); the loop runs over T only.
+    """
+    r, m = _masked(rewards, mask)
+    v, _ = _masked(values, m)
+    next_v = v.new_zeros(v.shape[:-1])
+    next_a = next_v
+    advs = [next_a] * v.shape[-1]
+    for t in reversed(range(v.shape[-1])):
+        # Masked positions hold V = 0 and A = 0, which is exactly the episode-end bootstrap.
+        delta = r[..., t] + gamma * next_v - v[..., t]
+        next_a = torch.where(m[..., t], delta + gamma * lam * next_a, 0)
+        next_v = v[..., t]
+        advs[t] = next_a
+    adv = torch.stack(advs, dim=-1) if advs else torch.zeros_like(v)
+    return adv, torch.where(m, adv + v, 0)
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled tokens, ``[B, T]`` -> ``[B, T]``.
+
+    With ``d = logprobs - ref_logprobs``: ``k1 = d``, ``k2 = d**2 / 2``,
+    ``k3 = exp(-d) - 1 + d`` (non-negative, unbiased). Elementwise and unmasked: mask the result.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
+    d = _acc(logprobs) - _acc(ref_logprobs)
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d**2
+    # expm1 keeps precision for small d; the clamp removes rounding just below zero.
+    return (torch.expm1(-d) + d).clamp_min(0)
+
+
+def clipped_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate, ``[B, T]`` inputs -> (0-d loss, stats).
+
+    ``ratio = exp(logprobs - old_logprobs)``;
+    ``loss = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + clip_range)))``.
+    Stats (detached 0-d): ``clipfrac`` (share of real tokens where the clipped term is strictly
+    larger), ``approx_kl`` (``masked_mean((lp - old)**2 / 2)``), ``ratio_mean``, ``ratio_max``.
+    """
+    m = _bool_mask(mask, logprobs)
+    # Zero the log-ratio before exp: exp of a huge masked value is inf, and inf * 0 in backward
+    # would be NaN even though the forward discards it.
+    log_ratio = torch.where(m, _acc(logprobs) - _acc(old_logprobs), 0)
+    adv, _ = _masked(advantages, m)
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), m)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), m),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, m),
+            "ratio_mean": masked_mean(ratio, m),
+            # ratio > 0, so filling masked positions with 0 cannot win the max.
+            "ratio_max": torch.where(m, ratio, 0).max(),
+        }
+    return loss, {k: s.detach() for k, s in stats.items()}
+
+
+def clipped_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped value loss, ``[B, T]`` inputs -> (0-d loss, stats).
+
+    ``v_clip = old + clamp(v - old, -c, c)``;
+    ``loss = 0.5 * masked_mean(max((v - R)**2, (v_clip - R)**2))``. Stats (detached 0-d):
+    ``vf_clipfrac``, the share of real tokens where the clipped term is strictly larger.
+    """
+    v, m = _masked(values, mask)
+    old, _ = _masked(old_values, m)
+    ret, _ = _masked(returns, m)
+    v_clip = old + torch.clamp(v - old, -clip_range_value, clip_range_value)
+    unclipped = (v - ret) ** 2
+    clipped = (v_clip - ret) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), m)
+    with torch.no_grad():
+        vf_clipfrac = masked_mean((clipped > unclipped).to(v.dtype), m)
+    return loss, {"vf_clipfrac": vf_clipfrac.detach()}
+
+
+def token_level_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float | Tensor) -> Tensor:
+    """Per-token rewards ``[B, T]`` from sequence scores ``[B]`` and a per-token KL ``[B, T]``.
+
+    ``-kl_coef * kl`` at real positions, 0 at masked ones, plus ``scores[b]`` at the last real
+    token of row b (the last non-zero of the mask row, padding holes allowed). Raises ValueError if
+    a row has no real token (this check syncs with the device once).
+    """
+    klz, m = _masked(kl, mask)
+    if scores.shape != kl.shape[:1] or kl.dim() != 2:
+        raise ValueError(f"expected scores [B] and kl [B, T], got {tuple(scores.shape)} and {tuple(kl.shape)}")
+    cols = torch.arange(m.shape[1], device=m.device)
+    last = torch.where(m, cols, -1).amax(dim=1) if m.shape[1] else cols.new_full((m.shape[0],), -1)
+    if bool((last < 0).any()):
+        raise ValueError("token_level_rewards: every row needs at least one real token")
+    rewards = torch.where(m, -kl_coef * klz, 0)
+    at_last = cols.unsqueeze(0) == last.unsqueeze(1)
+    return rewards + torch.where(at_last, _acc(scores).unsqueeze(1), 0)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """``1 - Var(returns - values) / Var(returns)`` over real positions, ``[B, T]`` -> 0-d, with
+    biased variances. Returns 0 (not NaN) when ``Var(returns) == 0``, which includes an empty mask
+    or a single real token. 1 is a perfect critic, 0 no better than a constant, < 0 worse.
+    """
+    v, m = _masked(values, mask)
+    ret, _ = _masked(returns, m)
+
+    def var(x: Tensor) -> Tensor:
+        return masked_mean((x - masked_mean(x, m)) ** 2, m)
+
+    var_ret, var_err = var(ret), var(ret - v)
+    ok = var_ret > 0
+    return torch.where(ok, 1 - var_err / torch.where(ok, var_ret, 1), 0)
+
+
+class FixedKLController:
+    """Constant KL coefficient: ``.value`` is always ``kl_coef``."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> None:
+        """No-op, kept so both controllers are interchangeable."""
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Proportional KL controller of Ziegler et al. (2019), "Fine-Tuning Language Models from Human
+    Preferences": ``err = clip(kl / target - 1, -0.2, 0.2)``; ``value *= 1 + err * n_steps / horizon``.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"AdaptiveKLController: target and horizon must be > 0, got {target}, {horizon}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> None:
+        """Move ``.value`` towards keeping the observed KL at ``target``. ``current_kl`` may be a
+        float or a 0-d tensor (read back with one sync). Raises ValueError on a non-finite KL,
+        which would otherwise silently turn the coefficient into NaN."""
+        kl = float(current_kl)
+        if not math.isfinite(kl):
+            raise ValueError(f"AdaptiveKLController.update: current_kl must be finite, got {kl}")
+        err = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + err * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        """Plain floats; ``load_state_dict`` restores all three (target and horizon included)."""
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+        self.target = float(state.get("target", self.target))
+        self.horizon = float(state.get("horizon", self.horizon))

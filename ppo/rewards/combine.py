@@ -1,0 +1,50 @@
+"""All reward sources of a run, combined as a weighted sum into one score per sample."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ppo.rewards.funcs import call_reward_function, function_name
+from ppo.rewards.model import reward_model_scores
+
+
+class RewardSources:
+    """A reward model and/or reward functions with one weight each (the model's first)."""
+
+    def __init__(self, reward_model=None, reward_funcs: Callable | Sequence[Callable] | None = None, weights: Sequence[float] | None = None, reward_tokenizer=None):
+        if callable(reward_funcs) and not isinstance(reward_funcs, torch.nn.Module):
+            reward_funcs = [reward_funcs]
+        self.reward_model = reward_model
+        self.funcs = list(reward_funcs or [])
+        self.reward_tokenizer = reward_tokenizer
+        if reward_model is None and not self.funcs:
+            raise ValueError("PPO needs a reward: pass reward_model and/or reward_funcs")
+        self.names = (["reward_model"] if reward_model is not None else []) + [function_name(f) for f in self.funcs]
+        if weights is None:
+            weights = [1.0] * len(self.names)
+        if len(weights) != len(self.names):
+            raise ValueError(
+                f"reward_weights has {len(weights)} values for {len(self.names)} reward sources "
+                f"({', '.join(self.names)}): list the reward model's weight first, then one per function"
+            )
+        self.weights = [float(w) for w in weights]
+
+    def score(self, input_ids: Tensor, attention_mask: Tensor, prompts: list[str], completions: list[str], completion_ids: list[list[int]], extras: dict[str, list[Any]]) -> tuple[Tensor, dict[str, float]]:
+        """`[B]` weighted scores and each source's mean (for the metrics)."""
+        columns: list[Tensor] = []
+        if self.reward_model is not None:
+            columns.append(reward_model_scores(self.reward_model, input_ids, attention_mask, prompts, completions, self.reward_tokenizer).cpu())
+        for func in self.funcs:
+            values = call_reward_function(func, prompts, completions, completion_ids, extras)
+            columns.append(torch.tensor(values, dtype=torch.float32))
+        per_source = torch.stack(columns, dim=1)  # [B, sources]
+        bad = (~torch.isfinite(per_source)).nonzero()
+        if len(bad):
+            row, col = bad[0].tolist()
+            raise ValueError(f"{self.names[col]} gave {per_source[row, col].item()} for sample {row} (prompt {prompts[row][:80]!r}); refusing to train on it")
+        scores = per_source @ torch.tensor(self.weights)
+        means = {f"rewards/{name}": per_source[:, i].mean().item() for i, name in enumerate(self.names)}
+        return scores.to(input_ids.device), means

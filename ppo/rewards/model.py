@@ -1,0 +1,35 @@
+"""Scores from a reward model, on the policy's tokens or re-tokenized for its own tokenizer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ppo.forward import sequence_scores
+
+
+def render_for_reward_tokenizer(reward_tokenizer, prompt: str, completion: str) -> str:
+    """Prompt + completion as text for a reward model with its own tokenizer (its chat template
+    when it has one, so a chat reward model sees the format it was trained on)."""
+    if getattr(reward_tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return reward_tokenizer.apply_chat_template(messages, tokenize=False)
+    return prompt + completion
+
+
+@torch.inference_mode()
+def reward_model_scores(
+    reward_model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompts: list[str],
+    completions: list[str],
+    reward_tokenizer=None,
+) -> Tensor:
+    """`[B]` scores. Without `reward_tokenizer` the policy's ids are scored as they are."""
+    if reward_tokenizer is None:
+        return sequence_scores(reward_model, input_ids, attention_mask)
+    texts = [render_for_reward_tokenizer(reward_tokenizer, p, c) for p, c in zip(prompts, completions)]
+    encoded = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    device = input_ids.device
+    return sequence_scores(reward_model, encoded["input_ids"].to(device), encoded["attention_mask"].to(device))

@@ -1,0 +1,105 @@
+"""Building the models of a run: frozen reference, critic, precision. Nothing algorithmic."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from ppo.critic import SeparateCritic, SharedCritic
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Inference only: no gradients, no optimizer state, dropout off."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def reference_context(policy, ref_model):
+    """(model, context) that computes reference log-probs.
+
+    With LoRA and no explicit reference, the reference is the policy with its adapter disabled:
+    the same weights, no second copy in memory."""
+    if ref_model is not None:
+        return ref_model, contextlib.nullcontext()
+    if is_peft_model(policy):
+        return policy, policy.disable_adapter()
+    raise ValueError("no reference model")
+
+
+def default_reference(policy, ref_model):
+    """The given reference, None for a LoRA policy (adapter disabled instead), else a frozen copy."""
+    if ref_model is not None:
+        return freeze(ref_model)
+    if is_peft_model(policy):
+        return None
+    return freeze(copy.deepcopy(policy))
+
+
+def critic_from_policy(policy) -> torch.nn.Module:
+    """A sequence classifier with the policy's backbone weights and a zero-initialised score head."""
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    critic = AutoModelForSequenceClassification.from_config(config)
+    body = getattr(critic, critic.base_model_prefix)
+    source = getattr(policy, policy.base_model_prefix, None)
+    if source is None or type(source) is not type(body):
+        raise TypeError(f"cannot build a critic from {type(policy).__name__}: pass value_model= explicitly")
+    body.load_state_dict(source.state_dict())
+    head = critic.score if hasattr(critic, "score") else critic.classifier
+    torch.nn.init.zeros_(head.weight)
+    if getattr(head, "bias", None) is not None:
+        torch.nn.init.zeros_(head.bias)
+    return critic.to(dtype=next(policy.parameters()).dtype, device=next(policy.parameters()).device)
+
+
+def build_critic(value_head: str, policy, reward_model=None, value_model=None, reward_tokenizer=None):
+    """The critic role: the user's value model, a copy of a compatible reward model, a model made
+    from the policy's weights, or (value_head='shared') a head on the policy itself."""
+    if value_head == "shared":
+        if value_model is not None:
+            warnings.warn("value_head='shared' ignores the value_model that was passed")
+        param = next(policy.parameters())
+        hidden = policy.config.get_text_config().hidden_size if hasattr(policy.config, "get_text_config") else policy.config.hidden_size
+        return SharedCritic(hidden, dtype=param.dtype, device=param.device)
+    if value_model is not None:
+        model = value_model
+    elif reward_model is not None and reward_tokenizer is None and hasattr(reward_model, "base_model_prefix"):
+        # TRL's default: the reward model already reads these sequences well.
+        model = copy.deepcopy(reward_model)
+    else:
+        model = critic_from_policy(policy)
+    model.requires_grad_(True)
+    return SeparateCritic(model.eval())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 where it is fast (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
+    return "bf16" if "AVX512" in capability and _cpu_has_bf16() else "fp32"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_context(precision: str, device: torch.device):
+    """A fresh autocast context for the resolved precision (fp32: none)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,207 @@
+"""PPOTrainer: wires the roles together; `step()` is the PPO recipe, `train()` the loop around it.
+
+    step(prompts):
+      1. collate the prompts                                  (data)
+      2. sample responses                                     (rollout engine)
+      3. score: policy/reference log-probs, values, rewards   (forward, rewards) - no grad
+      4. per-token rewards, GAE, whitening                    (functional)
+      5. the PPO update                                       (update)
+      6. adapt the KL coefficient, return the statistics
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ppo import functional as F
+from ppo.batch import PromptBatch, Rollout, ScoredBatch
+from ppo.config import PPOConfig, plan_batches
+from ppo.data import collate_prompts, ensure_pad_token
+from ppo.forward import policy_logprobs
+from ppo.rewards import RewardSources
+from ppo.roles import autocast_context, build_critic, default_reference, freeze, reference_context, resolve_precision
+from ppo.rollout import HFRolloutEngine, RolloutEngine, SamplingParams
+from ppo.update import ppo_update
+from ppo.metrics import PhaseTimer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout makes the rollout's log-probs disagree with the update's: turn it off everywhere,
+    including the attention dropout that models apply functionally in train mode."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+class PPOTrainer:
+    """PPO for a Hugging Face causal LM against a reward model and/or reward functions."""
+
+    def __init__(
+        self,
+        config: PPOConfig | None = None,
+        model: torch.nn.Module | None = None,
+        tokenizer=None,
+        ref_model: torch.nn.Module | None = None,
+        reward_model: torch.nn.Module | None = None,
+        reward_funcs: Callable | Sequence[Callable] | None = None,
+        reward_weights: Sequence[float] | None = None,
+        value_model: torch.nn.Module | None = None,
+        reward_tokenizer=None,
+        rollout_engine: RolloutEngine | None = None,
+    ):
+        self.config = config = config if config is not None else PPOConfig()
+        if model is None or tokenizer is None:
+            raise ValueError("PPOTrainer needs model= (a causal LM) and tokenizer=")
+        ensure_pad_token(tokenizer)
+        if reward_model is not None:
+            freeze(reward_model)
+        self.rewards = RewardSources(reward_model, reward_funcs, reward_weights or config.reward_weights, reward_tokenizer)
+        torch.manual_seed(config.seed)
+        self.tokenizer = tokenizer
+        self.policy = model
+        self.device = next(model.parameters()).device
+        self.precision = resolve_precision(config.precision, self.device)
+        self.ref_model = default_reference(model, ref_model)
+        self.critic = build_critic(config.value_head, model, reward_model, value_model, reward_tokenizer)
+        for module in (self.policy, self.critic.module):
+            disable_dropout(module)
+            if config.gradient_checkpointing:
+                enable = getattr(module, "activation_checkpointing_enable", None) or getattr(module, "gradient_checkpointing_enable", None)
+                if enable is None:
+                    raise ValueError(f"gradient_checkpointing: {type(module).__name__} does not support it")
+                enable()
+                module.train()  # HF checkpoints only in train mode; dropout is already off
+        self.optimizers = {
+            "policy": self._adamw(self.policy, config.learning_rate),
+            "critic": self._adamw(self.critic.module, config.value_learning_rate or config.learning_rate),
+        }
+        if config.adap_kl_ctrl:
+            self.kl_controller = F.AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
+        else:
+            self.kl_controller = F.FixedKLController(config.kl_coef)
+        self.engine = rollout_engine or HFRolloutEngine(model, tokenizer, self.autocast)
+        stop_ids = tuple(i for i in [tokenizer.eos_token_id] if i is not None)
+        self.sampling = SamplingParams(
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
+            top_p=config.top_p, stop_token_ids=stop_ids, stop_strings=tuple(config.stop_strings),
+        )
+        self.shuffle_generator = torch.Generator().manual_seed(config.seed)  # mini-batch order
+        self.timer = PhaseTimer()
+        self.global_step = 0
+        self.max_prompt_tokens: int | None = self._prompt_budget(config.max_length)
+
+    def _adamw(self, module: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{type(module).__name__} has no trainable parameters")
+        # foreach: one fused kernel launch per parameter group instead of one per tensor.
+        return torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay, foreach=True)
+
+    def autocast(self):
+        """A fresh mixed-precision context for one forward pass (a no-op in fp32)."""
+        return autocast_context(self.precision, self.device)
+
+    def _prompt_budget(self, max_length: int | None) -> int | None:
+        """Longest prompt in tokens: what max_length and the model's context leave for the prompt."""
+        limits = [max_length, getattr(self.policy.config, "max_position_embeddings", None)]
+        limits = [n - self.config.max_new_tokens for n in limits if n is not None]
+        if any(n < 1 for n in limits):
+            raise ValueError(f"max_length / the model's context must exceed max_new_tokens={self.config.max_new_tokens}")
+        return min(limits) if limits else None
+
+    # ------------------------------------------------------------------------------------------
+    def step(self, prompts: Sequence[Any], extras: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+        """One PPO iteration on `prompts` (one batch, whatever their number). `extras` are dataset
+        columns for the reward functions. Returns the statistics (see README: Metrics)."""
+        cfg = self.config
+        plan = plan_batches(cfg, n_prompts=len(prompts))
+        with self.timer.phase("generate"):
+            prompt_batch = collate_prompts(self.tokenizer, prompts, extras, self.max_prompt_tokens, self.device)
+            prompt_batch = prompt_batch.repeat(cfg.num_generations)
+            rollout = self.engine.generate(prompt_batch, self.sampling)
+        with self.timer.phase("score"):
+            completions = self.tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
+            batch, score_stats = self.score(rollout, prompt_batch, completions)
+        with self.timer.phase("update"):
+            update_stats = ppo_update(batch, self.policy, self.critic, self.optimizers, plan, cfg, self.shuffle_generator, self.autocast)
+            self.engine.update_weights(())  # the HF engine shares the policy: nothing to copy
+        kl_coef_used = self.kl_controller.value
+        self.kl_controller.update(score_stats["kl"], len(batch))
+        self.global_step += 1
+        n_tokens = int(rollout.attention_mask.sum())
+        timing = self.timer.finish_step({"generate": int(rollout.response_mask.sum()), "score": n_tokens, "update": n_tokens * cfg.ppo_epochs})
+        return {
+            "generated_texts": completions,
+            "rewards": batch.scores.tolist(),
+            "mean_reward": batch.scores.mean().item(),
+            "kl_coef": float(kl_coef_used),
+            **score_stats,
+            **update_stats,
+            **timing,
+        }
+
+    def score(self, rollout: Rollout, prompts: PromptBatch, completions: list[str]) -> tuple[ScoredBatch, dict[str, float]]:
+        """Steps 3-4: one no-grad pass of every model over the rollout, then rewards and GAE."""
+        cfg = self.config
+        ids, mask, width = rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1]
+        with torch.inference_mode(), self.autocast():
+            logprobs, entropy, hidden = policy_logprobs(
+                self.policy, ids, mask, width, cfg.temperature, cfg.logprob_chunk_size,
+                with_entropy=True, output_hidden=self.critic.uses_policy_hidden,
+            )
+            ref_model, ref_context = reference_context(self.policy, self.ref_model)
+            with ref_context:
+                ref_logprobs, _, _ = policy_logprobs(ref_model, ids, mask, width, cfg.temperature, cfg.logprob_chunk_size)
+            values = self.critic.values(ids, mask, width, hidden)
+            scores, source_means = self.rewards.score(ids, mask, prompts.texts, completions, rollout.completion_ids(), prompts.extras)
+        # Inference tensors cannot be saved for backward: clone what enters the losses.
+        logprobs, ref_logprobs, values, scores = (t.clone().float() for t in (logprobs, ref_logprobs, values, scores))
+        response_mask = rollout.response_mask.float()
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~rollout.ended).float()
+        if cfg.reward_clip is not None:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        kl = F.kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * response_mask
+        rewards = F.token_level_rewards(scores, kl, response_mask, self.kl_controller.value)
+        if cfg.whiten_rewards:
+            rewards = F.masked_whiten(rewards, response_mask, shift_mean=False) * response_mask
+        advantages, returns = F.compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = F.masked_whiten(advantages, response_mask) * response_mask
+        batch = ScoredBatch(ids, mask, response_mask, logprobs, ref_logprobs, values, scores, rewards, advantages, returns)
+        lengths = response_mask.sum(dim=1)
+        stats = {
+            "kl": kl.sum(dim=1).mean().item(),
+            "entropy": F.masked_mean(entropy.float(), response_mask).item(),
+            "response_length": lengths.mean().item(),
+            "eos_fraction": rollout.ended.float().mean().item(),
+            "advantages/mean": F.masked_mean(advantages, response_mask).item(),
+            "advantages/std": F.masked_var(advantages, response_mask).sqrt().item() if response_mask.sum() > 1 else 0.0,
+            "returns/mean": F.masked_mean(returns, response_mask).item(),
+            "values/mean": F.masked_mean(values, response_mask).item(),
+            "explained_variance": float(F.explained_variance(values, returns, response_mask)),
+            "non_score_reward": (rewards.sum(dim=1) - scores).mean().item(),
+            **source_means,
+        }
+        return batch, stats
+
+    # ------------------------------------------------------------------------------------------
+    def train(self, prompts, num_epochs: int = 1, max_length: int | None = None) -> list[dict[str, Any]]:
+        """The PPO loop over a prompt list or a `datasets.Dataset`; see ppo.loop.train_loop."""
+        from ppo.loop import train_loop  # the loop lives in its own file (checkpointing, logging)
+
+        return train_loop(self, prompts, num_epochs=num_epochs, max_length=max_length)
+
+    def save_pretrained(self, output_dir: str) -> None:
+        """The policy and tokenizer as a plain Hugging Face directory."""
+        from ppo.checkpoint import check_finite, save_model_dir
+        from pathlib import Path
+
+        check_finite({"policy": self.policy})
+        save_model_dir(Path(output_dir), self.policy, self.tokenizer)

@@ -1,0 +1,91 @@
+"""The PPO update: epochs x shuffled mini-batches x gradient-accumulation micro-batches.
+
+The losses come from `ppo.functional`; this module only schedules them. Per-micro-batch statistics
+stay on the device as 0-d tensors and are reduced once at the end (no host sync per step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from ppo import functional as F
+from ppo.batch import ScoredBatch
+from ppo.config import BatchPlan, PPOConfig
+from ppo.forward import policy_logprobs
+
+
+def micro_batch_loss(mb: ScoredBatch, policy, critic, config: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """The PPO loss of one (trimmed) micro-batch and its statistics."""
+    width = mb.response_width
+    want_entropy = config.entropy_coef != 0.0
+    logprobs, entropy, hidden = policy_logprobs(
+        policy, mb.input_ids, mb.attention_mask, width, config.temperature,
+        config.logprob_chunk_size, with_entropy=want_entropy, output_hidden=critic.uses_policy_hidden,
+    )
+    values = critic.values(mb.input_ids, mb.attention_mask, width, hidden)
+    mask = mb.response_mask
+    pg_loss, pg_stats = F.clipped_policy_loss(logprobs, mb.logprobs, mb.advantages, mask, config.clip_range)
+    vf_loss, vf_stats = F.clipped_value_loss(values, mb.values, mb.returns, mask, config.clip_range_value)
+    loss = pg_loss + config.vf_coef * vf_loss
+    stats = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), **pg_stats, **vf_stats}
+    if want_entropy:
+        mean_entropy = F.masked_mean(entropy, mask)
+        loss = loss - config.entropy_coef * mean_entropy
+        stats["update_entropy"] = mean_entropy.detach()
+    stats["loss"] = loss.detach()
+    return loss, stats
+
+
+def ppo_update(
+    batch: ScoredBatch,
+    policy: torch.nn.Module,
+    critic,
+    optimizers: dict[str, torch.optim.Optimizer],
+    plan: BatchPlan,
+    config: PPOConfig,
+    generator: torch.Generator,
+    autocast=contextlib.nullcontext,
+) -> dict[str, float]:
+    """Run `config.ppo_epochs` passes over `batch`; return the mean statistics.
+
+    Each mini-batch of `plan.mini_batch` samples is one optimizer step, split into micro-batches of
+    `plan.micro_batch`; each micro-batch's loss is weighted by its share of the mini-batch, so the
+    gradient does not depend on how the mini-batch was split. `autocast` makes a fresh
+    mixed-precision context per forward pass.
+    """
+    # Clipped per model: a critic with large early gradients must not shrink the policy's step.
+    param_sets = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in optimizers.items()}
+    history: dict[str, list[Tensor]] = defaultdict(list)
+    epochs_run = 0
+    for _epoch in range(config.ppo_epochs):
+        order = torch.randperm(len(batch), generator=generator)
+        epoch_kl = []
+        for start in range(0, len(batch), plan.mini_batch):
+            mini = order[start : start + plan.mini_batch]
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            for micro in mini.split(plan.micro_batch):
+                mb = batch.select(micro).trim_padding()
+                with autocast():
+                    loss, stats = micro_batch_loss(mb, policy, critic, config)
+                (loss * (len(micro) / len(mini))).backward()
+                for key, value in stats.items():
+                    history[key].append(value)
+                epoch_kl.append(stats["approx_kl"])
+            if config.max_grad_norm is not None:
+                for name, params in param_sets.items():
+                    history[f"grad_norm/{name}"].append(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            for opt in optimizers.values():
+                opt.step()
+        epochs_run += 1
+        # cleanrl's early stop: once the policy moved too far from the rollout policy, more
+        # epochs on the same data only overfit it.
+        if config.approx_kl_stop is not None and torch.stack(epoch_kl).mean().item() > config.approx_kl_stop:
+            break
+    means = {key: torch.stack([v.float() for v in values]).mean().item() for key, values in history.items()}
+    means["ppo_epochs_run"] = epochs_run
+    return means

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny Qwen3 models and a word-level tokenizer built locally (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ppo.demo.tiny import TinyModelSpec, build_policy, build_reward_model, build_tokenizer
+
+WORDS = [f"w{i}" for i in range(29)] + ["user", "assistant", ":"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_deterministic():
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return build_tokenizer(WORDS)
+
+
+@pytest.fixture
+def tiny_policy(tiny_tokenizer):
+    return build_policy(tiny_tokenizer, TinyModelSpec(hidden_size=64, num_layers=2), seed=0)
+
+
+@pytest.fixture
+def tiny_reward_model(tiny_tokenizer):
+    return build_reward_model(tiny_tokenizer, TinyModelSpec(hidden_size=64, num_layers=2), seed=1)

@@ -1,0 +1,175 @@
+"""The PPO core on tiny Qwen3 models built locally: rollout, scoring, update, statistics."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ppo import PPOConfig, PPOTrainer
+from ppo.demo.tiny import TinyModelSpec, build_policy, build_tokenizer
+from ppo.update import micro_batch_loss
+
+PROMPTS = ["w3 w4", "w5 w6 w7 w8 w9", "w2", "w8 w9 w10"]
+
+
+def count_w1(completions, **kwargs):
+    return [float(c.split().count("w1")) for c in completions]
+
+
+def small_config(tmp_path=None, **overrides):
+    values = dict(batch_size=4, max_new_tokens=6, progress_bar=False, seed=0)
+    if tmp_path is not None:
+        values["output_dir"] = str(tmp_path)
+    values.update(overrides)
+    return PPOConfig(**values)
+
+
+def first_minibatch_ratio(trainer, prompts, temperature):
+    """Score a rollout, then compute the update's loss on it before any optimizer step."""
+    from ppo.data import collate_prompts
+
+    batch_prompts = collate_prompts(trainer.tokenizer, prompts)
+    rollout = trainer.engine.generate(batch_prompts, trainer.sampling)
+    completions = trainer.tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
+    batch, _ = trainer.score(rollout, batch_prompts, completions)
+    index = torch.tensor([2, 0, 3, 1])  # shuffled, as the update does
+    _, stats = micro_batch_loss(batch.select(index).trim_padding(), trainer.policy, trainer.critic, trainer.config)
+    return stats
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("value_head", ["separate", "shared"])
+def test_first_minibatch_ratio_is_one(tiny_policy, tiny_tokenizer, temperature, value_head):
+    trainer = PPOTrainer(small_config(temperature=temperature, value_head=value_head), tiny_policy, tiny_tokenizer, reward_funcs=count_w1)
+    stats = first_minibatch_ratio(trainer, PROMPTS, temperature)
+    assert abs(stats["ratio_mean"].item() - 1.0) < 1e-5
+    assert abs(stats["ratio_max"].item() - 1.0) < 1e-5
+    assert stats["clipfrac"].item() == 0.0
+    assert stats["approx_kl"].item() < 1e-10
+
+
+def test_dropout_is_off_in_rollout_and_update(tiny_tokenizer):
+    policy = build_policy(tiny_tokenizer, TinyModelSpec(), seed=0)
+    for layer in policy.model.layers:
+        layer.self_attn.attention_dropout = 0.5  # would make log-probs random in train mode
+    policy.train()
+    trainer = PPOTrainer(small_config(gradient_checkpointing=True), policy, tiny_tokenizer, reward_funcs=count_w1)
+    stats = first_minibatch_ratio(trainer, PROMPTS, 1.0)
+    assert abs(stats["ratio_max"].item() - 1.0) < 1e-5
+
+
+def test_step_returns_api_stats_and_changes_only_the_policy_and_critic(tiny_policy, tiny_tokenizer, tiny_reward_model):
+    before = copy.deepcopy(tiny_policy.state_dict())
+    reward_before = copy.deepcopy(tiny_reward_model.state_dict())
+    trainer = PPOTrainer(small_config(), tiny_policy, tiny_tokenizer, reward_model=tiny_reward_model, reward_funcs=count_w1, reward_weights=[0.5, 2.0])
+    critic_before = copy.deepcopy(trainer.critic.module.state_dict())
+    stats = trainer.step(PROMPTS)
+    for key in ["generated_texts", "rewards", "mean_reward", "policy_loss", "value_loss", "kl", "kl_coef", "entropy", "clipfrac", "response_length",
+                "advantages/mean", "advantages/std", "returns/mean", "explained_variance", "approx_kl", "vf_clipfrac", "eos_fraction",
+                "time/generate_s", "time/score_s", "time/update_s", "time/update_tokens_per_s"]:
+        assert key in stats, key
+    assert len(stats["generated_texts"]) == len(stats["rewards"]) == 4
+    assert stats["mean_reward"] == pytest.approx(sum(stats["rewards"]) / 4, abs=1e-6)
+    # The weighted sum: 0.5 * reward model + 2.0 * count_w1.
+    assert stats["mean_reward"] == pytest.approx(0.5 * stats["rewards/reward_model"] + 2.0 * stats["rewards/count_w1"], abs=1e-5)
+    assert all(isinstance(t, str) for t in stats["generated_texts"])
+    assert any(not torch.equal(before[k], v) for k, v in tiny_policy.state_dict().items())
+    assert any(not torch.equal(critic_before[k], v) for k, v in trainer.critic.module.state_dict().items())
+    assert all(torch.equal(reward_before[k], v) for k, v in tiny_reward_model.state_dict().items())
+    assert all(not p.requires_grad for p in trainer.ref_model.parameters())
+    assert all(p.grad is None for p in tiny_reward_model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in trainer.ref_model.state_dict().items())
+
+
+def response_words(completions, **kwargs):
+    return [float(len(c.split())) for c in completions]
+
+
+def test_kl_is_zero_then_positive_and_adaptive_coef_moves(tiny_policy, tiny_tokenizer):
+    trainer = PPOTrainer(small_config(learning_rate=1e-3, kl_horizon=100), tiny_policy, tiny_tokenizer, reward_funcs=response_words)
+    first = trainer.step(PROMPTS)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
+    second = trainer.step(PROMPTS)
+    assert second["kl"] != 0.0
+    assert second["kl_coef"] != first["kl_coef"]
+
+
+def test_missing_eos_penalty_and_masks_from_lengths_when_pad_is_eos(tiny_policy):
+    # A tokenizer whose pad token is its EOS: masks must come from lengths, not ids.
+    tokenizer = build_tokenizer([f"w{i}" for i in range(29)] + ["user", "assistant", ":"])
+    tokenizer.pad_token = tokenizer.eos_token
+    trainer = PPOTrainer(small_config(max_new_tokens=4, missing_eos_penalty=3.0), tiny_policy, tokenizer, reward_funcs=lambda completions, **k: [0.0] * len(completions))
+    from ppo.data import collate_prompts
+
+    prompts = collate_prompts(tokenizer, PROMPTS)
+    rollout = trainer.engine.generate(prompts, trainer.sampling)
+    lengths = rollout.response_mask.sum(dim=1)
+    for row, length, ended in zip(rollout.response_ids, lengths, rollout.ended):
+        ids = row[: int(length)].tolist()
+        if ended:
+            assert ids[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in ids[:-1]
+        else:
+            assert int(length) == 4 and tokenizer.eos_token_id not in ids
+    stats = trainer.step(PROMPTS)
+    ended = round(stats["eos_fraction"] * 4)
+    assert stats["mean_reward"] == pytest.approx(-3.0 * (4 - ended) / 4, abs=1e-6)
+
+
+def test_top_k_one_is_greedy(tiny_policy, tiny_tokenizer):
+    trainer = PPOTrainer(small_config(top_k=1), tiny_policy, tiny_tokenizer, reward_funcs=count_w1)
+    from ppo.data import collate_prompts
+
+    prompts = collate_prompts(tiny_tokenizer, ["w3 w4"])
+    rollout = trainer.engine.generate(prompts, trainer.sampling)
+    ids = prompts.input_ids
+    expected = []
+    with torch.no_grad():
+        for _ in range(int(rollout.response_mask.sum())):
+            token = tiny_policy(ids).logits[0, -1].argmax()
+            expected.append(int(token))
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+    assert rollout.completion_ids()[0] == expected
+
+
+def test_stop_strings_end_a_response(tiny_policy, tiny_tokenizer):
+    trainer = PPOTrainer(small_config(max_new_tokens=12, stop_strings=["w5"], temperature=3.0), tiny_policy, tiny_tokenizer, reward_funcs=count_w1)
+    from ppo.data import collate_prompts
+
+    rollout = trainer.engine.generate(collate_prompts(tiny_tokenizer, PROMPTS * 4), trainer.sampling)
+    texts = tiny_tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
+    for text, ended in zip(texts, rollout.ended.tolist()):
+        words = text.split()
+        if "w5" in words:
+            assert words.index("w5") == len(words) - 1 and ended
+
+
+def test_num_generations_repeats_prompts(tiny_policy, tiny_tokenizer):
+    seen = {}
+
+    def record(prompts, completions, **kwargs):
+        seen["prompts"] = prompts
+        return [0.0] * len(completions)
+
+    trainer = PPOTrainer(small_config(num_generations=3), tiny_policy, tiny_tokenizer, reward_funcs=record)
+    stats = trainer.step(["w3", "w4"])
+    assert len(stats["generated_texts"]) == 6
+    assert seen["prompts"] == ["w3"] * 3 + ["w4"] * 3
+
+
+def test_reward_funcs_get_extra_columns_and_unpadded_ids(tiny_policy, tiny_tokenizer):
+    seen = {}
+
+    def reward(prompts, completions, completion_ids, answer, **kwargs):
+        seen.update(answer=answer, ids=completion_ids, completions=completions)
+        return [1.0] * len(completions)
+
+    trainer = PPOTrainer(small_config(), tiny_policy, tiny_tokenizer, reward_funcs=[reward])
+    trainer.step(PROMPTS, extras={"answer": ["a", "b", "c", "d"]})
+    assert seen["answer"] == ["a", "b", "c", "d"]
+    eos = tiny_tokenizer.eos_token_id
+    for ids, text in zip(seen["ids"], seen["completions"]):
+        assert 1 <= len(ids) <= 6  # the real tokens only: never padded to the batch's width
+        assert eos not in ids[:-1]  # nothing after the first EOS
+        assert tiny_tokenizer.decode(ids, skip_special_tokens=True) == text
