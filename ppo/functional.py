@@ -1,9 +1,7 @@
 """Pure tensor maths for PPO on language models: no modules, no config objects, scalars passed in.
 
-Conventions
------------
-* Shapes are ``[B, T]`` over response tokens unless a docstring says otherwise; logits are
-  ``[B, T, V]``.
+Conventions:
+* Shapes are ``[B, T]`` over response tokens unless a docstring says otherwise; logits ``[B, T, V]``.
 * ``mask`` has the same shape as the data and may be float or bool: non-zero marks a real response
   token, zero marks padding. Masked-out positions never influence a result, whatever *finite* value
   they hold: they are replaced by 0 with ``torch.where`` before any arithmetic, so even huge values
@@ -31,8 +29,7 @@ __all__ = [
     "explained_variance", "FixedKLController", "AdaptiveKLController",
 ]
 
-# Upper bound on the elements of one fp32 temporary built from logits (64 MiB); module-level so
-# tests can shrink it to exercise the chunk loop.
+# Most elements of one fp32 temporary made from logits (64 MiB); tests shrink it to cover the loop.
 _CHUNK_NUMEL = 1 << 24
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -45,37 +42,27 @@ def _acc(x: Tensor) -> Tensor:
     return x.to(_acc_dtype(x.dtype)) if x.is_floating_point() else x.float()
 
 
-def _bool_mask(mask: Tensor, like: Tensor) -> Tensor:
-    if mask.shape != like.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match data shape {tuple(like.shape)}")
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
 def _masked(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Upcast x and zero its masked-out positions; also return the bool mask."""
-    m = _bool_mask(mask, x)
+    if mask.shape != x.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match data shape {tuple(x.shape)}")
+    m = mask if mask.dtype == torch.bool else mask != 0
     return torch.where(m, _acc(x), 0), m
 
 
-def _chunks(shape: torch.Size) -> Iterator[tuple]:
+def _chunks(dims: tuple[int, ...], prefix: tuple = ()) -> Iterator[tuple]:
     """Index tuples covering the leading dims of a ``[..., V]`` tensor in pieces of at most
     ``_CHUNK_NUMEL`` elements (but never less than one row). Slicing, not reshaping, keeps every
     piece a view even when the logits are a non-contiguous slice of the model output."""
-
-    def rec(prefix: tuple, dims: tuple) -> Iterator[tuple]:
-        if len(dims) <= 1:
-            yield prefix
-            return
-        inner = math.prod(dims[1:])
-        if inner <= _CHUNK_NUMEL:
-            step = max(1, _CHUNK_NUMEL // max(inner, 1))
-            for s in range(0, dims[0], step):
-                yield prefix + (slice(s, s + step),)
-        else:
-            for i in range(dims[0]):
-                yield from rec(prefix + (i,), dims[1:])
-
-    yield from rec((), tuple(shape))
+    inner = math.prod(dims[1:])
+    if len(dims) <= 1:
+        yield prefix
+    elif inner <= _CHUNK_NUMEL:
+        step = _CHUNK_NUMEL // max(inner, 1)
+        yield from (prefix + (slice(s, s + step),) for s in range(0, dims[0], step))
+    else:
+        for i in range(dims[0]):
+            yield from _chunks(dims[1:], prefix + (i,))
 
 
 def _softmax_stats(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -186,8 +173,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     checking that reads the count back to the host (one sync).
     """
     xz, m = _masked(x, mask)
-    n = int(m.sum())
-    need = 2 if unbiased else 1
+    n, need = int(m.sum()), 2 if unbiased else 1
     if n < need:
         raise ValueError(f"masked_var: need at least {need} real positions (unbiased={unbiased}), got {n}")
     mean = xz.sum() / n
@@ -203,10 +189,8 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     """
     xz, m = _masked(x, mask)
     mean = masked_mean(xz, m)
-    out = (xz - mean) * torch.rsqrt(masked_var(xz, m, unbiased=True) + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(m, out, 0)
+    scale = torch.rsqrt(masked_var(xz, m, unbiased=True) + 1e-8)
+    return torch.where(m, (xz - mean) * scale + (0.0 if shift_mean else mean), 0)
 
 
 def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
@@ -219,8 +203,7 @@ def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
     """
     r, m = _masked(rewards, mask)
     v, _ = _masked(values, m)
-    next_v = v.new_zeros(v.shape[:-1])
-    next_a = next_v
+    next_v = next_a = v.new_zeros(v.shape[:-1])
     advs = [next_a] * v.shape[-1]
     for t in reversed(range(v.shape[-1])):
         # Masked positions hold V = 0 and A = 0, which is exactly the episode-end bootstrap.
@@ -249,9 +232,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     return (torch.expm1(-d) + d).clamp_min(0)
 
 
-def clipped_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
-) -> tuple[Tensor, dict[str, Tensor]]:
+def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                        clip_range: float) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate, ``[B, T]`` inputs -> (0-d loss, stats).
 
     ``ratio = exp(logprobs - old_logprobs)``;
@@ -259,14 +241,12 @@ def clipped_policy_loss(
     Stats (detached 0-d): ``clipfrac`` (share of real tokens where the clipped term is strictly
     larger), ``approx_kl`` (``masked_mean((lp - old)**2 / 2)``), ``ratio_mean``, ``ratio_max``.
     """
-    m = _bool_mask(mask, logprobs)
+    adv, m = _masked(advantages, mask)
     # Zero the log-ratio before exp: exp of a huge masked value is inf, and inf * 0 in backward
     # would be NaN even though the forward discards it.
     log_ratio = torch.where(m, _acc(logprobs) - _acc(old_logprobs), 0)
-    adv, _ = _masked(advantages, m)
     ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    unclipped, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = masked_mean(torch.maximum(unclipped, clipped), m)
     with torch.no_grad():
         stats = {
@@ -276,12 +256,11 @@ def clipped_policy_loss(
             # ratio > 0, so filling masked positions with 0 cannot win the max.
             "ratio_max": torch.where(m, ratio, 0).max(),
         }
-    return loss, {k: s.detach() for k, s in stats.items()}
+    return loss, stats
 
 
-def clipped_value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float
-) -> tuple[Tensor, dict[str, Tensor]]:
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                       clip_range_value: float) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped value loss, ``[B, T]`` inputs -> (0-d loss, stats).
 
     ``v_clip = old + clamp(v - old, -c, c)``;
@@ -292,12 +271,11 @@ def clipped_value_loss(
     old, _ = _masked(old_values, m)
     ret, _ = _masked(returns, m)
     v_clip = old + torch.clamp(v - old, -clip_range_value, clip_range_value)
-    unclipped = (v - ret) ** 2
-    clipped = (v_clip - ret) ** 2
+    unclipped, clipped = (v - ret) ** 2, (v_clip - ret) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), m)
     with torch.no_grad():
         vf_clipfrac = masked_mean((clipped > unclipped).to(v.dtype), m)
-    return loss, {"vf_clipfrac": vf_clipfrac.detach()}
+    return loss, {"vf_clipfrac": vf_clipfrac}
 
 
 def token_level_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float | Tensor) -> Tensor:
@@ -309,14 +287,12 @@ def token_level_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float
     """
     klz, m = _masked(kl, mask)
     if scores.shape != kl.shape[:1] or kl.dim() != 2:
-        raise ValueError(f"expected scores [B] and kl [B, T], got {tuple(scores.shape)} and {tuple(kl.shape)}")
-    cols = torch.arange(m.shape[1], device=m.device)
-    last = torch.where(m, cols, -1).amax(dim=1) if m.shape[1] else cols.new_full((m.shape[0],), -1)
-    if bool((last < 0).any()):
+        raise ValueError(f"need scores [B] and kl [B, T], got {tuple(scores.shape)}, {tuple(kl.shape)}")
+    if m.shape[1] == 0 or not bool(m.any(dim=1).all()):
         raise ValueError("token_level_rewards: every row needs at least one real token")
-    rewards = torch.where(m, -kl_coef * klz, 0)
-    at_last = cols.unsqueeze(0) == last.unsqueeze(1)
-    return rewards + torch.where(at_last, _acc(scores).unsqueeze(1), 0)
+    cols = torch.arange(m.shape[1], device=m.device)
+    at_last = cols == torch.where(m, cols, -1).amax(dim=1, keepdim=True)
+    return torch.where(m, -kl_coef * klz, 0) + torch.where(at_last, _acc(scores).unsqueeze(1), 0)
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
@@ -326,11 +302,7 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """
     v, m = _masked(values, mask)
     ret, _ = _masked(returns, m)
-
-    def var(x: Tensor) -> Tensor:
-        return masked_mean((x - masked_mean(x, m)) ** 2, m)
-
-    var_ret, var_err = var(ret), var(ret - v)
+    var_ret, var_err = (masked_mean((x - masked_mean(x, m)) ** 2, m) for x in (ret, ret - v))
     ok = var_ret > 0
     return torch.where(ok, 1 - var_err / torch.where(ok, var_ret, 1), 0)
 
@@ -359,14 +331,11 @@ class AdaptiveKLController:
     def __init__(self, init_kl_coef: float, target: float, horizon: float):
         if target <= 0 or horizon <= 0:
             raise ValueError(f"AdaptiveKLController: target and horizon must be > 0, got {target}, {horizon}")
-        self.value = float(init_kl_coef)
-        self.target = float(target)
-        self.horizon = float(horizon)
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
 
     def update(self, current_kl: float | Tensor, n_steps: int) -> None:
-        """Move ``.value`` towards keeping the observed KL at ``target``. ``current_kl`` may be a
-        float or a 0-d tensor (read back with one sync). Raises ValueError on a non-finite KL,
-        which would otherwise silently turn the coefficient into NaN."""
+        """``current_kl``: float or 0-d tensor (one sync). A non-finite KL raises ValueError rather
+        than silently turning the coefficient into NaN."""
         kl = float(current_kl)
         if not math.isfinite(kl):
             raise ValueError(f"AdaptiveKLController.update: current_kl must be finite, got {kl}")
@@ -378,6 +347,4 @@ class AdaptiveKLController:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
-        self.target = float(state.get("target", self.target))
-        self.horizon = float(state.get("horizon", self.horizon))
+        self.value, self.target, self.horizon = (float(state[k]) for k in ("value", "target", "horizon"))

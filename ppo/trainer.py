@@ -120,6 +120,8 @@ class PPOTrainer:
         """One PPO iteration on `prompts` (one batch, whatever their number). `extras` are dataset
         columns for the reward functions. Returns the statistics (see README: Metrics)."""
         cfg = self.config
+        if len(prompts) == 0:
+            raise ValueError("no prompts given: the prompt list is empty")
         plan = plan_batches(cfg, n_prompts=len(prompts))
         with self.timer.phase("generate"):
             prompt_batch = collate_prompts(self.tokenizer, prompts, extras, self.max_prompt_tokens, self.device)

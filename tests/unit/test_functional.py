@@ -339,6 +339,18 @@ def test_gae_vs_reference(dtype, gamma, lam):
     assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
 
 
+def test_gae_mask_with_holes():
+    # Not right padding: a masked position inside a row ends the episode there; the next real
+    # token starts a new one. Masked outputs must still be exactly 0.
+    mask = torch.tensor([[1.0, 1, 0, 1, 1, 0], [0, 1, 1, 1, 0, 1]])
+    rewards, values = rand(2, 6, seed=27), rand(2, 6, seed=28)
+    adv, ret = F.compute_gae(rewards, values, mask, 0.9, 0.8)
+    ref_adv, ref_ret = ref_gae(rewards, values, mask, 0.9, 0.8)
+    close(adv, ref_adv)
+    close(ret, ref_ret)
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+
+
 def test_gae_lambda_one_is_reward_to_go_minus_value():
     rewards, values = rand(len(LENGTHS), T, seed=16), rand(len(LENGTHS), T, seed=17)
     mask = mask_from_lengths(LENGTHS, T)
