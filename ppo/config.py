@@ -104,6 +104,10 @@ class PPOConfig:
     logging_steps: int = opt(1, "Write a metrics line every N steps.")
     progress_bar: bool = opt(True, "Show a progress bar during train().")
     resume_from_checkpoint: str | None = opt(None, "A step_N directory or 'latest' in output_dir.")
+    overwrite: bool = opt(False, "Replace an output_dir that holds another run (otherwise refuse).")
+    report_to: list = opt([], "Extra metric backends: tensorboard, wandb (metrics.jsonl is always written).")
+    skip_bad_rows: bool = opt(False, "Log and skip malformed dataset rows instead of stopping.")
+    torch_dtype: str = opt("float32", "dtype the models are loaded in: float32, bfloat16, float16 or auto.")
 
     def __post_init__(self) -> None:
         _check_range(self, "batch_size", self.batch_size, 1)
@@ -242,6 +246,12 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
             return value
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if base is float and isinstance(value, str):
+            # YAML 1.1 reads `1e-5` (no dot) as a string; users mean the number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         if base is list:
@@ -269,3 +279,102 @@ def config_help(cls: type) -> list[tuple[str, str, str]]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rows.append((f.name, json.dumps(default), f.metadata.get("help", "")))
     return rows
+
+
+# ---- stage configs: SFT and reward model ----
+# The two recipes before PPO (`ppo-rlhf sft`, `ppo-rlhf reward`). Same rules as PPOConfig: one help
+# string per field, strict loading, the effective config written as output_dir/config.yaml.
+
+_SCHEDULERS = ("constant", "linear", "cosine")
+
+
+def _check_stage_common(cfg: Any) -> None:
+    """Checks shared by SFTConfig and RewardConfig (both have these fields)."""
+    for name in ("batch_size", "num_epochs", "gradient_accumulation_steps", "logging_steps"):
+        _check_range(cfg, name, getattr(cfg, name), 1)
+    _check_range(cfg, "max_length", cfg.max_length, 2)
+    _check_choice("lr_scheduler", cfg.lr_scheduler, _SCHEDULERS)
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise ConfigError(f"{type(cfg).__name__}.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if not 0.0 <= cfg.warmup_ratio <= 1.0:
+        raise ConfigError(f"{type(cfg).__name__}.warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"{type(cfg).__name__}.learning_rate must be > 0, got {cfg.learning_rate}")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on prompt/completion pairs: the loss is on completion tokens only."""
+
+    # --- model and data ---
+    model_name_or_path: str | None = opt(None, "Causal LM to fine-tune: a Hugging Face model directory or hub name.")
+    data: str | None = opt(None, "Training data: a JSONL/JSON/CSV/Parquet file or a `datasets` directory.")
+    prompt_column: str = opt("prompt", "Column holding the prompt (a string or chat messages).")
+    completion_column: str = opt("completion", "Column holding the target completion.")
+    messages_column: str = opt("messages", "Column holding a whole conversation; the last assistant turn is the completion.")
+    skip_bad_rows: bool = opt(False, "Drop malformed rows with a warning instead of stopping at the first one.")
+    max_length: int = opt(512, "Cap on prompt + completion tokens; the prompt is cut from the left first.")
+
+    # --- optimisation ---
+    learning_rate: float = opt(2e-5, "AdamW peak learning rate (the tiny demo model needs ~1e-3).")
+    batch_size: int = opt(8, "Examples per forward/backward pass.")
+    gradient_accumulation_steps: int = opt(1, "Passes per optimizer step (effective batch = batch_size * this).")
+    num_epochs: int = opt(1, "Passes over the training rows.")
+    weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only (not biases or norms).")
+    warmup_ratio: float = opt(0.0, "Share of optimizer steps spent warming the learning rate up from 0.")
+    lr_scheduler: str = opt("linear", "Learning-rate schedule after warmup: constant, linear or cosine.")
+    max_grad_norm: float | None = opt(1.0, "Gradient-norm clip; None disables.")
+    seed: int = opt(0, "Seeds shuffling, the eval split and initialisation.")
+    eval_fraction: float = opt(0.0, "Share of rows held out to report an eval loss (0: none).")
+
+    # --- output ---
+    output_dir: str = opt("sft_output", "Where config.yaml, metrics.jsonl and final/ go.")
+    logging_steps: int = opt(10, "Write a metrics.jsonl line every N optimizer steps.")
+    progress_bar: bool = opt(True, "Show a progress bar.")
+    save_final: bool = opt(True, "Save the fine-tuned model and tokenizer to output_dir/final.")
+    overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
+
+    def __post_init__(self) -> None:
+        _check_stage_common(self)
+
+
+@dataclass
+class RewardConfig:
+    """Reward-model training on preference pairs with the Bradley–Terry loss
+    `-logsigmoid(r_chosen - r_rejected - margin)`."""
+
+    # --- model and data ---
+    model_name_or_path: str | None = opt(None, "A sequence classifier with one label, or a causal LM with init_from_policy.")
+    init_from_policy: bool = opt(False, "Start from a causal-LM checkpoint: same backbone, fresh scalar head.")
+    data: str | None = opt(None, "Preference data: a JSONL/JSON/CSV/Parquet file or a `datasets` directory.")
+    prompt_column: str = opt("prompt", "Column holding the prompt (may be empty when chosen/rejected are whole texts).")
+    chosen_column: str = opt("chosen", "Column holding the preferred completion.")
+    rejected_column: str = opt("rejected", "Column holding the dispreferred completion.")
+    skip_bad_rows: bool = opt(False, "Drop malformed rows with a warning instead of stopping at the first one.")
+    max_length: int = opt(512, "Cap on prompt + completion tokens; the prompt is cut from the left first.")
+
+    # --- loss ---
+    margin: float = opt(0.0, "Bradley–Terry margin: the chosen score must beat the rejected one by this much.")
+    center_rewards_coefficient: float = opt(0.0, "Weight of the auxiliary loss (r_chosen + r_rejected)^2 that keeps scores near 0 (TRL suggests 0.01).")
+
+    # --- optimisation ---
+    learning_rate: float = opt(1e-5, "AdamW peak learning rate (the tiny demo model needs ~1e-3).")
+    batch_size: int = opt(8, "Preference pairs per forward/backward pass (2x sequences).")
+    gradient_accumulation_steps: int = opt(1, "Passes per optimizer step (effective batch = batch_size * this).")
+    num_epochs: int = opt(1, "Passes over the training pairs.")
+    weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only (not biases or norms).")
+    warmup_ratio: float = opt(0.0, "Share of optimizer steps spent warming the learning rate up from 0.")
+    lr_scheduler: str = opt("linear", "Learning-rate schedule after warmup: constant, linear or cosine.")
+    max_grad_norm: float | None = opt(1.0, "Gradient-norm clip; None disables.")
+    seed: int = opt(0, "Seeds shuffling, the eval split and the fresh score head.")
+    eval_fraction: float = opt(0.1, "Share of pairs held out for pairwise accuracy before and after training.")
+
+    # --- output ---
+    output_dir: str = opt("reward_output", "Where config.yaml, metrics.jsonl and final/ go.")
+    logging_steps: int = opt(10, "Write a metrics.jsonl line every N optimizer steps.")
+    progress_bar: bool = opt(True, "Show a progress bar.")
+    save_final: bool = opt(True, "Save the reward model and tokenizer to output_dir/final.")
+    overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
+
+    def __post_init__(self) -> None:
+        _check_stage_common(self)

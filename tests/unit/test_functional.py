@@ -8,7 +8,6 @@ evaluated on the bf16-rounded values: the library computes in fp32, so only fp32
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch

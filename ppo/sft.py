@@ -1,0 +1,240 @@
+"""Supervised fine-tuning (`ppo-rlhf sft`): teach a causal LM to answer prompts before PPO.
+
+The recipe, top to bottom (`train_sft`):
+    1. refuse to overwrite a different run in output_dir (before anything is loaded or written)
+    2. load the model, the tokenizer and the rows; hold out `eval_fraction` of them
+    3. tokenize: prompt and completion separately, EOS appended, labels -100 on the prompt
+    4. AdamW + a transformers learning-rate schedule
+    5. epochs of shuffled batches; loss = cross-entropy over completion tokens only
+    6. eval loss, then output_dir/final (a plain Hugging Face directory), config.yaml, metrics.jsonl
+
+Why tokenize prompt and completion separately: PPO generates after the prompt's own token ids, so
+the boundary the policy learns here is exactly the one it samples from later (tokenizing the joined
+text can merge the last prompt token with the first completion token). Why append EOS: a policy
+that never saw EOS after a completion does not learn to stop, and PPO then penalises or truncates.
+
+The plumbing shared with the other stages (output-dir check, eval split, optimizer, batches, CLI
+parsing) lives in `ppo.stage`, so each recipe reads as its steps only.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ppo.config import ConfigError, SFTConfig
+from ppo.rollout.hf import position_ids_from_mask
+from ppo.stage import (
+    build_optimizer,
+    check_loss,
+    check_output_dir,
+    finish_outputs,
+    load_causal_lm,
+    optimizer_step,
+    run_cli,
+    split_rows,
+    start_outputs,
+    step_groups,
+)
+
+IGNORE_INDEX = -100  # label of positions without a loss (prompt and padding); torch's default
+
+
+@dataclass
+class TokenBatch:
+    """A padded batch of token sequences (either padding side) ready for a forward pass."""
+
+    input_ids: Tensor  # [B, T] token ids, pad id at padding
+    attention_mask: Tensor  # [B, T] 1 for real tokens
+    position_ids: Tensor  # [B, T] 0.. over real tokens, whatever the padding side
+    labels: Tensor | None = None  # [B, T] next-token targets at their own column; -100: no loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokens
+# ----------------------------------------------------------------------------------------------
+
+
+def encode_prompt_completion(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], int]:
+    """Token ids of prompt + completion + EOS, and how many of them are prompt tokens.
+
+    The completion ends with EOS (added unless it already holds one). When the pair is longer than
+    `max_length`, the prompt loses tokens from its left (the part furthest from the answer); a
+    completion longer than the whole budget keeps its start and loses its end (and so its EOS).
+    """
+    # Plain text gets the tokenizer's special tokens (a BOS, say) as PPO's prompt collation does; a
+    # prompt already rendered by a chat template carries them and must not get a second BOS.
+    bos = getattr(tokenizer, "bos_token", None)
+    prompt_ids = tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    # A completion rendered by a chat template may already end its turn with EOS and a newline.
+    if tokenizer.eos_token_id not in completion_ids:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    if len(prompt_ids) + len(completion_ids) > max_length:
+        # One constant message: Python shows it once, not once per row.
+        warnings.warn(f"prompt + completion pairs longer than max_length={max_length} were cut (the prompt from its left first)")
+    # Keep at least one prompt token: the first completion token is predicted from the position before it.
+    completion_ids = completion_ids[: max_length - min(1, len(prompt_ids))]
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(completion_ids) - max_length) :]
+    return prompt_ids + completion_ids, len(prompt_ids)
+
+
+def sft_labels(ids: list[int], n_prompt: int) -> list[int]:
+    """Labels aligned with `ids`: -100 on prompt tokens, the token itself on completion tokens."""
+    return [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+
+
+def collate(sequences: list[list[int]], pad_id: int, labels: list[list[int]] | None = None, padding_side: str = "right") -> TokenBatch:
+    """Pad token lists into a `TokenBatch` `[B, T]`; labels are padded with -100."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    label_ids = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long) if labels is not None else None
+    for i, seq in enumerate(sequences):
+        cols = slice(0, len(seq)) if padding_side == "right" else slice(width - len(seq), width)
+        input_ids[i, cols] = torch.tensor(seq, dtype=torch.long)
+        mask[i, cols] = 1
+        if label_ids is not None:
+            label_ids[i, cols] = torch.tensor(labels[i], dtype=torch.long)
+    return TokenBatch(input_ids, mask, position_ids_from_mask(mask), label_ids)
+
+
+def completion_loss_sum(model, batch: TokenBatch) -> tuple[Tensor, int]:
+    """Summed cross-entropy over the batch's completion tokens (0-d) and how many there are.
+
+    A sum, not a mean, so that gradient accumulation can divide by the token count of the whole
+    optimizer step: every completion token then weighs the same, however the batch was split.
+    """
+    device = next(model.parameters()).device
+    logits = model(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        position_ids=batch.position_ids.to(device),
+        use_cache=False,
+    ).logits
+    # The logits at column t predict the token at column t + 1.
+    targets = batch.labels[:, 1:].to(device)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def accumulate_sft_gradients(model, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, step: int, epoch: int) -> float:
+    """Backward over one optimizer step's (ids, labels) examples in micro-batches of `batch_size`;
+    returns the step's mean loss per completion token."""
+    n_tokens = sum(sum(t != IGNORE_INDEX for t in labels) for _, labels in examples)
+    step_loss = 0.0
+    for start in range(0, len(examples), batch_size):
+        part = examples[start : start + batch_size]
+        loss_sum, _ = completion_loss_sum(model, collate([ids for ids, _ in part], pad_id, [labels for _, labels in part]))
+        check_loss(loss_sum, "SFT loss", step, epoch)
+        (loss_sum / n_tokens).backward()
+        step_loss += loss_sum.item() / n_tokens
+    return step_loss
+
+
+@torch.no_grad()
+def evaluate_sft_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 512) -> float:
+    """Mean cross-entropy per completion token of `rows` ({"prompt", "completion"} dicts)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        examples = [encode_prompt_completion(tokenizer, r["prompt"], r["completion"], max_length) for r in rows[start : start + batch_size]]
+        batch = collate([ids for ids, _ in examples], tokenizer.pad_token_id, [sft_labels(ids, n) for ids, n in examples])
+        loss, n = completion_loss_sum(model, batch)
+        total, count = total + loss.item(), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------
+
+
+def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[str, Any]:
+    """Fine-tune `model` (or `config.model_name_or_path`) on `rows` (or the file `config.data`).
+
+    `rows` is a list of {"prompt": str, "completion": str}, or anything `ppo.formats.load_sft_rows`
+    reads (a datasets.Dataset, rows of chat messages). Returns the metrics: `train_loss` (one value
+    per optimizer step), `final_loss`, `eval_loss_before` / `eval_loss` (None without an eval set),
+    `steps`, `train_rows`, `eval_rows`, `output_dir`. Writes output_dir/config.yaml, metrics.jsonl
+    and, with `save_final`, output_dir/final.
+    """
+    # 1. refuse to clobber another run before anything is loaded or written
+    out = check_output_dir(config)
+    torch.manual_seed(config.seed)
+    # 2. model, tokenizer, rows and the held-out split
+    model, tokenizer = load_causal_lm(config, model, tokenizer)
+    rows = sft_rows(config, tokenizer, rows)
+    train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.seed)
+    # 3. token ids and labels, once
+    encoded = [encode_prompt_completion(tokenizer, r["prompt"], r["completion"], config.max_length) for r in train_rows]
+    examples = [(ids, sft_labels(ids, n)) for ids, n in encoded]
+    # 4. optimizer and schedule
+    per_step = config.batch_size * config.gradient_accumulation_steps
+    total_steps = config.num_epochs * math.ceil(len(examples) / per_step)
+    optimizer, scheduler = build_optimizer(model, config, total_steps)
+    # 5. train
+    logger = start_outputs(out, config)
+    eval_before = evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length) if eval_rows else None
+    curve: list[float] = []
+    model.train()
+    bar = tqdm(total=total_steps, desc="sft", disable=not config.progress_bar, dynamic_ncols=True)
+    for epoch, group in step_groups(len(examples), per_step, config.num_epochs, config.seed):
+        step_loss = accumulate_sft_gradients(model, [examples[i] for i in group], config.batch_size, tokenizer.pad_token_id, len(curve) + 1, epoch)
+        stats = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, len(curve) + 1, epoch)
+        curve.append(step_loss)
+        if len(curve) % config.logging_steps == 0 or len(curve) == total_steps:
+            logger.log(len(curve), {"loss": step_loss, "epoch": epoch + 1, **stats})
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+    bar.close()
+    model.eval()
+    # 6. eval loss and the final model
+    eval_after = evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length) if eval_rows else None
+    metrics = {"train_loss": curve, "final_loss": curve[-1] if curve else None, "eval_loss_before": eval_before,
+               "eval_loss": eval_after, "steps": len(curve), "train_rows": len(train_rows), "eval_rows": len(eval_rows),
+               "output_dir": str(out)}
+    finish_outputs(out, config, model, tokenizer, logger, metrics)
+    return metrics
+
+
+def sft_rows(config: SFTConfig, tokenizer, rows) -> list[dict[str, str]]:
+    """{"prompt", "completion"} rows: `rows` as given when already in that form, else read with
+    `ppo.formats.load_sft_rows` (from `rows` or from the file `config.data`)."""
+    if rows is None and config.data is None:
+        raise ConfigError("no SFT data: set data=<file> or pass rows=")
+    if isinstance(rows, list) and all(isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str) for r in rows):
+        loaded = rows
+    else:
+        from ppo.formats import load_sft_rows  # formats pulls in `datasets`; only needed for files
+
+        loaded = load_sft_rows(
+            config.data if rows is None else rows, tokenizer, prompt_column=config.prompt_column,
+            completion_column=config.completion_column, messages_column=config.messages_column,
+            skip_bad_rows=config.skip_bad_rows,
+        )
+    if not loaded:
+        raise ValueError("no SFT rows to train on: the data is empty")
+    return loaded
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`ppo-rlhf sft --config sft.yaml key=value ...`; returns the exit code."""
+    return run_cli("sft", SFTConfig, train_sft, argv, lambda m: f"final loss {m['final_loss']:.4f}, eval loss {m['eval_loss']}")
+
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Plumbing shared by the stage recipes (sft, reward, train, eval): output-directory safety,
+held-out splits, optimizer and schedule, NaN guards and the `--config key=value` CLI."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ppo.config import ConfigError, config_help, config_to_dict, load_config, save_config
+
+
+class OutputDirError(FileExistsError):
+    """output_dir already holds the outputs of a different run and `overwrite` is off."""
+
+
+OUTPUTS = ("config.yaml", "metrics.jsonl", "final")  # what a stage run writes in output_dir
+
+
+def check_output_dir(config) -> Path:
+    """output_dir as a Path, after refusing one that holds a different run (unless `overwrite`).
+
+    "The same run" means its config.yaml equals this config (so re-running a command is allowed);
+    a non-empty directory without a config.yaml could be anything and is refused too.
+    """
+    out = Path(config.output_dir)
+    if config.overwrite or not out.exists() or not any(out.iterdir()):
+        return out
+    previous = out / "config.yaml"
+    if previous.is_file():
+        import yaml
+
+        old = yaml.safe_load(previous.read_text(encoding="utf-8")) or {}
+        new = config_to_dict(config)
+        if {k: v for k, v in old.items() if k != "overwrite"} == {k: v for k, v in new.items() if k != "overwrite"}:
+            return out
+    raise OutputDirError(
+        f"output_dir {str(out)!r} is not empty and holds a different run (its config.yaml differs or is missing); "
+        "choose another output_dir or set overwrite=true to replace its outputs"
+    )
+
+
+def start_outputs(out: Path, config):
+    """Remove this recipe's previous outputs, write config.yaml, open metrics.jsonl."""
+    import shutil
+
+    from ppo.metrics import MetricsLogger
+
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    save_config(config, out / "config.yaml")
+    return MetricsLogger(out)
+
+
+def finish_outputs(out: Path, config, model, tokenizer, logger, metrics: dict) -> None:
+    """Log the summary line and save output_dir/final (weights checked for NaN/inf first)."""
+    from ppo.checkpoint import check_finite, save_model_dir
+
+    logger.log(metrics["steps"], {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "steps"})
+    logger.close()
+    if config.save_final:
+        check_finite({"model": model})
+        save_model_dir(out / "final", model, tokenizer)
+
+
+def load_causal_lm(config, model=None, tokenizer=None):
+    """(model, tokenizer): the ones given, else loaded from `config.model_name_or_path`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ppo.data import ensure_pad_token
+
+    source = config.model_name_or_path or getattr(model, "name_or_path", None)
+    if model is None:
+        if not config.model_name_or_path:
+            raise ConfigError("no model: set model_name_or_path=<dir or hub name> or pass model=")
+        # fp32 master weights: AdamW steps of ~1e-5 vanish in bf16 rounding.
+        model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32)
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    if tokenizer is None:
+        if not source:
+            raise ConfigError("no tokenizer: set model_name_or_path= or pass tokenizer=")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token: completions need one so the model learns to stop")
+    ensure_pad_token(tokenizer)
+    if model.config.pad_token_id is None:  # so the saved model works in batches on its own
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval) rows: a seeded random `eval_fraction` held out (at least one row when > 0)."""
+    if eval_fraction <= 0 or len(rows) < 2:
+        return list(rows), []
+    n_eval = min(len(rows) - 1, max(1, round(len(rows) * eval_fraction)))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def step_groups(n: int, per_step: int, num_epochs: int, seed: int):
+    """(epoch, row indices of one optimizer step) in training order; each epoch reshuffled from
+    `seed` (the same order as PPO's loop), the last short group kept."""
+    from ppo.loop import epoch_order
+
+    for epoch in range(num_epochs):
+        order = epoch_order(n, seed, epoch)
+        for start in range(0, n, per_step):
+            yield epoch, order[start : start + per_step]
+
+
+def build_optimizer(model, config, total_steps: int):
+    """AdamW (decay on weight matrices only, as is usual for transformers) and the schedule."""
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    warmup = math.ceil(config.warmup_ratio * total_steps)
+    # transformers' plain "constant" ignores warmup; its warmup variant honours it.
+    name = "constant_with_warmup" if config.lr_scheduler == "constant" and warmup else config.lr_scheduler
+    return optimizer, get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
+
+
+def check_loss(loss: Tensor, what: str, step: int, epoch: int) -> None:
+    """Stop at the first NaN/inf loss, before it reaches the weights (nothing is saved)."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"{what} is {loss.item()} at optimizer step {step} (epoch {epoch + 1}); stopping without writing a model. "
+            "Lower learning_rate, check the data, or check the starting weights for NaN."
+        )
+
+
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float | None, step: int, epoch: int) -> dict[str, float]:
+    """Clip, step, zero; returns the pre-clip gradient norm and the learning rate used."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
+    check_loss(grad_norm, "gradient norm", step, epoch)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm": grad_norm.item(), "learning_rate": lr}
+
+
+def run_cli(stage: str, config_cls, train_fn, argv: list[str] | None, summary) -> int:
+    """Parse `--config PATH key=value ...`, run `train_fn(config)`, print errors plainly."""
+    fields = "\n".join(f"  {name} (default {default}): {help_}" for name, default, help_ in config_help(config_cls))
+    parser = argparse.ArgumentParser(
+        prog=f"ppo-rlhf {stage}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Run the {stage} recipe from a YAML config plus key=value overrides.",
+        epilog=f"keys:\n{fields}",
+    )
+    parser.add_argument("--config", help="YAML file of keys (see below)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, values parsed as YAML")
+    args, extra = parser.parse_known_args(argv)  # `--key=value` is accepted as an override too
+    try:
+        config = load_config(config_cls, args.config, args.overrides + extra)
+        metrics = train_fn(config)
+    except ConfigError as err:
+        print(f"ppo-rlhf {stage}: config error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, FloatingPointError) as err:
+        print(f"ppo-rlhf {stage}: error: {err}", file=sys.stderr)
+        return 1
+    print(f"ppo-rlhf {stage}: {metrics['steps']} steps, {summary(metrics)}; outputs in {metrics['output_dir']}")
+    return 0
+

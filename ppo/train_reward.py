@@ -1,0 +1,294 @@
+"""Reward-model training (`ppo-rlhf reward`): a scalar score that prefers `chosen` to `rejected`.
+
+The recipe, top to bottom (`train_reward_model`):
+    1. refuse to overwrite a different run in output_dir (before anything is loaded or written)
+    2. load the reward model (a sequence classifier with one label, or a causal LM given a fresh
+       scalar head with `init_from_policy`), the tokenizer and the pairs; hold out `eval_fraction`
+    3. tokenize prompt + chosen and prompt + rejected exactly as PPO will score a policy sample:
+       the prompt's ids, then the completion's ids ending in EOS
+    4. AdamW + a transformers learning-rate schedule
+    5. pairwise accuracy before training; epochs of the Bradley–Terry loss
+       `-logsigmoid(r_chosen - r_rejected - margin)` (+ the optional centering term)
+    6. accuracy after training, then output_dir/final (AutoModelForSequenceClassification,
+       num_labels=1), config.yaml, metrics.jsonl
+
+Scores are read with `ppo.forward.sequence_scores` (the last real token, whatever the padding side),
+the very function PPO scores with, so training and use read the same position.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ppo.config import ConfigError, RewardConfig
+from ppo.forward import sequence_scores
+from ppo.sft import collate, encode_prompt_completion
+from ppo.stage import (
+    build_optimizer,
+    check_loss,
+    check_output_dir,
+    finish_outputs,
+    optimizer_step,
+    run_cli,
+    split_rows,
+    start_outputs,
+    step_groups,
+)
+
+Pair = tuple[list[int], list[int]]  # token ids of (prompt + chosen, prompt + rejected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+def reward_model_from_policy(policy_dir_or_model):
+    """An AutoModelForSequenceClassification (num_labels=1) with the causal LM's backbone weights and
+    a freshly initialised score head (what other tools call `from_pretrained_policy`).
+
+    A directory or hub name is loaded straight into the classifier (transformers copies the
+    backbone and initialises the head); a model object has its backbone state copied.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if isinstance(policy_dir_or_model, (str, Path)):
+        return AutoModelForSequenceClassification.from_pretrained(str(policy_dir_or_model), num_labels=1, dtype=torch.float32)
+    policy = policy_dir_or_model
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(config)
+    body, source = getattr(model, model.base_model_prefix), getattr(policy, policy.base_model_prefix, None)
+    if source is None or type(source) is not type(body):
+        raise TypeError(f"cannot build a reward model from {type(policy).__name__}: its backbone is not a {type(body).__name__}")
+    body.load_state_dict(source.state_dict())
+    reference = next(policy.parameters())
+    return model.to(device=reference.device, dtype=reference.dtype)
+
+
+def check_reward_model(model, source: str = "the reward model") -> None:
+    """Raise unless `model` is a sequence classifier with exactly one label."""
+    has_head = getattr(model, "score", None) is not None or getattr(model, "classifier", None) is not None
+    labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if not has_head or not hasattr(model, "base_model_prefix"):
+        raise ValueError(
+            f"{source} is a {type(model).__name__}, not a sequence classifier (AutoModelForSequenceClassification, "
+            "num_labels=1); to start a reward model from a causal LM set init_from_policy=true"
+        )
+    if labels != 1:
+        raise ValueError(f"{source} has {labels} labels; a reward model has exactly one (num_labels=1)")
+
+
+def load_reward_model(config: RewardConfig, model=None, tokenizer=None):
+    """(reward model, tokenizer): the ones given or loaded from `config.model_name_or_path`,
+    turned into a fresh-headed classifier with `init_from_policy`, checked to have one label."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from ppo.data import ensure_pad_token
+
+    path = config.model_name_or_path
+    if model is None and not path:
+        raise ConfigError("no model: set model_name_or_path=<dir or hub name> or pass model=")
+    given = model is not None
+    source, tokenizer_source = ("the given model" if given else path), path or getattr(model, "name_or_path", None)
+    if config.init_from_policy:
+        model = reward_model_from_policy(model if given else path)
+    elif not given:
+        # Check before loading: transformers would happily load a causal LM into a classifier with a
+        # random head, and the user would train from a head they did not mean to reset.
+        architectures = AutoConfig.from_pretrained(path).architectures or []
+        if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise ValueError(
+                f"{path} holds a {', '.join(architectures)}, not a sequence classifier with one label; "
+                "to start a reward model from a causal LM set init_from_policy=true"
+            )
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    if not given:
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    check_reward_model(model, source)
+    if tokenizer is None:
+        if not tokenizer_source:
+            raise ConfigError("no tokenizer: set model_name_or_path= or pass tokenizer=")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token: completions end with one, as PPO samples do")
+    ensure_pad_token(tokenizer)
+    # Standalone users call model(**batch); transformers' pooling needs the pad id for batches.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores and loss
+# ----------------------------------------------------------------------------------------------
+
+
+def encode_pairs(tokenizer, rows: list[dict], max_length: int) -> list[Pair]:
+    """Token ids of prompt + chosen and prompt + rejected for each row (EOS-terminated)."""
+    return [
+        (
+            encode_prompt_completion(tokenizer, r["prompt"], r["chosen"], max_length)[0],
+            encode_prompt_completion(tokenizer, r["prompt"], r["rejected"], max_length)[0],
+        )
+        for r in rows
+    ]
+
+
+def pair_scores(model, pairs: list[Pair], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Scores `[B]` of the chosen and `[B]` of the rejected sequences, in one forward pass of 2B rows."""
+    batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+    device = next(model.parameters()).device
+    scores = sequence_scores(model, batch.input_ids.to(device), batch.attention_mask.to(device))
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+def pairwise_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0, center_coef: float = 0.0) -> Tensor:
+    """Per-pair loss `[B]` from scores `[B]`, `[B]`: the Bradley–Terry negative log-likelihood
+    `-logsigmoid(r_c - r_r - margin)` plus `center_coef * (r_c + r_r)^2`.
+
+    The margin asks chosen to win by at least that much (Llama 2, Touvron et al., 2023); the
+    centering term (Eisenstein et al., 2023) pins the free offset of the scores near 0, which the
+    pairwise loss alone leaves undetermined.
+    """
+    loss = -torch.nn.functional.logsigmoid(chosen - rejected - margin)
+    if center_coef:
+        loss = loss + center_coef * (chosen + rejected) ** 2
+    return loss
+
+
+@torch.no_grad()
+def evaluate_pairs(model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 512, margin: float = 0.0) -> dict[str, float]:
+    """On preference rows: `accuracy` (share with r_chosen > r_rejected, ties count as wrong),
+    `loss` (mean Bradley–Terry loss with `margin`) and `score_gap` (mean r_chosen - r_rejected)."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(rows), batch_size):
+        c, r = pair_scores(model, encode_pairs(tokenizer, rows[start : start + batch_size], max_length), tokenizer.pad_token_id)
+        chosen.append(c)
+        rejected.append(r)
+    model.train(was_training)
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    return {
+        "accuracy": (chosen > rejected).float().mean().item(),
+        "loss": pairwise_loss(chosen, rejected, margin).mean().item(),
+        "score_gap": (chosen - rejected).mean().item(),
+    }
+
+
+def pairwise_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 512) -> float:
+    """Share of {"prompt", "chosen", "rejected"} rows where the model scores chosen above rejected."""
+    return evaluate_pairs(model, tokenizer, rows, batch_size, max_length)["accuracy"]
+
+
+def accumulate_reward_gradients(model, pairs: list[Pair], config: RewardConfig, pad_id: int, step: int, epoch: int) -> tuple[float, float]:
+    """Backward over one optimizer step's pairs in micro-batches; returns its mean loss and accuracy."""
+    step_loss, correct = 0.0, 0
+    for start in range(0, len(pairs), config.batch_size):
+        chosen, rejected = pair_scores(model, pairs[start : start + config.batch_size], pad_id)
+        loss_sum = pairwise_loss(chosen, rejected, config.margin, config.center_rewards_coefficient).sum()
+        check_loss(loss_sum, "reward loss", step, epoch)
+        (loss_sum / len(pairs)).backward()  # divide by the whole step's pairs: every pair weighs the same
+        step_loss += loss_sum.item() / len(pairs)
+        correct += int((chosen > rejected).sum())
+    return step_loss, correct / len(pairs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------
+
+
+def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=None) -> dict[str, Any]:
+    """Train a reward model on preference pairs; `rows` is a list of {"prompt", "chosen",
+    "rejected"} (or anything `ppo.formats.load_preference_rows` reads), else the file `config.data`.
+
+    Returns the metrics: `train_loss` / `train_accuracy` (one value per optimizer step),
+    `final_loss`, held-out `accuracy_before` / `accuracy` and `eval_loss_before` / `eval_loss`
+    (None without an eval set), `steps`, `train_rows`, `eval_rows`, `output_dir`.
+    """
+    # 1. refuse to clobber another run before anything is loaded or written
+    out = check_output_dir(config)
+    torch.manual_seed(config.seed)  # the fresh score head of init_from_policy
+    # 2. model, tokenizer, pairs and the held-out split
+    model, tokenizer = load_reward_model(config, model, tokenizer)
+    rows = preference_rows(config, tokenizer, rows)
+    train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.seed)
+    # 3. token ids, once
+    pairs = encode_pairs(tokenizer, train_rows, config.max_length)
+    # 4. optimizer and schedule
+    per_step = config.batch_size * config.gradient_accumulation_steps
+    total_steps = config.num_epochs * math.ceil(len(pairs) / per_step)
+    optimizer, scheduler = build_optimizer(model, config, total_steps)
+    # 5. accuracy before, then train
+    logger = start_outputs(out, config)
+    before = held_out(model, tokenizer, eval_rows, config)
+    losses, accuracies = [], []
+    model.train()
+    bar = tqdm(total=total_steps, desc="reward", disable=not config.progress_bar, dynamic_ncols=True)
+    for epoch, group in step_groups(len(pairs), per_step, config.num_epochs, config.seed):
+        loss, accuracy = accumulate_reward_gradients(model, [pairs[i] for i in group], config, tokenizer.pad_token_id, len(losses) + 1, epoch)
+        stats = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, len(losses) + 1, epoch)
+        losses.append(loss)
+        accuracies.append(accuracy)
+        if len(losses) % config.logging_steps == 0 or len(losses) == total_steps:
+            logger.log(len(losses), {"loss": loss, "accuracy": accuracy, "epoch": epoch + 1, **stats})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.2f}")
+    bar.close()
+    model.eval()
+    # 6. accuracy after, and the final model
+    after = held_out(model, tokenizer, eval_rows, config)
+    metrics = {
+        "train_loss": losses, "train_accuracy": accuracies, "final_loss": losses[-1] if losses else None,
+        "accuracy_before": before.get("accuracy"), "accuracy": after.get("accuracy"),
+        "eval_loss_before": before.get("loss"), "eval_loss": after.get("loss"), "score_gap": after.get("score_gap"),
+        "steps": len(losses), "train_rows": len(train_rows), "eval_rows": len(eval_rows), "output_dir": str(out),
+    }
+    finish_outputs(out, config, model, tokenizer, logger, metrics)
+    return metrics
+
+
+def held_out(model, tokenizer, eval_rows: list[dict], config: RewardConfig) -> dict[str, float]:
+    """`evaluate_pairs` on the held-out rows; empty when there are none."""
+    if not eval_rows:
+        return {}
+    return evaluate_pairs(model, tokenizer, eval_rows, config.batch_size, config.max_length, config.margin)
+
+
+def preference_rows(config: RewardConfig, tokenizer, rows) -> list[dict[str, str]]:
+    """{"prompt", "chosen", "rejected"} rows: `rows` as given when already in that form, else read
+    with `ppo.formats.load_preference_rows` (from `rows` or from the file `config.data`)."""
+    if rows is None and config.data is None:
+        raise ConfigError("no preference data: set data=<file> or pass rows=")
+    keys = ("prompt", "chosen", "rejected")
+    if isinstance(rows, list) and all(isinstance(r, dict) and all(isinstance(r.get(k), str) for k in keys) for r in rows):
+        loaded = rows
+    else:
+        from ppo.formats import load_preference_rows  # formats pulls in `datasets`; only needed for files
+
+        loaded = load_preference_rows(
+            config.data if rows is None else rows, tokenizer, prompt_column=config.prompt_column,
+            chosen_column=config.chosen_column, rejected_column=config.rejected_column,
+            skip_bad_rows=config.skip_bad_rows,
+        )
+    if not loaded:
+        raise ValueError("no preference pairs to train on: the data is empty")
+    return loaded
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`ppo-rlhf reward --config reward.yaml key=value ...`; returns the exit code."""
+    return run_cli("reward", RewardConfig, train_reward_model, argv, lambda m: f"held-out accuracy {m['accuracy_before']} -> {m['accuracy']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
