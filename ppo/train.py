@@ -1,0 +1,122 @@
+"""The PPO recipe: `python -m ppo.train ...` (the same as `ppo-rlhf train ...`).
+
+    python -m ppo.train --model_name out/sft/final --reward_model_path out/reward/final \\
+        --prompts_file prompts.txt --learning_rate 1e-6 --batch_size 8 --output_dir out/ppo
+    ppo-rlhf train --config configs/qwen3-0.6b-ppo.yaml kl_coef=0.05
+
+Steps:
+    1. the config: YAML + overrides (`key=value`, `--key value` or `--key=value`)
+    2. refuse an output_dir holding another run (unless overwrite or resuming)
+    3. load the policy, tokenizer, reward model / functions, optional reference and critic
+    4. load the prompts (text file, JSONL/CSV/Parquet/..., or a datasets name)
+    5. PPOTrainer(...).train(...): metrics.jsonl, step_N/ checkpoints, final/
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from ppo.config import ConfigError, PPOConfig, save_config
+from ppo.stage import check_output_dir, run_cli
+
+# The flag names users of other PPO scripts type, mapped to our config keys.
+ALIASES = {"model_name": "model_name_or_path", "model": "model_name_or_path", "reward_model": "reward_model_path"}
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """`--key value` -> `key=value` (aliases resolved), so every spelling reaches one parser."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and arg not in ("--config", "--help") and "=" not in arg:
+            key = arg[2:].replace("-", "_")
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                out.append(f"{ALIASES.get(key, key)}={argv[i + 1]}")
+                i += 2
+                continue
+            out.append(f"{ALIASES.get(key, key)}=true")  # a bare flag: --overwrite
+        elif "=" in arg and not arg.startswith("--config"):
+            key, _, value = arg.lstrip("-").partition("=")
+            out.append(f"{ALIASES.get(key, key)}={value}")
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _dtype(name: str):
+    if name == "auto":
+        return "auto"
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ConfigError(f"torch_dtype must be float32, bfloat16, float16 or auto; got {name!r}") from None
+
+
+def load_models(config: PPOConfig) -> dict[str, Any]:
+    """Step 3: every model the trainer needs, loaded from the config's paths."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from ppo.rewards import resolve_reward_function
+    from ppo.train_reward import RewardConfig, load_reward_model
+
+    if not config.model_name_or_path:
+        raise ConfigError("no policy: set model_name_or_path (or --model_name)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = _dtype(config.torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
+    models: dict[str, Any] = {
+        "model": AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=dtype).to(device),
+        "tokenizer": tokenizer,
+        "reward_funcs": [resolve_reward_function(spec) for spec in config.reward_funcs] or None,
+    }
+    if config.reward_model_path:
+        reward_model, reward_tokenizer = load_reward_model(RewardConfig(model_name_or_path=config.reward_model_path))
+        models["reward_model"] = reward_model.to(device)
+        if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+            models["reward_tokenizer"] = reward_tokenizer  # completions are re-tokenized for it
+    if config.ref_model_path:
+        models["ref_model"] = AutoModelForCausalLM.from_pretrained(config.ref_model_path, dtype=dtype).to(device)
+    if config.value_model_path:
+        models["value_model"] = AutoModelForSequenceClassification.from_pretrained(config.value_model_path, num_labels=1, dtype=dtype).to(device)
+    return models
+
+
+def load_prompts(config: PPOConfig, tokenizer) -> list[dict]:
+    """Step 4: rows of {prompt, extra columns...} from prompts_file or dataset_name."""
+    from ppo.formats import load_prompt_rows
+
+    source = config.prompts_file or config.dataset_name
+    if not source:
+        raise ConfigError("no prompts: set prompts_file (or --prompts_file) or dataset_name")
+    return load_prompt_rows(source, tokenizer, prompt_column=config.prompt_column, skip_bad_rows=config.skip_bad_rows)
+
+
+def run_ppo(config: PPOConfig) -> dict[str, Any]:
+    """Steps 2-5; returns a summary for the CLI."""
+    from ppo.trainer import PPOTrainer
+
+    out = check_output_dir(config) if not config.resume_from_checkpoint else None
+    if out is not None and config.overwrite and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    models = load_models(config)
+    rows = load_prompts(config, models["tokenizer"])
+    trainer = PPOTrainer(config=config, **models)
+    save_config(config, f"{config.output_dir}/config.yaml")
+    history = trainer.train(rows, num_epochs=config.num_epochs, max_length=config.max_length)
+    last = history[-1] if history else {}
+    return {"steps": trainer.global_step, "output_dir": config.output_dir, "mean_reward": last.get("mean_reward"), "kl": last.get("kl")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    return run_cli("train", PPOConfig, run_ppo, argv, lambda m: f"last mean reward {m['mean_reward']}, kl {m['kl']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
