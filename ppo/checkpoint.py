@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 
 STATE_FILE = "trainer_state.pt"
 
@@ -37,18 +37,22 @@ def save_model_dir(directory: Path, model, tokenizer) -> None:
         tokenizer.save_pretrained(directory)
 
 
+CRITIC_WEIGHTS = "critic.safetensors"
+
+
 def save_critic(directory: Path, critic_module: torch.nn.Module) -> None:
+    """A plain critic as a loadable Hugging Face directory; a value head or a LoRA-wrapped critic
+    as its full state (what resuming needs)."""
     directory.mkdir(parents=True, exist_ok=True)
-    if hasattr(critic_module, "save_pretrained"):
+    if hasattr(critic_module, "save_pretrained") and not hasattr(critic_module, "peft_config"):
         critic_module.save_pretrained(directory)
     else:
-        save_file({k: v.contiguous() for k, v in critic_module.state_dict().items()}, directory / "value_head.safetensors")
+        save_model(critic_module, str(directory / CRITIC_WEIGHTS))
 
 
 def load_critic_weights(directory: Path, critic_module: torch.nn.Module) -> None:
-    head = directory / "value_head.safetensors"
-    if head.exists():
-        critic_module.load_state_dict(load_file(head))
+    if (directory / CRITIC_WEIGHTS).exists():
+        load_model(critic_module, str(directory / CRITIC_WEIGHTS))
         return
     from transformers import AutoModelForSequenceClassification
 

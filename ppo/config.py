@@ -97,6 +97,15 @@ class PPOConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     logprob_chunk_size: int = opt(8, "Rows per chunk when turning logits into log-probs (bounds [B,T,V] memory).")
 
+    # --- LoRA (peft) ---
+    lora_r: int = opt(0, "LoRA rank of the policy's adapter (0: full fine-tuning).")
+    lora_alpha: int = opt(16, "LoRA scaling numerator (scale = lora_alpha / lora_r).")
+    lora_dropout: float = opt(0.0, "Dropout inside the adapter (kept 0 in rollout/update by design).")
+    lora_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get adapters ('all-linear' works too).")
+    lora_critic: bool = opt(False, "Give the separate critic its own LoRA adapter instead of full weights.")
+    save_merged: bool = opt(False, "With LoRA, also write output_dir/final-merged: the adapter merged into the base.")
+    optimizer: str = opt("adamw", "adamw, or adamw_8bit (bitsandbytes, CUDA only).")
+
     # --- output ---
     output_dir: str = opt("ppo_output", "Where metrics, checkpoints and the final model go.")
     save_steps: int = opt(0, "Checkpoint every N steps (0: only the final model).")
@@ -120,6 +129,7 @@ class PPOConfig:
         _check_choice("value_head", self.value_head, ("separate", "shared"))
         _check_choice("precision", self.precision, ("fp32", "bf16", "auto"))
         _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        _check_choice("optimizer", self.optimizer, ("adamw", "adamw_8bit"))
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ConfigError(f"missing_eos_penalty must be positive (it is subtracted), got {self.missing_eos_penalty}")
 
@@ -378,3 +388,114 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         _check_stage_common(self)
+
+
+# ---- stage configs: evaluation and demo ----
+# `ppo-rlhf eval` scores any policy; `ppo-rlhf demo` runs every stage on the built-in task. Same
+# rules as above: one help string per field, strict loading, config.yaml written next to outputs.
+
+
+@dataclass
+class EvalConfig:
+    """Scores a policy on held-out prompts (reward, KL, accuracy) and/or a text set (perplexity)."""
+
+    # --- models and reward sources ---
+    model_name_or_path: str | None = opt(None, "Policy to evaluate: a Hugging Face model directory or hub name.")
+    ref_model_path: str | None = opt(None, "Reference policy for the KL (e.g. the SFT model); None: no KL.")
+    reward_model_path: str | None = opt(None, "Reward model directory (AutoModelForSequenceClassification, num_labels=1).")
+    reward_funcs: list = opt([], "Reward functions: built-in names or `module:function` / `file.py:function`.")
+    reward_weights: list | None = opt(None, "One weight per reward source (the reward model first) for the combined reward.")
+
+    # --- data ---
+    prompts_file: str | None = opt(None, "Prompts: a text file (one per line) or a JSONL/JSON/CSV/Parquet file.")
+    dataset_name: str | None = opt(None, "A `datasets` name or local path, instead of prompts_file.")
+    prompt_column: str = opt("prompt", "Column holding the prompt (a string or chat messages).")
+    answer_column: str = opt("answer", "Column holding the reference answer for exact-match accuracy (skipped if absent).")
+    text_file: str | None = opt(None, "Texts for perplexity, one per line; None: no perplexity.")
+    num_samples: int | None = opt(None, "Evaluate only the first N prompts (None: all).")
+
+    # --- sampling ---
+    batch_size: int = opt(64, "Prompts per generation batch (best_of_n multiplies the rows).")
+    max_new_tokens: int = opt(32, "Longest response in tokens.")
+    temperature: float = opt(1.0, "Sampling temperature; the KL is measured at the same temperature.")
+    top_k: int | None = opt(None, "Keep only the k most likely tokens (None/0: off).")
+    top_p: float | None = opt(None, "Nucleus sampling mass (None/1.0: off).")
+    best_of_n: int = opt(1, "Sample N responses per prompt and keep the best by the reward sources (1: plain sampling).")
+    seed: int = opt(0, "Seeds sampling.")
+
+    # --- output ---
+    output_dir: str = opt("eval_output", "Where eval.json and config.yaml go.")
+    overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "best_of_n"):
+            _check_range(self, name, getattr(self, name), 1)
+        if self.num_samples is not None:
+            _check_range(self, "num_samples", self.num_samples, 1)
+        if self.temperature <= 0:
+            raise ConfigError(f"EvalConfig.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class DemoConfig:
+    """`ppo-rlhf demo`: SFT -> reward model -> PPO -> evaluation on the built-in digit-filter task."""
+
+    # --- run ---
+    output_dir: str = opt("demo_output", "Where every stage's model, the report and summary.json go.")
+    seed: int = opt(0, "Seeds the task data, the models and every stage: the same seed gives the same run on CPU.")
+    overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
+    quick: bool = opt(False, "A fast smoke run (tiny data, few steps) that checks the stages chain; not tuned to learn.")
+    threads: int = opt(2, "CPU threads for torch (results are identical for a fixed thread count).")
+    progress_bar: bool = opt(True, "Show a progress bar per stage.")
+
+    # --- model (a from-scratch Qwen3) ---
+    hidden_size: int = opt(64, "Hidden size of the tiny Qwen3 (heads = hidden_size / 32).")
+    num_layers: int = opt(2, "Transformer layers.")
+
+    # --- data (prompts are disjoint across splits) ---
+    n_sft: int = opt(2000, "Noisy demonstrations for SFT.")
+    n_pref: int = opt(3000, "Oracle-labelled preference pairs (a share held out for the RM accuracy).")
+    n_ppo: int = opt(2000, "PPO training prompts.")
+    n_eval: int = opt(256, "Held-out evaluation prompts.")
+
+    # --- SFT ---
+    sft_learning_rate: float = opt(3e-3, "AdamW learning rate of SFT.")
+    sft_epochs: int = opt(4, "Passes over the demonstrations.")
+    sft_batch_size: int = opt(64, "Demonstrations per optimizer step.")
+
+    # --- reward model ---
+    reward_learning_rate: float = opt(1e-3, "AdamW learning rate of the reward model.")
+    reward_epochs: int = opt(4, "Passes over the preference pairs.")
+    reward_batch_size: int = opt(64, "Pairs per optimizer step.")
+    reward_eval_fraction: float = opt(0.1, "Share of pairs held out for the RM's pairwise accuracy.")
+
+    # --- PPO ---
+    ppo_steps: int = opt(100, "PPO iterations.")
+    ppo_batch_size: int = opt(64, "Prompts per PPO iteration.")
+    ppo_mini_batch_size: int | None = opt(None, "Samples per optimizer step (None: the whole rollout).")
+    ppo_epochs: int = opt(4, "Update passes over each rollout.")
+    ppo_learning_rate: float = opt(3e-4, "AdamW learning rate of the policy.")
+    value_learning_rate: float | None = opt(None, "AdamW learning rate of the critic (None: ppo_learning_rate).")
+    num_generations: int = opt(1, "Samples per prompt in each rollout.")
+    kl_coef: float = opt(0.05, "KL penalty coefficient (the initial one when adaptive).")
+    adap_kl_ctrl: bool = opt(False, "Adapt kl_coef towards target_kl.")
+    target_kl: float = opt(1.0, "Target of the adaptive KL controller (summed KL per response).")
+    temperature: float = opt(1.0, "Sampling temperature of PPO and of every evaluated policy.")
+    max_new_tokens: int = opt(8, "Longest response in tokens (the longest ideal answer is 6 words + EOS).")
+    whiten_rewards: bool = opt(False, "Normalise per-token rewards before GAE.")
+    missing_eos_penalty: float | None = opt(1.0, "Subtracted from the score of responses that never ended.")
+    vf_coef: float = opt(0.1, "Weight of the value loss.")
+    value_head: str = opt("separate", "'separate': critic copied from the reward model; 'shared': a head on the policy.")
+
+    # --- evaluation and report ---
+    best_of_n: int = opt(4, "Samples per prompt of the best-of-n baseline (picked by the reward model).")
+    report_samples: int = opt(6, "Sample generations shown before/after in report.md.")
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "hidden_size", "num_layers", "n_sft", "n_pref", "n_ppo", "n_eval", "sft_epochs",
+                     "sft_batch_size", "reward_epochs", "reward_batch_size", "ppo_steps", "ppo_batch_size",
+                     "ppo_epochs", "num_generations", "max_new_tokens", "best_of_n"):
+            _check_range(self, name, getattr(self, name), 1)
+        if self.temperature <= 0:
+            raise ConfigError(f"DemoConfig.temperature must be > 0, got {self.temperature}")
+        _check_choice("value_head", self.value_head, ("separate", "shared"))

@@ -19,10 +19,12 @@ class SeparateCritic:
     uses_policy_hidden = False
 
     def __init__(self, model: nn.Module):
-        self.module = model
+        self.module = model  # what the optimizer trains and the checkpoint saves (maybe a peft wrapper)
+        # The Hugging Face model itself, LoRA layers injected: its backbone and head are read directly.
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
 
     def values(self, input_ids: Tensor, attention_mask: Tensor, response_width: int, policy_hidden: Tensor | None) -> Tensor:
-        return token_values(self.module, input_ids, attention_mask, response_width)
+        return token_values(self.model, input_ids, attention_mask, response_width)
 
 
 class SharedCritic:

@@ -49,13 +49,18 @@ def restore(trainer, path: Path) -> tuple[int, int]:
     """Load a checkpoint into the trainer; return (epoch, next batch) to continue from."""
     from safetensors.torch import load_file
 
-    policy_weights = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        policy_weights.update(load_file(shard))
-    missing, unexpected = trainer.policy.load_state_dict(policy_weights, strict=False)
-    # Tied embeddings are saved once; anything else missing means a different model.
-    if unexpected or [m for m in missing if "lm_head" not in m]:
-        raise ValueError(f"checkpoint {path} does not match the policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if (path / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(trainer.policy, load_file(path / "adapter_model.safetensors"))
+    else:
+        policy_weights = {}
+        for shard in sorted(path.glob("model*.safetensors")):
+            policy_weights.update(load_file(shard))
+        missing, unexpected = trainer.policy.load_state_dict(policy_weights, strict=False)
+        # Tied embeddings are saved once; anything else missing means a different model.
+        if unexpected or [m for m in missing if "lm_head" not in m]:
+            raise ValueError(f"checkpoint {path} does not match the policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
     ckpt.load_critic_weights(path / "critic", trainer.critic.module)
     state = ckpt.load_trainer_state(path)
     for name, opt in trainer.optimizers.items():
@@ -65,6 +70,15 @@ def restore(trainer, path: Path) -> tuple[int, int]:
     trainer.shuffle_generator.set_state(state["shuffle_generator"])
     trainer.global_step = state["global_step"]
     return state["epoch"], state["next_batch"]
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget metric lines of steps the resumed run will redo (logged after the checkpoint)."""
+    if path.exists():
+        import json
+
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = None) -> list[dict[str, Any]]:
@@ -78,6 +92,7 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
     start_epoch, start_batch = 0, 0
     if cfg.resume_from_checkpoint:
         start_epoch, start_batch = restore(trainer, ckpt.resolve_checkpoint(out, cfg.resume_from_checkpoint))
+        drop_metrics_after(out / "metrics.jsonl", trainer.global_step)
     logger = MetricsLogger(out, getattr(cfg, "report_to", None))
     batches_per_epoch = math.ceil(len(rows) / cfg.batch_size)  # a last short batch is kept
     total = num_epochs * batches_per_epoch

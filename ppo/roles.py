@@ -34,6 +34,33 @@ def reference_context(policy, ref_model):
     raise ValueError("no reference model")
 
 
+def apply_lora(model, config, task: str = "causal"):
+    """Wrap `model` with a peft LoRA adapter from the config's lora_* fields (a LoraConfig may be
+    passed instead). The base weights stay frozen; only the adapter (and a critic's head) train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("LoRA needs peft: pip install 'ppo-rlhf[peft]'") from None
+    if is_peft_model(model):
+        return model
+    if isinstance(config, LoraConfig):
+        lora = config
+    else:
+        targets = config.lora_target_modules
+        lora = LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+            # A critic's value head is new: it trains in full and is saved with the adapter.
+            modules_to_save=["score"] if task == "critic" else None,
+        )
+    return get_peft_model(model, lora)
+
+
+def unwrap_peft(model):
+    """The Hugging Face model inside a peft wrapper (adapters stay injected and active)."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
 def default_reference(policy, ref_model):
     """The given reference, None for a LoRA policy (adapter disabled instead), else a frozen copy."""
     if ref_model is not None:
@@ -60,9 +87,10 @@ def critic_from_policy(policy) -> torch.nn.Module:
     return critic.to(dtype=next(policy.parameters()).dtype, device=next(policy.parameters()).device)
 
 
-def build_critic(value_head: str, policy, reward_model=None, value_model=None, reward_tokenizer=None):
+def build_critic(value_head: str, policy, reward_model=None, value_model=None, reward_tokenizer=None, lora_config=None):
     """The critic role: the user's value model, a copy of a compatible reward model, a model made
-    from the policy's weights, or (value_head='shared') a head on the policy itself."""
+    from the policy's weights, or (value_head='shared') a head on the policy itself. With
+    `lora_config` a separate critic trains a LoRA adapter plus its head instead of full weights."""
     if value_head == "shared":
         if value_model is not None:
             warnings.warn("value_head='shared' ignores the value_model that was passed")
@@ -75,8 +103,10 @@ def build_critic(value_head: str, policy, reward_model=None, value_model=None, r
         # TRL's default: the reward model already reads these sequences well.
         model = copy.deepcopy(reward_model)
     else:
-        model = critic_from_policy(policy)
+        model = critic_from_policy(unwrap_peft(policy))
     model.requires_grad_(True)
+    if lora_config is not None:
+        model = apply_lora(model, lora_config, task="critic")
     return SeparateCritic(model.eval())
 
 

@@ -21,7 +21,16 @@ from ppo.config import PPOConfig, plan_batches
 from ppo.data import collate_prompts, ensure_pad_token
 from ppo.forward import policy_logprobs
 from ppo.rewards import RewardSources
-from ppo.roles import autocast_context, build_critic, default_reference, freeze, reference_context, resolve_precision
+from ppo.roles import (
+    apply_lora,
+    autocast_context,
+    build_critic,
+    default_reference,
+    freeze,
+    is_peft_model,
+    reference_context,
+    resolve_precision,
+)
 from ppo.rollout import HFRolloutEngine, RolloutEngine, SamplingParams
 from ppo.update import ppo_update
 from ppo.metrics import PhaseTimer
@@ -52,6 +61,7 @@ class PPOTrainer:
         value_model: torch.nn.Module | None = None,
         reward_tokenizer=None,
         rollout_engine: RolloutEngine | None = None,
+        peft_config=None,
     ):
         self.config = config = config if config is not None else PPOConfig()
         if model is None or tokenizer is None:
@@ -62,11 +72,18 @@ class PPOTrainer:
         self.rewards = RewardSources(reward_model, reward_funcs, reward_weights or config.reward_weights, reward_tokenizer)
         torch.manual_seed(config.seed)
         self.tokenizer = tokenizer
-        self.policy = model
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(config.precision, self.device)
+        use_lora = peft_config is not None or config.lora_r > 0 or is_peft_model(model)
+        lora_source = peft_config if peft_config is not None else config
+        # The critic copies the policy's plain weights, so it is built before adapters go in.
+        critic_lora = lora_source if use_lora and config.lora_critic else None
+        self.critic = build_critic(config.value_head, model, reward_model, value_model, reward_tokenizer, critic_lora)
+        if use_lora:
+            model = apply_lora(model, lora_source)
+        self.policy = model
+        # With LoRA and no explicit reference, the reference is the policy with adapters disabled.
         self.ref_model = default_reference(model, ref_model)
-        self.critic = build_critic(config.value_head, model, reward_model, value_model, reward_tokenizer)
         for module in (self.policy, self.critic.module):
             disable_dropout(module)
             if config.gradient_checkpointing:
@@ -98,6 +115,14 @@ class PPOTrainer:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"{type(module).__name__} has no trainable parameters")
+        if self.config.optimizer == "adamw_8bit":
+            if not torch.cuda.is_available():
+                raise ValueError("optimizer=adamw_8bit needs a CUDA GPU (bitsandbytes); use optimizer=adamw on CPU")
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ImportError("optimizer=adamw_8bit needs bitsandbytes: pip install bitsandbytes") from None
+            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=self.config.weight_decay)
         # foreach: one fused kernel launch per parameter group instead of one per tensor.
         return torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay, foreach=True)
 
@@ -199,9 +224,15 @@ class PPOTrainer:
         return train_loop(self, prompts, num_epochs=num_epochs, max_length=max_length)
 
     def save_pretrained(self, output_dir: str) -> None:
-        """The policy and tokenizer as a plain Hugging Face directory."""
-        from ppo.checkpoint import check_finite, save_model_dir
+        """The policy and tokenizer as a plain Hugging Face directory. With LoRA: the adapter (peft
+        format), and with `save_merged` also `output_dir/merged`, the adapter merged into the base."""
+        import copy
         from pathlib import Path
+
+        from ppo.checkpoint import check_finite, save_model_dir
 
         check_finite({"policy": self.policy})
         save_model_dir(Path(output_dir), self.policy, self.tokenizer)
+        if is_peft_model(self.policy) and self.config.save_merged:
+            merged = copy.deepcopy(self.policy).merge_and_unload()
+            save_model_dir(Path(output_dir) / "merged", merged, self.tokenizer)

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""One benchmark process for ppo-rlhf: K warm-up + N measured PPO iterations on one workload.
+
+`run.py` starts one of these per (workload, precision) so that every run has its own memory peak,
+its own thread pinning and a fresh allocator. Prints one line `RESULT_JSON {...}` at the end, the
+same shape of record as the TRL anchor's bench prints.
+
+    python benchmarks/ppo_bench.py --workload W1 --iters 3 --warmup 1 --precision fp32
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Offline and thread counts pinned before torch / transformers are imported.
+for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_key, _value)
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, however we are started
+import machine  # noqa: E402
+from workloads import SMOKE, WORKLOADS, build_models, build_prompts, build_tokenizer, flop_params, workload_flops  # noqa: E402
+
+PHASES = ("generate", "score", "update")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=[*WORKLOADS, "smoke"], default="W1")
+    p.add_argument("--iters", type=int, default=3, help="measured iterations (after warm-up)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up iterations (not measured)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after the measured iterations, profile one more with torch.profiler: DIR/phases.txt, ops.txt, trace.json")
+    return p.parse_args(argv)
+
+
+def build_trainer(w, precision: str, seed: int, output_dir: str):
+    """The trainer on workload `w`, sampling exactly R tokens per response (no stop token)."""
+    from ppo import PPOConfig, PPOTrainer
+
+    tokenizer = build_tokenizer(w)
+    policy, reference, reward_model, value_model = build_models(w, tokenizer, seed)
+    config = PPOConfig(
+        batch_size=w.batch,
+        mini_batch_size=w.mini_batch_size,
+        gradient_accumulation_steps=1,
+        ppo_epochs=w.ppo_epochs,
+        learning_rate=3e-6,
+        temperature=0.7,
+        kl_coef=0.05,
+        adap_kl_ctrl=False,
+        max_new_tokens=w.response_len,
+        top_k=None,
+        top_p=None,
+        precision=precision,
+        progress_bar=False,
+        seed=seed,
+        output_dir=output_dir,
+    )
+    trainer = PPOTrainer(config, model=policy, tokenizer=tokenizer, ref_model=reference, reward_model=reward_model, value_model=value_model)
+    # The anchor has no stop token: every response runs to exactly R tokens.
+    trainer.sampling = dataclasses.replace(trainer.sampling, stop_token_ids=())
+    return trainer, tokenizer, flop_params(policy, value_model, w)
+
+
+def run_iteration(trainer, prompts, response_len: int) -> dict:
+    busy0, own0, t0 = machine.machine_busy_s(), machine.own_cpu_s(), time.perf_counter()
+    stats = trainer.step(prompts)
+    total = time.perf_counter() - t0
+    busy1, own1 = machine.machine_busy_s(), machine.own_cpu_s()
+    lengths = {len(text.split()) for text in stats["generated_texts"]}
+    if stats["response_length"] != response_len:
+        raise RuntimeError(f"responses did not run to {response_len} tokens: mean length {stats['response_length']} ({lengths})")
+    record = {"total_s": total, **{f"{name}_s": stats[f"time/{name}_s"] for name in PHASES}}
+    record["rollout_s"] = record["generate_s"] + record["score_s"]
+    record["own_cpu_s"] = own1 - own0
+    # CPU time other processes used meanwhile: how much the machine's noise touched this iteration.
+    record["other_cpu_s"] = max(0.0, (busy1 - busy0) - (own1 - own0))
+    record["rss_mib"] = machine.peak_rss_mib()
+    return record
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.set_verbosity_error()
+    w = SMOKE if args.workload == "smoke" else WORKLOADS[args.workload]
+
+    t_setup = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ppo_bench_") as output_dir:
+        trainer, tokenizer, (n_lm, n_cls) = build_trainer(w, args.precision, args.seed, output_dir)
+        batches = build_prompts(w, tokenizer, args.warmup + args.iters + (1 if args.profile else 0), args.seed)
+        setup_s = time.perf_counter() - t_setup
+        records = [run_iteration(trainer, prompts, w.response_len) for prompts in batches[: args.warmup + args.iters]]
+        if args.profile:
+            from profile_phases import profile_step
+
+            print(profile_step(trainer, batches[-1], args.profile), flush=True)
+    measured = records[args.warmup :]
+
+    def med(key):
+        return statistics.median(r[key] for r in measured)
+
+    flops = workload_flops(w, n_lm, n_cls)
+    iter_s = med("total_s")
+    result = {
+        "bench": "ppo_rlhf",
+        "system": "ppo-rlhf",
+        "workload": w.name,
+        "workload_params": w.as_dict(),
+        "precision": args.precision,
+        "threads": torch.get_num_threads(),
+        "seed": args.seed,
+        "warmup_iters": args.warmup,
+        "measured_iters": args.iters,
+        "iter_s": [r["total_s"] for r in measured],
+        "iter_s_median": iter_s,
+        "iter_s_min": min(r["total_s"] for r in measured),
+        "iter_s_max": max(r["total_s"] for r in measured),
+        **{f"{name}_s_median": med(f"{name}_s") for name in (*PHASES, "rollout")},
+        "other_cpu_s_per_iter_median": med("other_cpu_s"),
+        "own_cpu_util_median": statistics.median(r["own_cpu_s"] / r["total_s"] for r in measured),
+        "tokens_per_iter": w.tokens_per_iter,
+        "tokens_per_s": w.tokens_per_iter / iter_s,
+        "peak_rss_mib": machine.peak_rss_mib(),
+        "params": {"n_lm_flop": n_lm, "n_cls_flop": n_cls},
+        "flops_per_iter": flops["total"],
+        "flops_by_phase": flops,
+        "achieved_gflops": flops["total"] / iter_s / 1e9,
+        "setup_s": setup_s,
+        "iters": records,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "loadavg_end": machine.loadavg(),
+    }
+    print("RESULT_JSON " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""`ppo-rlhf demo` (also `python -m ppo.demo.run`): the whole RLHF pipeline on a laptop CPU.
+
+The recipe, top to bottom (`run_demo`):
+    1. the digit-filter task and its disjoint splits; a word-level tokenizer and a tiny Qwen3 base
+       model built from the config, saved as Hugging Face directories      -> output_dir/base
+    2. SFT of the base model on the sloppy demonstrations                   -> output_dir/sft/final
+    3. a reward model started from the SFT policy (same backbone, fresh head), trained on the
+       oracle-labelled pairs; its held-out pairwise accuracy              -> output_dir/reward/final
+    4. PPO from the SFT policy against the learned reward model, never the oracle; each step's
+       samples are also scored by the oracle, for the report only         -> output_dir/ppo/final
+    5. evaluation on held-out prompts of SFT, best-of-n from SFT (picked by the reward model) and
+       PPO: proxy (reward model) and gold (oracle) scores, KL to SFT, RM accuracy on the samples
+    6. report.md, report.png and summary.json; the targets printed with PASS / MISS
+
+Every stage goes through the same public API a user calls on their own models (`train_sft`,
+`train_reward_model`, `PPOTrainer`, `evaluate_policy`), so the demo is also their worked example.
+The run is deterministic for a seed on CPU at a fixed thread count: every stage is seeded, and the
+data order is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppo.config import DemoConfig, PPOConfig, RewardConfig, SFTConfig, config_to_dict, save_config
+
+DEMO_OUTPUTS = ("config.yaml", "base", "sft", "reward", "ppo", "report.md", "report.png", "summary.json")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """The sizes a run actually uses: the config's, or the smoke-test ones with `quick`.
+    Derived here, never written back into the user's config."""
+
+    n_sft: int
+    n_pref: int
+    n_ppo: int
+    n_eval: int
+    sft_epochs: int
+    reward_epochs: int
+    ppo_steps: int
+    ppo_batch_size: int
+
+
+def plan_demo(config: DemoConfig) -> DemoPlan:
+    if config.quick:  # enough rows that every stage runs a step or two and the report has data
+        return DemoPlan(n_sft=64, n_pref=64, n_ppo=32, n_eval=16, sft_epochs=1, reward_epochs=1, ppo_steps=3, ppo_batch_size=8)
+    return DemoPlan(config.n_sft, config.n_pref, config.n_ppo, config.n_eval, config.sft_epochs,
+                    config.reward_epochs, config.ppo_steps, config.ppo_batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Run steps 1-6 of the module docstring; returns the summary (also written as summary.json)."""
+    from ppo.demo.report import check_targets, write_report
+    from ppo.demo.task import DemoTask, make_splits
+    from ppo.demo.tiny import TinyModelSpec, build_policy, build_tokenizer
+
+    out = prepare_output_dir(config)
+    torch.set_num_threads(config.threads)
+    quiet_transformers()
+    plan, timer = plan_demo(config), StageTimer()
+    # 1. task, splits, tokenizer and the from-scratch base model
+    with timer("1 data + base model"):
+        task = DemoTask()
+        splits = make_splits(task, config.seed, plan.n_sft, plan.n_pref, plan.n_ppo, plan.n_eval)
+        tokenizer = build_tokenizer(task.vocabulary())
+        policy = build_policy(tokenizer, TinyModelSpec(config.hidden_size, config.num_layers), seed=config.seed)
+        policy.save_pretrained(out / "base")
+        tokenizer.save_pretrained(out / "base")
+    # 2. SFT on the sloppy demonstrations (the model object is trained in place)
+    with timer("2 SFT"):
+        sft_metrics = run_sft(config, plan, policy, tokenizer, splits["sft"], out)
+    # 3. the reward model, started from the SFT policy
+    with timer("3 reward model"):
+        reward_model, rm_metrics = run_reward(config, plan, policy, tokenizer, splits["preference"], out)
+    # 4. PPO from a fresh copy of the SFT policy; the in-memory SFT model is the frozen reference
+    with timer("4 PPO"):
+        history = run_ppo(config, plan, policy, tokenizer, reward_model, splits["ppo"], out)
+        ppo_policy = load_policy(out / "ppo" / "final")
+    # 5. held-out evaluation of SFT, best-of-n from SFT and PPO
+    with timer("5 evaluation"):
+        results = evaluate_all(config, policy, ppo_policy, tokenizer, reward_model, splits["eval"], task.pair_margin)
+    # 6. the report and the targets
+    with timer("6 report"):
+        summary = {
+            "config": config_to_dict(config), "plan": asdict(plan),
+            "sft": {k: sft_metrics[k] for k in ("final_loss", "steps", "train_rows")},
+            "reward": {k: rm_metrics[k] for k in ("accuracy_before", "accuracy", "eval_loss", "steps", "train_rows", "eval_rows")},
+            "ppo": {"steps": len(history), "history": history},
+            "eval": {name: {k: v for k, v in r.items() if k != "generations"} for name, r in results.items()},
+            "samples": sample_table(results, config.report_samples),
+            "times": dict(timer.seconds),  # stages 1-5; the report takes well under a second
+        }
+        summary["targets"] = check_targets(summary)
+        write_report(out, summary)
+    summary["times"] = dict(timer.seconds)
+    summary["targets"] = check_targets(summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+def prepare_output_dir(config: DemoConfig) -> Path:
+    """Refuse a directory holding another run (before anything is written), then clear the demo's
+    previous outputs so no stage refuses its own sub-directory and nothing stale survives."""
+    from ppo.stage import check_output_dir
+
+    out = check_output_dir(config)
+    for name in DEMO_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    save_config(config, out / "config.yaml")
+    return out
+
+
+def quiet_transformers() -> None:
+    """The stages show their own progress; transformers' per-load bars and notices are noise here."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+class StageTimer:
+    """Wall-clock seconds per numbered stage, printed as each one ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                print(f"\n== step {name} ==", flush=True)
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds.pop("total", None)  # kept last
+                timer.seconds[name] = time.perf_counter() - self.t0
+                timer.seconds["total"] = time.perf_counter() - timer._start
+                if exc[0] is None:
+                    print(f"   step {name}: {timer.seconds[name]:.1f} s", flush=True)
+
+        return _Stage()
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages (each a call of the public API with the demo's settings)
+# ----------------------------------------------------------------------------------------------
+
+
+def run_sft(config: DemoConfig, plan: DemoPlan, policy, tokenizer, rows, out: Path) -> dict:
+    from ppo.sft import train_sft
+
+    sft_config = SFTConfig(
+        output_dir=str(out / "sft"), learning_rate=config.sft_learning_rate, batch_size=config.sft_batch_size,
+        num_epochs=plan.sft_epochs, lr_scheduler="cosine", warmup_ratio=0.05, seed=config.seed,
+        logging_steps=10, progress_bar=config.progress_bar, max_length=64,
+    )
+    metrics = train_sft(sft_config, model=policy, tokenizer=tokenizer, rows=rows)
+    print(f"   SFT: {metrics['steps']} steps, final loss {metrics['final_loss']:.3f}")
+    return metrics
+
+
+def run_reward(config: DemoConfig, plan: DemoPlan, policy, tokenizer, rows, out: Path):
+    """(reward model loaded back from output_dir/reward/final, training metrics)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ppo.train_reward import train_reward_model
+
+    rm_config = RewardConfig(
+        output_dir=str(out / "reward"), init_from_policy=True, learning_rate=config.reward_learning_rate,
+        batch_size=config.reward_batch_size, num_epochs=plan.reward_epochs, lr_scheduler="cosine", warmup_ratio=0.05,
+        eval_fraction=config.reward_eval_fraction, seed=config.seed, logging_steps=10,
+        progress_bar=config.progress_bar, max_length=64,
+    )
+    metrics = train_reward_model(rm_config, model=policy, tokenizer=tokenizer, rows=rows)
+    print(f"   reward model: held-out pairwise accuracy {metrics['accuracy_before']:.1%} -> {metrics['accuracy']:.1%}")
+    model = AutoModelForSequenceClassification.from_pretrained(out / "reward" / "final", dtype=torch.float32)
+    return model.eval(), metrics
+
+
+def ppo_config(config: DemoConfig, plan: DemoPlan, out: Path) -> PPOConfig:
+    return PPOConfig(
+        output_dir=str(out / "ppo"), seed=config.seed, learning_rate=config.ppo_learning_rate,
+        value_learning_rate=config.value_learning_rate, batch_size=plan.ppo_batch_size,
+        mini_batch_size=config.ppo_mini_batch_size, ppo_epochs=config.ppo_epochs, num_generations=config.num_generations,
+        kl_coef=config.kl_coef, adap_kl_ctrl=config.adap_kl_ctrl, target_kl=config.target_kl,
+        temperature=config.temperature, max_new_tokens=config.max_new_tokens, whiten_rewards=config.whiten_rewards,
+        missing_eos_penalty=config.missing_eos_penalty, vf_coef=config.vf_coef, value_head=config.value_head,
+        progress_bar=config.progress_bar,
+    )
+
+
+def run_ppo(config: DemoConfig, plan: DemoPlan, sft_policy, tokenizer, reward_model, rows, out: Path) -> list[dict]:
+    """PPO steps against the reward model; returns one record per step (with the gold score)."""
+    from tqdm.auto import tqdm
+
+    from ppo import PPOTrainer
+    from ppo.demo.task import gold_reward
+    from ppo.loop import epoch_order
+    from ppo.metrics import MetricsLogger
+
+    cfg = ppo_config(config, plan, out)
+    save_config(cfg, out / "ppo" / "config.yaml")
+    policy = load_policy(out / "sft" / "final")
+    trainer = PPOTrainer(cfg, model=policy, tokenizer=tokenizer, reward_model=reward_model, ref_model=sft_policy)
+    logger, history = MetricsLogger(out / "ppo"), []
+    per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    bar = tqdm(range(plan.ppo_steps), desc="ppo", disable=not config.progress_bar, dynamic_ncols=True)
+    for step in bar:
+        # The same data order as PPOTrainer.train: each epoch a permutation drawn from the seed.
+        epoch, b = divmod(step, per_epoch)
+        order = epoch_order(len(rows), cfg.seed, epoch)[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        prompts = [rows[i]["prompt"] for i in order]
+        stats = trainer.step(prompts)
+        # The oracle scores the samples for the report only: nothing of it reaches the update.
+        repeated = [p for p in prompts for _ in range(cfg.num_generations)]
+        gold = gold_reward(repeated, stats["generated_texts"])
+        record = {"step": step + 1, "proxy": stats["rewards/reward_model"], "gold": sum(gold) / len(gold),
+                  **{k: stats[k] for k in ("mean_reward", "kl", "kl_coef", "entropy", "response_length", "eos_fraction",
+                                           "clipfrac", "explained_variance")}}
+        history.append(record)
+        logger.log(step + 1, record)
+        bar.set_postfix(proxy=f"{record['proxy']:.2f}", gold=f"{record['gold']:.1f}", kl=f"{record['kl']:.2f}")
+    bar.close()
+    logger.close()
+    trainer.save_pretrained(str(out / "ppo" / "final"))
+    return history
+
+
+def load_policy(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def evaluate_all(config: DemoConfig, sft_policy, ppo_policy, tokenizer, reward_model, rows, margin: float) -> dict[str, dict]:
+    """SFT, best-of-n from SFT and PPO on the same held-out prompts and sampling settings."""
+    from ppo.demo.task import gold_reward
+    from ppo.evaluate import evaluate_policy
+    from ppo.rollout import SamplingParams
+
+    sampling = SamplingParams(config.max_new_tokens, config.temperature, stop_token_ids=(tokenizer.eos_token_id,))
+    # Weight 0 for gold: best-of-n must pick by the reward model alone; gold is only reported.
+    common = dict(reward_model=reward_model, reward_funcs=[gold_reward], reward_weights=[1.0, 0.0],
+                  ref_model=sft_policy, sampling=sampling, batch_size=128)
+    results = {
+        "sft": evaluate_policy(sft_policy, tokenizer, rows, seed=config.seed, **common),
+        f"best_of_{config.best_of_n}": evaluate_policy(sft_policy, tokenizer, rows, best_of_n=config.best_of_n,
+                                                       seed=config.seed, **common),
+        "ppo": evaluate_policy(ppo_policy, tokenizer, rows, seed=config.seed, **common),
+    }
+    for result in results.values():
+        result["rm_accuracy"] = rm_gold_agreement(result["generations"], margin)
+    return results
+
+
+def rm_gold_agreement(generations: list[dict], margin: float) -> float | None:
+    """Share of pairs of samples whose gold scores differ by >= `margin` that the reward model
+    orders as the oracle does: the RM's pairwise accuracy on this policy's own samples, where a
+    reward hacker would show up as a drop."""
+    rm = torch.tensor([g["reward_model"] for g in generations])
+    gold = torch.tensor([g["gold_reward"] for g in generations])
+    gold_gap = gold[:, None] - gold[None, :]
+    pairs = gold_gap >= margin
+    if not pairs.any():
+        return None
+    return ((rm[:, None] > rm[None, :]) & pairs).sum().item() / pairs.sum().item()
+
+
+def sample_table(results: dict[str, dict], n: int) -> list[dict]:
+    """The first `n` held-out prompts with the SFT and PPO samples and their gold scores."""
+    rows = []
+    for sft, ppo in list(zip(results["sft"]["generations"], results["ppo"]["generations"]))[:n]:
+        rows.append({"prompt": sft["prompt"], "ideal": sft.get("answer"), "sft": sft["completion"],
+                     "sft_gold": sft["gold_reward"], "ppo": ppo["completion"], "ppo_gold": ppo["gold_reward"]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`ppo-rlhf demo [--config demo.yaml] key=value ...`; returns the exit code."""
+    from ppo.demo.report import format_targets
+    from ppo.stage import run_cli
+
+    def demo(config: DemoConfig) -> dict:
+        summary = run_demo(config)
+        print(format_targets(summary))
+        return {"steps": summary["ppo"]["steps"], "output_dir": config.output_dir, "summary": summary}
+
+    def line(metrics: dict) -> str:
+        ev = metrics["summary"]["eval"]
+        return f"gold SFT {ev['sft']['rewards/gold_reward']:.1f} -> PPO {ev['ppo']['rewards/gold_reward']:.1f}, report.md written"
+
+    return run_cli("demo", DemoConfig, demo, argv, line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
