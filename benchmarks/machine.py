@@ -62,22 +62,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def describe(threads: int) -> dict:
-    import torch
-    import transformers
-
-    return {
-        "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "logical_cpus": os.cpu_count(),
-        "threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
-
-
 def matmul_peak(dtype_name: str, seconds: float = 2.0) -> dict:
     """Practical matmul GFLOP/s of this process's threads for `dtype_name` ("float32"/"bfloat16").
 

@@ -40,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak-seconds", type=float, default=2.0, help="seconds per dtype for the matmul-peak timing (0: skip)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after the measured iterations, profile one more with torch.profiler: DIR/phases.txt, ops.txt, trace.json")
     return p.parse_args(argv)
@@ -100,6 +101,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     w = SMOKE if args.workload == "smoke" else WORKLOADS[args.workload]
+    # The machine's matmul peak, measured here with the same thread pinning as the run.
+    peaks = {d: machine.matmul_peak(d, args.peak_seconds) for d in ("float32", "bfloat16")} if args.peak_seconds > 0 else {}
 
     t_setup = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ppo_bench_") as output_dir:
@@ -142,6 +145,7 @@ def main(argv=None) -> None:
         "flops_per_iter": flops["total"],
         "flops_by_phase": flops,
         "achieved_gflops": flops["total"] / iter_s / 1e9,
+        "matmul_peak": peaks,
         "setup_s": setup_s,
         "iters": records,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},

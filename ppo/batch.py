@@ -24,6 +24,9 @@ class PromptBatch:
     attention_mask: Tensor  # [B, P] 1 for real prompt tokens
     texts: list[str]  # [B] the prompts as rendered text (chat template applied)
     extras: dict[str, list[Any]]  # dataset columns passed to reward functions, each [B]
+    # [B] one sampling seed per row: a sample's randomness belongs to the sample, so the same
+    # global batch gives the same responses on 1 or N ranks and after a resume. None: drawn.
+    seeds: list[int] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -37,6 +40,7 @@ class PromptBatch:
             attention_mask=self.attention_mask.repeat_interleave(n, dim=0),
             texts=[t for t in self.texts for _ in range(n)],
             extras={k: [v for v in col for _ in range(n)] for k, col in self.extras.items()},
+            seeds=None if self.seeds is None else [s * n + i for s in self.seeds for i in range(n)],
         )
 
 

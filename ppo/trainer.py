@@ -139,15 +139,22 @@ class PPOTrainer:
         return min(limits) if limits else None
 
     # ------------------------------------------------------------------------------------------
-    def step(self, prompts: Sequence[Any], extras: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+    def sample_seeds(self, n: int, row_offset: int = 0) -> list[int]:
+        """One sampling seed per prompt, a pure function of (seed, step, row in the global batch)."""
+        base = (self.config.seed * 1_000_003 + self.global_step) * 1_000_003
+        return [base + row_offset + i for i in range(n)]
+
+    def step(self, prompts: Sequence[Any], extras: dict[str, list[Any]] | None = None, row_offset: int = 0) -> dict[str, Any]:
         """One PPO iteration on `prompts` (one batch, whatever their number). `extras` are dataset
-        columns for the reward functions. Returns the statistics (see README: Metrics)."""
+        columns for the reward functions; `row_offset` is the index of prompts[0] in the global
+        batch (for sampling seeds when ranks share a batch). Returns the statistics."""
         cfg = self.config
         if len(prompts) == 0:
             raise ValueError("no prompts given: the prompt list is empty")
         plan = plan_batches(cfg, n_prompts=len(prompts))
         with self.timer.phase("generate"):
             prompt_batch = collate_prompts(self.tokenizer, prompts, extras, self.max_prompt_tokens, self.device)
+            prompt_batch.seeds = self.sample_seeds(len(prompts), row_offset)
             prompt_batch = prompt_batch.repeat(cfg.num_generations)
             rollout = self.engine.generate(prompt_batch, self.sampling)
         with self.timer.phase("score"):

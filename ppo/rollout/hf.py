@@ -62,20 +62,28 @@ class HFRolloutEngine:
         model.eval()  # dropout off while sampling
         try:
             with self.autocast():
-                response_ids, lengths, ended = self._sample(prompts.input_ids, prompts.attention_mask, params)
+                seeds = prompts.seeds
+                if seeds is None:
+                    seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
+                response_ids, lengths, ended = self._sample(prompts.input_ids, prompts.attention_mask, params, seeds)
         finally:
             model.train(was_training)
         width = response_ids.shape[1]
         response_mask = (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]).long()
         return Rollout(prompts.input_ids, prompts.attention_mask, response_ids, response_mask, ended)
 
-    def _sample(self, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams):
-        """Returns response ids [B, R], lengths [B] (the ending token included) and ended [B]."""
+    def _sample(self, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams, seeds: list[int]):
+        """Returns response ids [B, R], lengths [B] (the ending token included) and ended [B].
+
+        Sampling is the Gumbel-max trick with one random stream per row (seeded from `seeds`):
+        argmax(logits + Gumbel noise) is an exact draw from softmax(logits), and a row's draw does not
+        depend on which other rows share its batch or its rank."""
         batch = input_ids.shape[0]
         device = input_ids.device
         stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), device=device, dtype=torch.long)
         warpers = build_warpers(params)
         pad_id = self.tokenizer.pad_token_id
+        streams = [torch.Generator(device=device).manual_seed(int(seed) % 2**63) for seed in seeds]
 
         cache = DynamicCache(config=self.model.config)
         mask = attention_mask.long()
@@ -88,7 +96,9 @@ class HFRolloutEngine:
         ended = torch.zeros(batch, dtype=torch.bool, device=device)
         for _ in range(params.max_new_tokens):
             scores = warpers(input_ids, logits.float())
-            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            # -log(Exp(1)) is Gumbel(0, 1); filtered logits are -inf and can never win the argmax.
+            exponentials = torch.stack([torch.empty(scores.shape[1], device=device).exponential_(generator=g) for g in streams])
+            next_tokens = (scores - exponentials.log()).argmax(dim=-1)
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
             tokens.append(next_tokens)
             lengths += (~finished).long()

@@ -173,3 +173,31 @@ def test_reward_funcs_get_extra_columns_and_unpadded_ids(tiny_policy, tiny_token
         assert 1 <= len(ids) <= 6  # the real tokens only: never padded to the batch's width
         assert eos not in ids[:-1]  # nothing after the first EOS
         assert tiny_tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_a_samples_draw_depends_on_its_seed_not_its_batch(tiny_policy, tiny_tokenizer):
+    from ppo.data import collate_prompts
+
+    trainer = PPOTrainer(small_config(), tiny_policy, tiny_tokenizer, reward_funcs=count_w1)
+    pair = collate_prompts(tiny_tokenizer, ["w3 w4 w5", "w4"])
+    pair.seeds = [11, 12]
+    alone = collate_prompts(tiny_tokenizer, ["w4"])
+    alone.seeds = [12]
+    together = trainer.engine.generate(pair, trainer.sampling).completion_ids()
+    assert together[1] == trainer.engine.generate(alone, trainer.sampling).completion_ids()[0]
+
+
+def test_gumbel_sampling_matches_the_softmax(tiny_policy, tiny_tokenizer):
+    from dataclasses import replace
+
+    from ppo.data import collate_prompts
+
+    trainer = PPOTrainer(small_config(temperature=0.8), tiny_policy, tiny_tokenizer, reward_funcs=count_w1)
+    n = 4000
+    batch = collate_prompts(tiny_tokenizer, ["w3 w4"] * n)
+    batch.seeds = list(range(n))
+    first = trainer.engine.generate(batch, replace(trainer.sampling, max_new_tokens=1)).response_ids[:, 0]
+    with torch.no_grad():
+        probs = torch.softmax(tiny_policy(batch.input_ids[:1]).logits[0, -1] / 0.8, dim=-1)
+    freq = torch.bincount(first, minlength=probs.numel()).float() / n
+    assert (freq - probs).abs().max() < 0.03  # ~4 standard errors at p=0.1

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Benchmark ppo-rlhf's PPO iteration on CPU, optionally against TRL 1.12 on the same workload.
+
+    python benchmarks/run.py                                   # W1,W2,W3 in fp32, ppo-rlhf only
+    python benchmarks/run.py --vs trl --precision both --iters 3 --warmup 1 --workloads W1,W3
+    python benchmarks/run.py --smoke --json-out /tmp/bench.json   # toy sizes, seconds, no TRL
+
+Every (workload, system, precision) runs in its own process (`ppo_bench.py`, or TRL's
+`trl_ppo_bench.py` in its own venv), pinned to `--threads` threads, so peak memory is per run.
+With `--vs trl` the two systems alternate (ppo-rlhf, TRL, ppo-rlhf, TRL, ...) so that machine noise
+hits both. Workloads, the FLOP formula and the columns are described in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import machine  # noqa: E402
+import report  # noqa: E402
+import trl_anchor  # noqa: E402
+from workloads import SMOKE, WORKLOADS, trl_bench_args  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default="W1,W2,W3", help="comma-separated: W1, W2, W3")
+    p.add_argument("--iters", type=int, default=3, help="measured iterations per run")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up iterations per run (not measured)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="fp32", help="ppo-rlhf precision (TRL is always fp32)")
+    p.add_argument("--vs", choices=["trl"], default=None, help="also run the TRL 1.12 anchor, alternating")
+    p.add_argument("--repeats", type=int, default=1, help="alternating rounds per workload")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="toy workload, 1 warm-up + 1 iteration, no TRL (< 30 s)")
+    p.add_argument("--json-out", default=None, help="write all runs, rows and the machine description here")
+    p.add_argument("--setup-trl", action="store_true", help="create the TRL venv now if it does not work (see trl_anchor.py)")
+    p.add_argument("--force-bf16", action="store_true", help="run bf16 even on a CPU whose bf16 matmul is far slower than fp32")
+    p.add_argument("--run-timeout", type=float, default=1800, help="seconds before one run's process is stopped")
+    p.add_argument("-v", "--verbose", action="store_true", help="echo each run's own output")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.iters, args.warmup, args.vs = 1, 1, None
+    for name in args.workloads.split(","):
+        if not args.smoke and name not in WORKLOADS:
+            p.error(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    return args
+
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def launch(cmd: list[str], args) -> dict:
+    """Run one benchmark process; its `RESULT_JSON` line, or {"error": ...}."""
+    if args.verbose:
+        print("$ " + " ".join(cmd), flush=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.threads), timeout=args.run_timeout, cwd=HERE.parent)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.run_timeout:.0f} s"}
+    if args.verbose:
+        print(proc.stdout + proc.stderr, flush=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT_JSON ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        print(f"  run failed (exit {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
+        return {"error": f"exit {proc.returncode}"}
+    return json.loads(lines[-1][len("RESULT_JSON ") :])
+
+
+def run_ppo(workload: str, precision: str, args) -> dict:
+    cmd = [sys.executable, str(HERE / "ppo_bench.py"), "--workload", workload, "--precision", precision,
+           "--iters", str(args.iters), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--seed", str(args.seed), "--peak-seconds", "0.25" if args.smoke else "2"]
+    result = launch(cmd, args)
+    if "error" not in result:
+        result["measured"] = result["iters"][result["warmup_iters"] :]
+    return {"workload": workload, "system": "ppo-rlhf", "precision": precision, **result}
+
+
+def run_trl(workload: str, venv: Path, args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="trl_bench_") as out:
+        cmd = trl_anchor.command(venv, trl_bench_args(WORKLOADS[workload]), args.iters, args.warmup, args.threads, args.seed, out)
+        result = launch(cmd, args)
+    if "error" in result:
+        return {"workload": workload, "system": "TRL", "precision": "fp32", **result}
+    return {"workload": workload, **trl_anchor.normalise(result), "raw": result}
+
+
+def bf16_is_slow(args) -> str | None:
+    """A reason to skip bf16 when this CPU has no fast bf16 matmul (no AVX512_BF16 / AMX: torch
+    then falls back to a scalar kernel tens of times slower than fp32), else None."""
+    if args.force_bf16 or args.smoke:
+        return None
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    fp32, bf16 = (machine.matmul_peak(d, 0.5)["gflops_median"] for d in ("float32", "bfloat16"))
+    if bf16 < fp32 / 4:
+        return f"bf16 matmul {bf16:.1f} GFLOP/s vs fp32 {fp32:.1f} on this CPU; --force-bf16 runs it anyway"
+    return None
+
+
+def summarise(run: dict) -> str:
+    label = f"[{run['workload']} {run['system']} {run['precision']}]"
+    if "error" in run:
+        return f"{label} not run: {run['error']}"
+    m = run["measured"]
+    mid = lambda key: sorted(x[key] for x in m)[len(m) // 2]  # noqa: E731
+    return (f"{label} {mid('total_s'):.3f} s/iter (generate {mid('generate_s'):.3f}, score {mid('score_s'):.3f}, "
+            f"update {mid('update_s'):.3f}), peak RSS {run['peak_rss_mib']:.0f} MiB")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    load_start, t_start = machine.loadavg(), time.perf_counter()
+    workloads = ["smoke"] if args.smoke else args.workloads.split(",")
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    venv = trl_anchor.ensure_venv(args.setup_trl) if args.vs == "trl" else None
+    if args.setup_trl and args.vs is None:
+        trl_anchor.ensure_venv(True)
+    skip_bf16 = bf16_is_slow(args) if "bf16" in precisions else None
+    print(f"load average at start: {load_start}", flush=True)
+
+    runs = []
+    for workload in workloads:
+        for _ in range(args.repeats):
+            for i, precision in enumerate(precisions):
+                if precision == "bf16" and skip_bf16:
+                    run = {"workload": workload, "system": "ppo-rlhf", "precision": "bf16", "error": f"skipped: {skip_bf16}"}
+                else:
+                    run = run_ppo(workload, precision, args)
+                runs.append(run)
+                print(summarise(run), flush=True)
+                if venv is not None and i == 0:  # alternate: ppo-rlhf, TRL, ppo-rlhf (other precision), ...
+                    runs.append(run_trl(workload, venv, args))
+                    print(summarise(runs[-1]), flush=True)
+
+    peaks = report.matmul_peaks(runs)
+    rows = report.aggregate(runs, peaks)
+    first_ok = next((r for r in runs if r["system"] == "ppo-rlhf" and "error" not in r), None)
+    info = {**machine_info(args.threads), **(first_ok or {}).get("versions", {})}
+    trl_ok = next((r for r in runs if r["system"].startswith("TRL") and "error" not in r), None)
+    if trl_ok:
+        info["trl"] = trl_ok["versions"]["trl"]
+    load_end = machine.loadavg()
+    print("\n" + report.markdown_table(rows) + "\n")
+    print(report.machine_line(info, peaks, load_start, load_end))
+    print(f"({time.perf_counter() - t_start:.0f} s in all; medians over {args.repeats} x {args.iters} measured iterations after {args.warmup} warm-up)")
+    if args.json_out:
+        payload = {"args": vars(args), "machine": info, "matmul_peak_gflops": peaks, "loadavg_start": load_start,
+                   "loadavg_end": load_end, "rows": rows, "runs": runs, "table": report.markdown_table(rows)}
+        Path(args.json_out).write_text(json.dumps(payload, indent=1))
+    return 1 if any("error" in r and not str(r["error"]).startswith("skipped") for r in runs) else 0
+
+
+def machine_info(threads: int) -> dict:
+    return {"cpu": machine.cpu_model(), "cpu_flags": machine.cpu_flags(), "logical_cpus": os.cpu_count(), "threads": threads}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
