@@ -118,6 +118,10 @@ class PPOConfig:
     skip_bad_rows: bool = opt(False, "Log and skip malformed dataset rows instead of stopping.")
     torch_dtype: str = opt("float32", "dtype the models are loaded in: float32, bfloat16, float16 or auto.")
 
+    # --- scaling out (under torchrun; ignored in one process) ---
+    strategy: str = opt("ddp", "Data parallelism under torchrun: ddp (replicated models) or fsdp (FSDP2: sharded policy, critic, reference).")
+    dist_timeout_s: float = opt(1800.0, "Seconds a collective waits for the other ranks before the run fails (a crashed or hung rank).")
+
     def __post_init__(self) -> None:
         _check_range(self, "batch_size", self.batch_size, 1)
         _check_range(self, "ppo_epochs", self.ppo_epochs, 1)
@@ -130,6 +134,7 @@ class PPOConfig:
         _check_choice("precision", self.precision, ("fp32", "bf16", "auto"))
         _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         _check_choice("optimizer", self.optimizer, ("adamw", "adamw_8bit"))
+        _check_choice("strategy", self.strategy, ("ddp", "fsdp"))
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ConfigError(f"missing_eos_penalty must be positive (it is subtracted), got {self.missing_eos_penalty}")
 
@@ -343,6 +348,7 @@ class SFTConfig:
     progress_bar: bool = opt(True, "Show a progress bar.")
     save_final: bool = opt(True, "Save the fine-tuned model and tokenizer to output_dir/final.")
     overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
+    dist_timeout_s: float = opt(1800.0, "Under torchrun: seconds a collective waits for the other ranks before the run fails.")
 
     def __post_init__(self) -> None:
         _check_stage_common(self)
@@ -385,6 +391,7 @@ class RewardConfig:
     progress_bar: bool = opt(True, "Show a progress bar.")
     save_final: bool = opt(True, "Save the reward model and tokenizer to output_dir/final.")
     overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
+    dist_timeout_s: float = opt(1800.0, "Under torchrun: seconds a collective waits for the other ranks before the run fails.")
 
     def __post_init__(self) -> None:
         _check_stage_common(self)
@@ -467,7 +474,10 @@ class DemoConfig:
     reward_learning_rate: float = opt(1e-3, "AdamW learning rate of the reward model.")
     reward_epochs: int = opt(4, "Passes over the preference pairs.")
     reward_batch_size: int = opt(64, "Pairs per optimizer step.")
-    reward_eval_fraction: float = opt(0.1, "Share of pairs held out for the RM's pairwise accuracy.")
+    reward_eval_fraction: float = opt(0.1, "Share of preference prompts held out (with their pairs) for the RM's pairwise accuracy.")
+    policy_pairs_per_prompt: int = opt(1, "Extra oracle-labelled pairs per preference prompt from the SFT policy's own samples (0: none).")
+    pair_samples: int = opt(4, "SFT samples drawn per prompt to build those pairs from.")
+    pair_temperature: float = opt(1.0, "Sampling temperature of those samples (higher: more of the mistakes a drifting policy makes).")
 
     # --- PPO ---
     ppo_steps: int = opt(100, "PPO iterations.")

@@ -15,6 +15,10 @@ that never saw EOS after a completion does not learn to stop, and PPO then penal
 
 The plumbing shared with the other stages (output-dir check, eval split, optimizer, batches, CLI
 parsing) lives in `ppo.stage`, so each recipe reads as its steps only.
+
+Under torchrun the recipe is data-parallel (DDP): an optimizer step's rows (batch_size x
+gradient_accumulation_steps, global) are split over the ranks, gradients are all-reduced, and the
+result equals one process's; rank 0 logs and saves.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ppo import distributed as dist
 from ppo.config import ConfigError, SFTConfig
 from ppo.rollout.hf import position_ids_from_mask
 from ppo.stage import (
@@ -38,6 +43,7 @@ from ppo.stage import (
     finish_outputs,
     load_causal_lm,
     optimizer_step,
+    rank_micro_batches,
     run_cli,
     split_rows,
     start_outputs,
@@ -128,31 +134,36 @@ def completion_loss_sum(model, batch: TokenBatch) -> tuple[Tensor, int]:
 
 
 def accumulate_sft_gradients(model, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, step: int, epoch: int) -> float:
-    """Backward over one optimizer step's (ids, labels) examples in micro-batches of `batch_size`;
-    returns the step's mean loss per completion token."""
-    n_tokens = sum(sum(t != IGNORE_INDEX for t in labels) for _, labels in examples)
+    """Backward over one optimizer step's (ids, labels) examples - this rank's share, in
+    micro-batches of `batch_size` - and return the step's mean loss per completion token.
+    `model` may be DDP-wrapped: its averaging over ranks is undone by the factor world_size."""
+    n_tokens = sum(sum(t != IGNORE_INDEX for t in labels) for _, labels in examples)  # the whole step's
     step_loss = 0.0
-    for start in range(0, len(examples), batch_size):
-        part = examples[start : start + batch_size]
-        loss_sum, _ = completion_loss_sum(model, collate([ids for ids, _ in part], pad_id, [labels for _, labels in part]))
-        check_loss(loss_sum, "SFT loss", step, epoch)
-        (loss_sum / n_tokens).backward()
-        step_loss += loss_sum.item() / n_tokens
-    return step_loss
+    micros = rank_micro_batches(examples, batch_size)
+    for i, (part, weight) in enumerate(micros):
+        with dist.gradient_sync([model], enabled=i == len(micros) - 1):
+            loss_sum, _ = completion_loss_sum(model, collate([ids for ids, _ in part], pad_id, [labels for _, labels in part]))
+            check_loss(loss_sum, "SFT loss", step, epoch)
+            (loss_sum / n_tokens * (weight * dist.world_size())).backward()
+        step_loss += weight * loss_sum.item() / n_tokens
+    return dist.all_reduce_sum([step_loss])[0]
 
 
 @torch.no_grad()
 def evaluate_sft_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 512) -> float:
-    """Mean cross-entropy per completion token of `rows` ({"prompt", "completion"} dicts)."""
+    """Mean cross-entropy per completion token of `rows` ({"prompt", "completion"} dicts).
+    Under torchrun each rank scores its share of the rows (a collective: every rank calls)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    rows = rows[dist.shard_slice(len(rows))]
     for start in range(0, len(rows), batch_size):
         examples = [encode_prompt_completion(tokenizer, r["prompt"], r["completion"], max_length) for r in rows[start : start + batch_size]]
         batch = collate([ids for ids, _ in examples], tokenizer.pad_token_id, [sft_labels(ids, n) for ids, n in examples])
         loss, n = completion_loss_sum(model, batch)
         total, count = total + loss.item(), count + n
     model.train(was_training)
+    total, count = dist.all_reduce_sum([total, count])
     return total / max(count, 1)
 
 
@@ -171,10 +182,12 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     and, with `save_final`, output_dir/final.
     """
     # 1. refuse to clobber another run before anything is loaded or written
+    dist.init_from_env(config.dist_timeout_s)  # a no-op unless launched by torchrun
     out = check_output_dir(config)
     torch.manual_seed(config.seed)
     # 2. model, tokenizer, rows and the held-out split
     model, tokenizer = load_causal_lm(config, model, tokenizer)
+    trained = dist.wrap(model, "ddp")  # under torchrun: gradients all-reduced; else the model
     rows = sft_rows(config, tokenizer, rows)
     train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.seed)
     # 3. token ids and labels, once
@@ -189,9 +202,9 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     eval_before = evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length) if eval_rows else None
     curve: list[float] = []
     model.train()
-    bar = tqdm(total=total_steps, desc="sft", disable=not config.progress_bar, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc="sft", disable=not (config.progress_bar and dist.is_main()), dynamic_ncols=True)
     for epoch, group in step_groups(len(examples), per_step, config.num_epochs, config.seed):
-        step_loss = accumulate_sft_gradients(model, [examples[i] for i in group], config.batch_size, tokenizer.pad_token_id, len(curve) + 1, epoch)
+        step_loss = accumulate_sft_gradients(trained, [examples[i] for i in group], config.batch_size, tokenizer.pad_token_id, len(curve) + 1, epoch)
         stats = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, len(curve) + 1, epoch)
         curve.append(step_loss)
         if len(curve) % config.logging_steps == 0 or len(curve) == total_steps:

@@ -1,5 +1,9 @@
 """Plumbing shared by the stage recipes (sft, reward, train, eval): output-directory safety,
-held-out splits, optimizer and schedule, NaN guards and the `--config key=value` CLI."""
+held-out splits, optimizer and schedule, NaN guards and the `--config key=value` CLI.
+
+Under torchrun every rank runs the recipe; the helpers here keep file writes on rank 0 (the others
+wait at a barrier) and split each optimizer step's rows over the ranks (`rank_micro_batches`).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ppo import distributed as dist
 from ppo.config import ConfigError, config_help, config_to_dict, load_config, save_config
 
 
@@ -44,31 +49,49 @@ def check_output_dir(config) -> Path:
     )
 
 
-def start_outputs(out: Path, config):
-    """Remove this recipe's previous outputs, write config.yaml, open metrics.jsonl."""
-    import shutil
+class NullLogger:
+    """What ranks other than 0 log to: nothing."""
 
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def main_logger(out: Path, report_to: list[str] | None = None):
+    """metrics.jsonl (and TensorBoard / W&B) on rank 0; a NullLogger on the other ranks."""
     from ppo.metrics import MetricsLogger
 
-    for name in OUTPUTS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    save_config(config, out / "config.yaml")
-    return MetricsLogger(out)
+    return MetricsLogger(out, report_to) if dist.is_main() else NullLogger()
+
+
+def start_outputs(out: Path, config):
+    """Remove this recipe's previous outputs, write config.yaml, open metrics.jsonl (rank 0; the
+    barrier first lets every rank finish `check_output_dir` before anything is removed)."""
+    import shutil
+
+    dist.barrier()
+    if dist.is_main():
+        for name in OUTPUTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        save_config(config, out / "config.yaml")
+    return main_logger(out)
 
 
 def finish_outputs(out: Path, config, model, tokenizer, logger, metrics: dict) -> None:
-    """Log the summary line and save output_dir/final (weights checked for NaN/inf first)."""
-    from ppo.checkpoint import check_finite, save_model_dir
+    """Log the summary line and save output_dir/final (weights checked for NaN/inf first).
+    Every rank calls; rank 0 writes."""
+    from ppo.checkpoint import save_model_dir_main
 
     logger.log(metrics["steps"], {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "steps"})
     logger.close()
     if config.save_final:
-        check_finite({"model": model})
-        save_model_dir(out / "final", model, tokenizer)
+        save_model_dir_main(out / "final", dist.unwrap(model), tokenizer)
 
 
 def load_causal_lm(config, model=None, tokenizer=None):
@@ -133,6 +156,20 @@ def build_optimizer(model, config, total_steps: int):
     return optimizer, get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
 
 
+def rank_micro_batches(items: list, batch_size: int) -> list[tuple[list, float]]:
+    """This rank's share of one optimizer step's `items` as (micro-batch, weight) pairs.
+
+    Every rank gets the same number of micro-batches of at most `batch_size` (DDP and FSDP2 need
+    matching collectives): a rank short of rows repeats `items[:1]` with weight 0, which adds
+    exactly nothing to the gradient. One process: `items` in chunks of `batch_size`, weight 1.
+    """
+    share = items[dist.shard_slice(len(items))]
+    longest = -(-len(items) // dist.world_size())
+    count = -(-longest // batch_size)
+    micros = [share[i * batch_size : (i + 1) * batch_size] for i in range(count)]
+    return [(micro, 1.0) if micro else (items[:1], 0.0) for micro in micros]
+
+
 def check_loss(loss: Tensor, what: str, step: int, epoch: int) -> None:
     """Stop at the first NaN/inf loss, before it reaches the weights (nothing is saved)."""
     if not torch.isfinite(loss):
@@ -167,13 +204,17 @@ def run_cli(stage: str, config_cls, train_fn, argv: list[str] | None, summary) -
     args, extra = parser.parse_known_args(argv)  # `--key=value` is accepted as an override too
     try:
         config = load_config(config_cls, args.config, args.overrides + extra)
-        metrics = train_fn(config)
+        with dist.report_failures(f"ppo-rlhf {stage}"):
+            metrics = train_fn(config)
     except ConfigError as err:
         print(f"ppo-rlhf {stage}: config error: {err}", file=sys.stderr)
         return 2
     except (ValueError, OSError, FloatingPointError) as err:
         print(f"ppo-rlhf {stage}: error: {err}", file=sys.stderr)
-        return 1
-    print(f"ppo-rlhf {stage}: {metrics['steps']} steps, {summary(metrics)}; outputs in {metrics['output_dir']}")
+        return 1  # no teardown after a failure: the launcher ends the other ranks
+    main = dist.is_main()
+    dist.teardown()
+    if main:
+        print(f"ppo-rlhf {stage}: {metrics['steps']} steps, {summary(metrics)}; outputs in {metrics['output_dir']}")
     return 0
 

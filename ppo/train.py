@@ -10,6 +10,9 @@ Steps:
     3. load the policy, tokenizer, reward model / functions, optional reference and critic
     4. load the prompts (text file, JSONL/CSV/Parquet/..., or a datasets name)
     5. PPOTrainer(...).train(...): metrics.jsonl, step_N/ checkpoints, final/
+
+Scaling out: the same command under torchrun (`torchrun --nproc_per_node=8 -m ppo.train ...`)
+runs data-parallel; `strategy=fsdp` shards the models (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ppo import distributed as dist
 from ppo.config import ConfigError, PPOConfig, save_config
 from ppo.stage import check_output_dir, run_cli
 
@@ -65,6 +69,7 @@ def load_models(config: PPOConfig) -> dict[str, Any]:
 
     if not config.model_name_or_path:
         raise ConfigError("no policy: set model_name_or_path (or --model_name)")
+    dist.init_from_env(config.dist_timeout_s)  # under torchrun "cuda" is then this rank's GPU
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = _dtype(config.torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
@@ -99,15 +104,18 @@ def run_ppo(config: PPOConfig) -> dict[str, Any]:
     """Steps 2-5; returns a summary for the CLI."""
     from ppo.trainer import PPOTrainer
 
+    dist.init_from_env(config.dist_timeout_s)  # under torchrun; before loading, so "cuda" is this rank's GPU
     out = check_output_dir(config) if not config.resume_from_checkpoint else None
-    if out is not None and config.overwrite and out.exists():
+    dist.barrier()  # every rank has checked before rank 0 removes anything
+    if out is not None and config.overwrite and out.exists() and dist.is_main():
         import shutil
 
         shutil.rmtree(out)
     models = load_models(config)
     rows = load_prompts(config, models["tokenizer"])
     trainer = PPOTrainer(config=config, **models)
-    save_config(config, f"{config.output_dir}/config.yaml")
+    if dist.is_main():
+        save_config(config, f"{config.output_dir}/config.yaml")
     history = trainer.train(rows, num_epochs=config.num_epochs, max_length=config.max_length)
     last = history[-1] if history else {}
     return {"steps": trainer.global_step, "output_dir": config.output_dir, "mean_reward": last.get("mean_reward"), "kl": last.get("kl")}

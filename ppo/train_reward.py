@@ -14,6 +14,9 @@ The recipe, top to bottom (`train_reward_model`):
 
 Scores are read with `ppo.forward.sequence_scores` (the last real token, whatever the padding side),
 the very function PPO scores with, so training and use read the same position.
+
+Under torchrun the recipe is data-parallel (DDP), as SFT is: each rank takes its share of every
+optimizer step's pairs, gradients are all-reduced, rank 0 logs and saves.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ppo import distributed as dist
 from ppo.config import ConfigError, RewardConfig
 from ppo.forward import sequence_scores
 from ppo.sft import collate, encode_prompt_completion
@@ -37,6 +41,7 @@ from ppo.stage import (
     check_output_dir,
     finish_outputs,
     optimizer_step,
+    rank_micro_batches,
     run_cli,
     split_rows,
     start_outputs,
@@ -142,11 +147,13 @@ def encode_pairs(tokenizer, rows: list[dict], max_length: int) -> list[Pair]:
     ]
 
 
-def pair_scores(model, pairs: list[Pair], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Scores `[B]` of the chosen and `[B]` of the rejected sequences, in one forward pass of 2B rows."""
+def pair_scores(model, pairs: list[Pair], pad_id: int, scorer=None) -> tuple[Tensor, Tensor]:
+    """Scores `[B]` of the chosen and `[B]` of the rejected sequences, in one forward pass of 2B rows.
+    `scorer(input_ids, attention_mask)` replaces `sequence_scores(model, ...)` (a DDP-wrapped call)."""
     batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
     device = next(model.parameters()).device
-    scores = sequence_scores(model, batch.input_ids.to(device), batch.attention_mask.to(device))
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    scores = scorer(ids, mask) if scorer is not None else sequence_scores(model, ids, mask)
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
@@ -170,13 +177,14 @@ def evaluate_pairs(model, tokenizer, rows: list[dict], batch_size: int = 8, max_
     `loss` (mean Bradley–Terry loss with `margin`) and `score_gap` (mean r_chosen - r_rejected)."""
     was_training = model.training
     model.eval()
-    chosen, rejected = [], []
-    for start in range(0, len(rows), batch_size):
-        c, r = pair_scores(model, encode_pairs(tokenizer, rows[start : start + batch_size], max_length), tokenizer.pad_token_id)
-        chosen.append(c)
-        rejected.append(r)
+    chosen, rejected = [torch.zeros(0)], [torch.zeros(0)]
+    mine = rows[dist.shard_slice(len(rows))]  # under torchrun each rank scores its share
+    for start in range(0, len(mine), batch_size):
+        c, r = pair_scores(model, encode_pairs(tokenizer, mine[start : start + batch_size], max_length), tokenizer.pad_token_id)
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
     model.train(was_training)
-    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    chosen, rejected = dist.all_gather_rows(torch.cat(chosen).to(dist.device())), dist.all_gather_rows(torch.cat(rejected).to(dist.device()))
     return {
         "accuracy": (chosen > rejected).float().mean().item(),
         "loss": pairwise_loss(chosen, rejected, margin).mean().item(),
@@ -189,16 +197,21 @@ def pairwise_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 8, m
     return evaluate_pairs(model, tokenizer, rows, batch_size, max_length)["accuracy"]
 
 
-def accumulate_reward_gradients(model, pairs: list[Pair], config: RewardConfig, pad_id: int, step: int, epoch: int) -> tuple[float, float]:
-    """Backward over one optimizer step's pairs in micro-batches; returns its mean loss and accuracy."""
-    step_loss, correct = 0.0, 0
-    for start in range(0, len(pairs), config.batch_size):
-        chosen, rejected = pair_scores(model, pairs[start : start + config.batch_size], pad_id)
-        loss_sum = pairwise_loss(chosen, rejected, config.margin, config.center_rewards_coefficient).sum()
-        check_loss(loss_sum, "reward loss", step, epoch)
-        (loss_sum / len(pairs)).backward()  # divide by the whole step's pairs: every pair weighs the same
-        step_loss += loss_sum.item() / len(pairs)
-        correct += int((chosen > rejected).sum())
+def accumulate_reward_gradients(model, pairs: list[Pair], config: RewardConfig, pad_id: int, step: int, epoch: int, scorer=None) -> tuple[float, float]:
+    """Backward over one optimizer step's pairs - this rank's share, in micro-batches - and return
+    the step's mean loss and accuracy. `scorer`: the model's score call wrapped for DDP."""
+    step_loss, correct = 0.0, 0.0
+    micros = rank_micro_batches(pairs, config.batch_size)
+    for i, (part, weight) in enumerate(micros):
+        with dist.gradient_sync([scorer] if scorer is not None else [], enabled=i == len(micros) - 1):
+            chosen, rejected = pair_scores(model, part, pad_id, scorer)
+            loss_sum = pairwise_loss(chosen, rejected, config.margin, config.center_rewards_coefficient).sum()
+            check_loss(loss_sum, "reward loss", step, epoch)
+            # Divide by the whole step's pairs (every pair weighs the same); world_size undoes DDP's mean.
+            (loss_sum / len(pairs) * (weight * dist.world_size())).backward()
+        step_loss += weight * loss_sum.item() / len(pairs)
+        correct += weight * int((chosen > rejected).sum())
+    step_loss, correct = dist.all_reduce_sum([step_loss, correct])
     return step_loss, correct / len(pairs)
 
 
@@ -216,10 +229,13 @@ def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=No
     (None without an eval set), `steps`, `train_rows`, `eval_rows`, `output_dir`.
     """
     # 1. refuse to clobber another run before anything is loaded or written
+    dist.init_from_env(config.dist_timeout_s)  # a no-op unless launched by torchrun
     out = check_output_dir(config)
     torch.manual_seed(config.seed)  # the fresh score head of init_from_policy
     # 2. model, tokenizer, pairs and the held-out split
     model, tokenizer = load_reward_model(config, model, tokenizer)
+    # The score is read from the backbone and head directly, not model.forward: wrap that call.
+    scorer = dist.wrap(dist.ForwardAs(model, lambda ids, mask: sequence_scores(model, ids, mask)), "ddp")
     rows = preference_rows(config, tokenizer, rows)
     train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.seed)
     # 3. token ids, once
@@ -233,9 +249,9 @@ def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=No
     before = held_out(model, tokenizer, eval_rows, config)
     losses, accuracies = [], []
     model.train()
-    bar = tqdm(total=total_steps, desc="reward", disable=not config.progress_bar, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc="reward", disable=not (config.progress_bar and dist.is_main()), dynamic_ncols=True)
     for epoch, group in step_groups(len(pairs), per_step, config.num_epochs, config.seed):
-        loss, accuracy = accumulate_reward_gradients(model, [pairs[i] for i in group], config, tokenizer.pad_token_id, len(losses) + 1, epoch)
+        loss, accuracy = accumulate_reward_gradients(model, [pairs[i] for i in group], config, tokenizer.pad_token_id, len(losses) + 1, epoch, scorer)
         stats = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, len(losses) + 1, epoch)
         losses.append(loss)
         accuracies.append(accuracy)

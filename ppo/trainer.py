@@ -7,6 +7,12 @@
       4. per-token rewards, GAE, whitening                    (functional)
       5. the PPO update                                       (update)
       6. adapt the KL coefficient, return the statistics
+
+Under torchrun each rank passes its share of the global batch (`row_offset`: where its rows start):
+it samples and scores its own rows, then the scored rows are gathered so that every rank holds the
+global batch - the rewards, GAE, whitening and KL statistics are those of the whole batch, the same
+on every rank and the same as in one process - and `ppo_update` takes each rank's share of every
+mini-batch. The policy and critic train through DDP / FSDP2 wrappers (`ppo.distributed`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ppo import distributed as dist
 from ppo import functional as F
 from ppo.batch import PromptBatch, Rollout, ScoredBatch
 from ppo.config import PPOConfig, plan_batches
@@ -46,6 +53,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+class CriticCall:
+    """The critic as the update sees it: `values` goes through one module call (`ForwardAs`), so a
+    DDP / FSDP2 wrapper around it synchronises the critic's gradients whichever critic it is."""
+
+    def __init__(self, critic, strategy: str):
+        self.uses_policy_hidden = critic.uses_policy_hidden
+        self.module = dist.wrap(dist.ForwardAs(critic.module, critic.values), strategy)
+
+    def values(self, input_ids, attention_mask, response_width, policy_hidden):
+        return self.module(input_ids, attention_mask, response_width, policy_hidden)
+
+
 class PPOTrainer:
     """PPO for a Hugging Face causal LM against a reward model and/or reward functions."""
 
@@ -66,6 +85,7 @@ class PPOTrainer:
         self.config = config = config if config is not None else PPOConfig()
         if model is None or tokenizer is None:
             raise ValueError("PPOTrainer needs model= (a causal LM) and tokenizer=")
+        dist.init_from_env(config.dist_timeout_s)  # a no-op unless launched by torchrun
         ensure_pad_token(tokenizer)
         if reward_model is not None:
             freeze(reward_model)
@@ -92,6 +112,7 @@ class PPOTrainer:
                     raise ValueError(f"gradient_checkpointing: {type(module).__name__} does not support it")
                 enable()
                 module.train()  # HF checkpoints only in train mode; dropout is already off
+        self._distribute(config.strategy)  # before the optimizers: FSDP2 replaces the parameters
         self.optimizers = {
             "policy": self._adamw(self.policy, config.learning_rate),
             "critic": self._adamw(self.critic.module, config.value_learning_rate or config.learning_rate),
@@ -110,6 +131,16 @@ class PPOTrainer:
         self.timer = PhaseTimer()
         self.global_step = 0
         self.max_prompt_tokens: int | None = self._prompt_budget(config.max_length)
+
+    def _distribute(self, strategy: str) -> None:
+        """The update trains through DDP / FSDP2 wrappers (the modules themselves in one process);
+        sampling and saving use self.policy (under FSDP2 the same module, sharded in place)."""
+        if is_peft_model(self.policy) and strategy == "fsdp" and dist.world_size() > 1:
+            raise ValueError("strategy=fsdp does not support LoRA yet; use strategy=ddp (adapters are small)")
+        self.update_policy = dist.wrap(self.policy, strategy)
+        self.update_critic = CriticCall(self.critic, strategy)
+        if self.ref_model is not None:
+            self.ref_model = dist.wrap_frozen(self.ref_model, strategy)
 
     def _adamw(self, module: torch.nn.Module, lr: float) -> torch.optim.AdamW:
         params = [p for p in module.parameters() if p.requires_grad]
@@ -149,19 +180,25 @@ class PPOTrainer:
         columns for the reward functions; `row_offset` is the index of prompts[0] in the global
         batch (for sampling seeds when ranks share a batch). Returns the statistics."""
         cfg = self.config
-        if len(prompts) == 0:
+        shares = dist.all_gather_objects(len(prompts))  # prompts on each rank
+        if len(shares) == 1 and not prompts:
             raise ValueError("no prompts given: the prompt list is empty")
-        plan = plan_batches(cfg, n_prompts=len(prompts))
+        if min(shares) == 0 or len(set(shares)) > 1:
+            raise ValueError(f"every rank must pass the same, non-zero number of prompts to step(); got {shares} "
+                             "(make batch_size a multiple of the number of ranks)")
+        plan = plan_batches(cfg, n_prompts=sum(shares), world_size=len(shares))
         with self.timer.phase("generate"):
             prompt_batch = collate_prompts(self.tokenizer, prompts, extras, self.max_prompt_tokens, self.device)
             prompt_batch.seeds = self.sample_seeds(len(prompts), row_offset)
             prompt_batch = prompt_batch.repeat(cfg.num_generations)
-            rollout = self.engine.generate(prompt_batch, self.sampling)
+            with dist.full_weights(self.policy):  # FSDP2: sampling loops must not all-gather
+                rollout = self.engine.generate(prompt_batch, self.sampling)
         with self.timer.phase("score"):
             completions = self.tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
             batch, score_stats = self.score(rollout, prompt_batch, completions)
+            completions = [text for share in dist.all_gather_objects(completions) for text in share]
         with self.timer.phase("update"):
-            update_stats = ppo_update(batch, self.policy, self.critic, self.optimizers, plan, cfg, self.shuffle_generator, self.autocast)
+            update_stats = ppo_update(batch, self.update_policy, self.update_critic, self.optimizers, plan, cfg, self.shuffle_generator, self.autocast)
             self.engine.update_weights(())  # the HF engine shares the policy: nothing to copy
         kl_coef_used = self.kl_controller.value
         self.kl_controller.update(score_stats["kl"], len(batch))
@@ -179,7 +216,8 @@ class PPOTrainer:
         }
 
     def score(self, rollout: Rollout, prompts: PromptBatch, completions: list[str]) -> tuple[ScoredBatch, dict[str, float]]:
-        """Steps 3-4: one no-grad pass of every model over the rollout, then rewards and GAE."""
+        """Steps 3-4: one no-grad pass of every model over this rank's rollout, then - over the
+        global batch gathered from all ranks - rewards, GAE and whitening."""
         cfg = self.config
         ids, mask, width = rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1]
         with torch.inference_mode(), self.autocast():
@@ -190,10 +228,14 @@ class PPOTrainer:
             ref_model, ref_context = reference_context(self.policy, self.ref_model)
             with ref_context:
                 ref_logprobs, _, _ = policy_logprobs(ref_model, ids, mask, width, cfg.temperature, cfg.logprob_chunk_size)
-            values = self.critic.values(ids, mask, width, hidden)
+            values = self.update_critic.values(ids, mask, width, hidden)
             scores, source_means = self.rewards.score(ids, mask, prompts.texts, completions, rollout.completion_ids(), prompts.extras)
         # Inference tensors cannot be saved for backward: clone what enters the losses.
-        logprobs, ref_logprobs, values, scores = (t.clone().float() for t in (logprobs, ref_logprobs, values, scores))
+        logprobs, ref_logprobs, values, scores, entropy = (t.clone().float() for t in (logprobs, ref_logprobs, values, scores, entropy))
+        # The global batch on every rank (rank order is row order; padding widened to the widest rank).
+        rollout, source_means = gather_rollout(rollout, self.tokenizer.pad_token_id), dist.all_reduce_mean(source_means)
+        logprobs, ref_logprobs, values, entropy, scores = (dist.all_gather_rows(t) for t in (logprobs, ref_logprobs, values, entropy, scores))
+        ids, mask = rollout.input_ids, rollout.attention_mask
         response_mask = rollout.response_mask.float()
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~rollout.ended).float()
@@ -210,7 +252,7 @@ class PPOTrainer:
         lengths = response_mask.sum(dim=1)
         stats = {
             "kl": kl.sum(dim=1).mean().item(),
-            "entropy": F.masked_mean(entropy.float(), response_mask).item(),
+            "entropy": F.masked_mean(entropy, response_mask).item(),
             "response_length": lengths.mean().item(),
             "eos_fraction": rollout.ended.float().mean().item(),
             "advantages/mean": F.masked_mean(advantages, response_mask).item(),
@@ -236,10 +278,24 @@ class PPOTrainer:
         import copy
         from pathlib import Path
 
-        from ppo.checkpoint import check_finite, save_model_dir
+        from ppo.checkpoint import save_model_dir, save_model_dir_main
 
-        check_finite({"policy": self.policy})
-        save_model_dir(Path(output_dir), self.policy, self.tokenizer)
+        # Every rank calls (FSDP2 gathers the full weights); rank 0 writes.
+        save_model_dir_main(Path(output_dir), self.policy, self.tokenizer)
         if is_peft_model(self.policy) and self.config.save_merged:
-            merged = copy.deepcopy(self.policy).merge_and_unload()
-            save_model_dir(Path(output_dir) / "merged", merged, self.tokenizer)
+            if dist.is_main():
+                merged = copy.deepcopy(self.policy).merge_and_unload()
+                save_model_dir(Path(output_dir) / "merged", merged, self.tokenizer)
+            dist.barrier()
+
+
+def gather_rollout(rollout: Rollout, pad_id: int) -> Rollout:
+    """Every rank's rollout rows, in rank order: prompts left-padded and responses right-padded to
+    the widest rank, exactly the layout one process gives the same global batch."""
+    return Rollout(
+        prompt_ids=dist.all_gather_rows(rollout.prompt_ids, pad_id, left=True),
+        prompt_mask=dist.all_gather_rows(rollout.prompt_mask, 0, left=True),
+        response_ids=dist.all_gather_rows(rollout.response_ids, pad_id),
+        response_mask=dist.all_gather_rows(rollout.response_mask, 0),
+        ended=dist.all_gather_rows(rollout.ended),
+    )

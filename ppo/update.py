@@ -2,6 +2,11 @@
 
 The losses come from `ppo.functional`; this module only schedules them. Per-micro-batch statistics
 stay on the device as 0-d tensors and are reduced once at the end (no host sync per step).
+
+The same code runs on 1 or N ranks. Every rank holds the whole (gathered) batch and draws the same
+permutation; each takes its contiguous share of every mini-batch, and DDP / FSDP2 average the
+gradients over ranks on the last micro-batch. So a mini-batch's gradient is the one a single
+process computes over the same micro-batches, whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from ppo import distributed as dist
 from ppo import functional as F
 from ppo.batch import ScoredBatch
 from ppo.config import BatchPlan, PPOConfig
@@ -52,10 +58,12 @@ def ppo_update(
 ) -> dict[str, float]:
     """Run `config.ppo_epochs` passes over `batch`; return the mean statistics.
 
-    Each mini-batch of `plan.mini_batch` samples is one optimizer step, split into micro-batches of
-    `plan.micro_batch`; each micro-batch's loss is weighted by its share of the mini-batch, so the
-    gradient does not depend on how the mini-batch was split. `autocast` makes a fresh
-    mixed-precision context per forward pass.
+    Each mini-batch of `plan.mini_batch` samples (global) is one optimizer step; each rank takes
+    its share, split into micro-batches of `plan.micro_batch`; each micro-batch's loss is weighted
+    by its share of the mini-batch, so the gradient does not depend on how the mini-batch was split
+    (the factor world_size undoes the averaging over ranks). `autocast` makes a fresh
+    mixed-precision context per forward pass. `policy` and `critic.module` may be DDP / FSDP2
+    wrapped (`ppo.distributed.wrap`); the statistics returned are means over ranks.
     """
     # Clipped per model: a critic with large early gradients must not shrink the policy's step.
     param_sets = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in optimizers.items()}
@@ -68,24 +76,28 @@ def ppo_update(
             mini = order[start : start + plan.mini_batch]
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
-            for micro in mini.split(plan.micro_batch):
+            micros = mini[dist.shard_slice(len(mini))].split(plan.micro_batch)
+            for i, micro in enumerate(micros):
                 mb = batch.select(micro).trim_padding()
-                with autocast():
-                    loss, stats = micro_batch_loss(mb, policy, critic, config)
-                (loss * (len(micro) / len(mini))).backward()
+                # Gradients cross ranks once per mini-batch: on its last micro-batch.
+                with dist.gradient_sync((policy, critic.module), enabled=i == len(micros) - 1):
+                    with autocast():
+                        loss, stats = micro_batch_loss(mb, policy, critic, config)
+                    (loss * (len(micro) * dist.world_size() / len(mini))).backward()
                 for key, value in stats.items():
                     history[key].append(value)
                 epoch_kl.append(stats["approx_kl"])
             if config.max_grad_norm is not None:
                 for name, params in param_sets.items():
-                    history[f"grad_norm/{name}"].append(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                    history[f"grad_norm/{name}"].append(dist.clip_grad_norm(params, config.max_grad_norm))
             for opt in optimizers.values():
                 opt.step()
         epochs_run += 1
         # cleanrl's early stop: once the policy moved too far from the rollout policy, more
-        # epochs on the same data only overfit it.
-        if config.approx_kl_stop is not None and torch.stack(epoch_kl).mean().item() > config.approx_kl_stop:
+        # epochs on the same data only overfit it. Decided on the mean over ranks: all stop together.
+        stop = config.approx_kl_stop
+        if stop is not None and dist.all_reduce_mean({"approx_kl": torch.stack(epoch_kl).mean()})["approx_kl"] > stop:
             break
-    means = {key: torch.stack([v.float() for v in values]).mean().item() for key, values in history.items()}
+    means = dist.all_reduce_mean({key: torch.stack([v.float() for v in values]).mean() for key, values in history.items()})
     means["ppo_epochs_run"] = epochs_run
     return means
