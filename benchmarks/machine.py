@@ -72,7 +72,7 @@ def matmul_peak(dtype_name: str, seconds: float = 2.0) -> dict:
     import torch
 
     dtype = getattr(torch, dtype_name)
-    size, per_op = 256, 0.0
+    size = 256
     for n in (512, 1024, 2048):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         torch.matmul(a, b)  # warm-up (first call allocates and picks a kernel)
@@ -81,7 +81,7 @@ def matmul_peak(dtype_name: str, seconds: float = 2.0) -> dict:
         elapsed = time.perf_counter() - start
         if size > 256 and elapsed > seconds / 10:
             break
-        size, per_op = n, elapsed
+        size = n
         if elapsed > seconds / 40:  # the next size is 8x slower: it would not fit the budget
             break
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)

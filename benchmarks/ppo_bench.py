@@ -26,8 +26,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, however we are started
-import machine  # noqa: E402
-from workloads import SMOKE, WORKLOADS, build_models, build_prompts, build_tokenizer, flop_params, workload_flops  # noqa: E402
+import machine
+from workloads import (
+    SMOKE,
+    WORKLOADS,
+    build_models,
+    build_prompts,
+    build_tokenizer,
+    flop_params,
+    workload_flops,
+)
 
 PHASES = ("generate", "score", "update")
 

@@ -46,6 +46,9 @@ def aggregate(runs: list[dict], peaks: dict[str, float]) -> list[dict]:
             "iter_s_max": max(it["total_s"] for it in iters),
             **{f"{phase}_s": statistics.median(it[f"{phase}_s"] for it in iters) for phase in PHASES},
             "rollout_s": statistics.median(it["generate_s"] + it["score_s"] for it in iters),
+            # CPU seconds this process used per iteration: less sensitive to a busy machine than wall
+            # time with 1 thread; with more, threads spinning at barriers while starved inflate it.
+            "cpu_s": statistics.median(it["own_cpu_s"] for it in iters),
             "tokens_per_s": ok[0]["tokens_per_iter"] / iter_s,
             "peak_rss_mib": max(run["peak_rss_mib"] for run in ok),
             # cores' worth of CPU that other processes used while we measured: the noise indicator
@@ -67,13 +70,13 @@ def add_ratios(rows: list[dict]) -> None:
         anchor = anchors.get(row["workload"])
         if anchor is None or row is anchor or "error" in row:
             continue
-        row["vs_trl"] = {key: row[key] / anchor[key] for key in ("iter_s", "rollout_s", "update_s", "peak_rss_mib")}
+        row["vs_trl"] = {key: row[key] / anchor[key] for key in ("iter_s", "rollout_s", "update_s", "peak_rss_mib", "cpu_s")}
 
 
 COLUMNS = [
     "workload", "system", "precision", "s/iter median [min–max]", "generate s", "score s", "update s",
-    "tokens/s", "peak RSS MiB", "GFLOP/s (% peak)", "others' load", "÷TRL s/iter", "÷TRL rollout",
-    "÷TRL update", "÷TRL RSS",
+    "CPU s/iter", "tokens/s", "peak RSS MiB", "GFLOP/s (% peak)", "others' load", "÷TRL s/iter", "÷TRL rollout",
+    "÷TRL update", "÷TRL RSS", "÷TRL CPU s",
 ]
 
 
@@ -83,12 +86,13 @@ def _cells(row: dict) -> list[str]:
         return head + [f"not run: {row['error']}"] + [""] * (len(COLUMNS) - 4)
     pct = f" ({row['fraction_of_peak']:.0%})" if row.get("fraction_of_peak") is not None else ""
     ratios = row.get("vs_trl")
-    ratio_cells = [f"{ratios[k]:.2f}x" for k in ("iter_s", "rollout_s", "update_s", "peak_rss_mib")] if ratios else ["–"] * 4
+    ratio_cells = [f"{ratios[k]:.2f}x" for k in ("iter_s", "rollout_s", "update_s", "peak_rss_mib", "cpu_s")] if ratios else ["–"] * 5
     return head + [
         f"{row['iter_s']:.3f} [{row['iter_s_min']:.3f}–{row['iter_s_max']:.3f}]",
         f"{row['generate_s']:.3f}",
         f"{row['score_s']:.3f}",
         f"{row['update_s']:.3f}",
+        f"{row['cpu_s']:.2f}",
         f"{row['tokens_per_s']:.0f}",
         f"{row['peak_rss_mib']:.0f}",
         f"{row['gflops']:.1f}{pct}",
@@ -107,7 +111,10 @@ def machine_line(machine: dict, peaks: dict[str, float], load_start, load_end) -
     flags = ", ".join(machine.get("cpu_flags") or []) or "none of avx2/avx512f/avx512_bf16/amx_bf16"
     versions = ", ".join(f"{name} {machine[name]}" for name in ("torch", "transformers", "trl") if machine.get(name))
     peak_txt = ", ".join(f"{dtype} {value:.1f}" for dtype, value in sorted(peaks.items())) or "not measured"
-    fmt = lambda load: "/".join(f"{x:.2f}" for x in load)  # noqa: E731
+
+    def fmt(load):
+        return "/".join(f"{x:.2f}" for x in load)
+
     return (
         f"Machine: {machine['cpu']} ({flags}), {machine['logical_cpus']} logical CPUs, {machine['threads']} threads per run; "
         f"{versions}. Matmul peak (GFLOP/s, {machine['threads']} threads): {peak_txt}. "

@@ -24,10 +24,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import machine  # noqa: E402
-import report  # noqa: E402
-import trl_anchor  # noqa: E402
-from workloads import SMOKE, WORKLOADS, trl_bench_args  # noqa: E402
+import machine
+import report
+import trl_anchor
+from workloads import WORKLOADS, trl_bench_args
 
 
 def parse_args(argv=None):
@@ -66,7 +66,7 @@ def launch(cmd: list[str], args) -> dict:
     if args.verbose:
         print("$ " + " ".join(cmd), flush=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.threads), timeout=args.run_timeout, cwd=HERE.parent)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env(args.threads), timeout=args.run_timeout, cwd=HERE.parent)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.run_timeout:.0f} s"}
     if args.verbose:
@@ -118,7 +118,10 @@ def summarise(run: dict) -> str:
     if "error" in run:
         return f"{label} not run: {run['error']}"
     m = run["measured"]
-    mid = lambda key: sorted(x[key] for x in m)[len(m) // 2]  # noqa: E731
+
+    def mid(key):
+        return sorted(x[key] for x in m)[len(m) // 2]
+
     return (f"{label} {mid('total_s'):.3f} s/iter (generate {mid('generate_s'):.3f}, score {mid('score_s'):.3f}, "
             f"update {mid('update_s'):.3f}), peak RSS {run['peak_rss_mib']:.0f} MiB")
 
@@ -147,27 +150,29 @@ def main(argv=None) -> int:
                 if venv is not None and i == 0:  # alternate: ppo-rlhf, TRL, ppo-rlhf (other precision), ...
                     runs.append(run_trl(workload, venv, args))
                     print(summarise(runs[-1]), flush=True)
+                write_json(args, runs, load_start)  # after every run: a stopped benchmark keeps what it measured
 
-    peaks = report.matmul_peaks(runs)
-    rows = report.aggregate(runs, peaks)
-    first_ok = next((r for r in runs if r["system"] == "ppo-rlhf" and "error" not in r), None)
-    info = {**machine_info(args.threads), **(first_ok or {}).get("versions", {})}
-    trl_ok = next((r for r in runs if r["system"].startswith("TRL") and "error" not in r), None)
-    if trl_ok:
-        info["trl"] = trl_ok["versions"]["trl"]
-    load_end = machine.loadavg()
-    print("\n" + report.markdown_table(rows) + "\n")
-    print(report.machine_line(info, peaks, load_start, load_end))
+    payload = write_json(args, runs, load_start)
+    print("\n" + payload["table"] + "\n")
+    print(report.machine_line(payload["machine"], payload["matmul_peak_gflops"], load_start, payload["loadavg_end"]))
     print(f"({time.perf_counter() - t_start:.0f} s in all; medians over {args.repeats} x {args.iters} measured iterations after {args.warmup} warm-up)")
-    if args.json_out:
-        payload = {"args": vars(args), "machine": info, "matmul_peak_gflops": peaks, "loadavg_start": load_start,
-                   "loadavg_end": load_end, "rows": rows, "runs": runs, "table": report.markdown_table(rows)}
-        Path(args.json_out).write_text(json.dumps(payload, indent=1))
     return 1 if any("error" in r and not str(r["error"]).startswith("skipped") for r in runs) else 0
 
 
-def machine_info(threads: int) -> dict:
-    return {"cpu": machine.cpu_model(), "cpu_flags": machine.cpu_flags(), "logical_cpus": os.cpu_count(), "threads": threads}
+def write_json(args, runs: list[dict], load_start) -> dict:
+    """Rows, table and machine description of the runs so far; written to --json-out if given."""
+    peaks = report.matmul_peaks(runs)
+    rows = report.aggregate(runs, peaks)
+    info = {"cpu": machine.cpu_model(), "cpu_flags": machine.cpu_flags(), "logical_cpus": os.cpu_count(), "threads": args.threads}
+    info.update(next((r["versions"] for r in runs if r["system"] == "ppo-rlhf" and "error" not in r), {}))
+    trl_ok = next((r for r in runs if r["system"].startswith("TRL") and "error" not in r), None)
+    if trl_ok:
+        info["trl"] = trl_ok["versions"]["trl"]
+    payload = {"args": vars(args), "machine": info, "matmul_peak_gflops": peaks, "loadavg_start": load_start,
+               "loadavg_end": machine.loadavg(), "rows": rows, "runs": runs, "table": report.markdown_table(rows)}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(payload, indent=1))
+    return payload
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def has_trl(venv: Path) -> bool:
     if not python.exists():
         return False
     check = f"import trl, trl.experimental.ppo; assert trl.__version__ == {TRL_VERSION!r}, trl.__version__"
-    return subprocess.run([str(python), "-c", check], capture_output=True).returncode == 0
+    return subprocess.run([str(python), "-c", check], check=False, capture_output=True).returncode == 0
 
 
 def create_venv(venv: Path) -> None:
@@ -68,7 +68,7 @@ def create_venv(venv: Path) -> None:
     ]
     for cmd in steps:
         print("[trl] $ " + " ".join(cmd), flush=True)
-        if subprocess.run(cmd).returncode != 0:
+        if subprocess.run(cmd, check=False).returncode != 0:
             raise SystemExit(f"[trl] failed: {' '.join(cmd)}\nFix the error above, or point PPO_BENCH_TRL_VENV at a working venv.")
     if not has_trl(venv):
         raise SystemExit(f"[trl] {venv} was created but does not import trl=={TRL_VERSION} with trl.experimental.ppo")
@@ -108,6 +108,7 @@ def normalise(result: dict) -> dict:
             "update_s": r["update_s"],
             "rollout_s": r["rollout_s"],
             "other_cpu_s": r["other_cpu_s"],
+            "own_cpu_s": r["own_cpu_s"],
             "gc_collect_s": r["gc_collect_s"],
         }
         for r in measured

@@ -112,6 +112,9 @@ def build_critic(value_head: str, policy, reward_model=None, value_model=None, r
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> bf16 where it is fast (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
+    if precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16():
+        warnings.warn("precision=bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls are emulated and can be "
+                      "10x slower than fp32 here; precision=auto picks the fast one")
     if precision != "auto":
         return precision
     if device.type == "cuda":
