@@ -452,12 +452,13 @@ class DemoConfig:
     seed: int = opt(0, "Seeds the task data, the models and every stage: the same seed gives the same run on CPU.")
     overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
     quick: bool = opt(False, "A fast smoke run (tiny data, few steps) that checks the stages chain; not tuned to learn.")
-    threads: int = opt(2, "CPU threads for torch (results are identical for a fixed thread count).")
+    threads: int = opt(2, "CPU threads for torch; 1 and 2 give bit-identical results on these model sizes.")
     progress_bar: bool = opt(True, "Show a progress bar per stage.")
 
     # --- model (a from-scratch Qwen3) ---
-    hidden_size: int = opt(64, "Hidden size of the tiny Qwen3 (heads = hidden_size / 32).")
-    num_layers: int = opt(2, "Transformer layers.")
+    hidden_size: int = opt(128, "Hidden size of the tiny Qwen3 (heads = hidden_size / 32).")
+    num_layers: int = opt(4, "Transformer layers (the reward model needs ~4 to judge the order of the digits).")
+    intermediate_multiple: int = opt(2, "MLP width as a multiple of hidden_size.")
 
     # --- data (prompts are disjoint across splits) ---
     n_sft: int = opt(2000, "Noisy demonstrations for SFT.")
@@ -502,7 +503,7 @@ class DemoConfig:
     report_samples: int = opt(6, "Sample generations shown before/after in report.md.")
 
     def __post_init__(self) -> None:
-        for name in ("threads", "hidden_size", "num_layers", "n_sft", "n_pref", "n_ppo", "n_eval", "sft_epochs",
+        for name in ("threads", "hidden_size", "num_layers", "intermediate_multiple", "n_sft", "n_pref", "n_ppo", "n_eval", "sft_epochs",
                      "sft_batch_size", "reward_epochs", "reward_batch_size", "ppo_steps", "ppo_batch_size",
                      "ppo_epochs", "num_generations", "max_new_tokens", "best_of_n"):
             _check_range(self, name, getattr(self, name), 1)

@@ -150,7 +150,8 @@ def build_optimizer(model, config, total_steps: int):
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
-    warmup = math.ceil(config.warmup_ratio * total_steps)
+    # At least one step must train at a non-zero rate: HF warm-up starts at lr 0.
+    warmup = min(math.ceil(config.warmup_ratio * total_steps), max(total_steps - 1, 0))
     # transformers' plain "constant" ignores warmup; its warmup variant honours it.
     name = "constant_with_warmup" if config.lr_scheduler == "constant" and warmup else config.lr_scheduler
     return optimizer, get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))

@@ -32,6 +32,10 @@ def _policies(summary: dict) -> list[tuple[str, str, dict]]:
             ("ppo", "PPO", ev["ppo"])]
 
 
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
 def _gold(result: dict) -> float:
     return result["rewards/gold_reward"]
 
@@ -112,8 +116,9 @@ def markdown(summary: dict) -> str:
              "Pipeline: SFT on the demonstrations -> reward model on oracle-labelled pairs (started from the SFT "
              "policy) -> PPO against the reward model. The oracle (gold) is never used for training.", "",
              "## Results on held-out prompts", "",
-             f"Reward model held-out pairwise accuracy: {rm['accuracy']:.1%} (before training {rm['accuracy_before']:.1%}, "
-             f"{rm['eval_rows']} held-out pairs).", ""]
+             f"Reward model held-out pairwise accuracy: {rm['accuracy']:.1%} on {rm['eval_rows']} pairs of held-out prompts "
+             f"(task pairs {_pct(rm['accuracy_task'])}, pairs of SFT samples {_pct(rm['accuracy_policy'])}); trained on "
+             f"{rm['train_rows']} pairs.", ""]
     lines += _md_table(HEADER, _rows(summary))
     lines += ["", "- proxy: the reward model's score; gold: the oracle's 0-100 score; every policy sampled at the "
               "PPO temperature on the same prompts.",

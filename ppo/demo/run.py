@@ -20,6 +20,13 @@ data order is a pure function of the seed.
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP: an idle OpenMP thread spins by default, and when another process holds
+# the other core, each of the thousands of tiny ops per step waits out a scheduler slice (measured:
+# 5-10x slower with 2 threads on a busy 2-core machine). Sleeping waits cost little at these sizes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import json
 import math
 import shutil
@@ -78,7 +85,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         task = DemoTask()
         splits = make_splits(task, config.seed, plan.n_sft, plan.n_pref, plan.n_ppo, plan.n_eval)
         tokenizer = build_tokenizer(task.vocabulary())
-        policy = build_policy(tokenizer, TinyModelSpec(config.hidden_size, config.num_layers), seed=config.seed)
+        spec = TinyModelSpec(config.hidden_size, config.num_layers, intermediate_multiple=config.intermediate_multiple)
+        policy = build_policy(tokenizer, spec, seed=config.seed)
         policy.save_pretrained(out / "base")
         tokenizer.save_pretrained(out / "base")
     # 2. SFT on the sloppy demonstrations (the model object is trained in place)
@@ -86,7 +94,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         sft_metrics = run_sft(config, plan, policy, tokenizer, splits["sft"], out)
     # 3. the reward model, started from the SFT policy
     with timer("3 reward model"):
-        reward_model, rm_metrics = run_reward(config, plan, policy, tokenizer, splits["preference"], out)
+        reward_model, rm_metrics = run_reward(config, plan, policy, tokenizer, task, splits["preference"], out)
     # 4. PPO from a fresh copy of the SFT policy; the in-memory SFT model is the frozen reference
     with timer("4 PPO"):
         history = run_ppo(config, plan, policy, tokenizer, reward_model, splits["ppo"], out)
@@ -99,7 +107,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         summary = {
             "config": config_to_dict(config), "plan": asdict(plan),
             "sft": {k: sft_metrics[k] for k in ("final_loss", "steps", "train_rows")},
-            "reward": {k: rm_metrics[k] for k in ("accuracy_before", "accuracy", "eval_loss", "steps", "train_rows", "eval_rows")},
+            "reward": {k: rm_metrics[k] for k in ("accuracy", "accuracy_task", "accuracy_policy", "steps", "train_rows",
+                                                  "eval_rows", "policy_pairs")},
             "ppo": {"steps": len(history), "history": history},
             "eval": {name: {k: v for k, v in r.items() if k != "generations"} for name, r in results.items()},
             "samples": sample_table(results, config.report_samples),
@@ -180,22 +189,69 @@ def run_sft(config: DemoConfig, plan: DemoPlan, policy, tokenizer, rows, out: Pa
     return metrics
 
 
-def run_reward(config: DemoConfig, plan: DemoPlan, policy, tokenizer, rows, out: Path):
-    """(reward model loaded back from output_dir/reward/final, training metrics)."""
+def run_reward(config: DemoConfig, plan: DemoPlan, policy, tokenizer, task, rows, out: Path):
+    """(reward model loaded back from output_dir/reward/final, metrics with held-out accuracies).
+
+    The pairs are the task's (two demonstrations, or one and an edit of it) plus pairs of the SFT
+    policy's own samples, both labelled by the oracle. The second kind is InstructGPT's data
+    collection, and it is what keeps PPO honest: a reward model that never saw the mistakes the
+    policy makes when it drifts (repeated digits, digits not in the list) scores them at random,
+    and PPO finds them. Prompts are held out whole, so no held-out pair shares a prompt with a
+    training pair.
+    """
     from transformers import AutoModelForSequenceClassification
 
-    from ppo.train_reward import train_reward_model
+    from ppo.stage import split_rows
+    from ppo.train_reward import pairwise_accuracy, train_reward_model
 
+    train_task, held_task = split_rows(rows, config.reward_eval_fraction, config.seed)
+    train_policy = policy_pairs(config, policy, tokenizer, task, [r["prompt"] for r in train_task])
+    held_policy = policy_pairs(config, policy, tokenizer, task, [r["prompt"] for r in held_task])
     rm_config = RewardConfig(
         output_dir=str(out / "reward"), init_from_policy=True, learning_rate=config.reward_learning_rate,
         batch_size=config.reward_batch_size, num_epochs=plan.reward_epochs, lr_scheduler="cosine", warmup_ratio=0.05,
-        eval_fraction=config.reward_eval_fraction, seed=config.seed, logging_steps=10,
-        progress_bar=config.progress_bar, max_length=64,
+        eval_fraction=0.0, seed=config.seed, logging_steps=10, progress_bar=config.progress_bar, max_length=64,
     )
-    metrics = train_reward_model(rm_config, model=policy, tokenizer=tokenizer, rows=rows)
-    print(f"   reward model: held-out pairwise accuracy {metrics['accuracy_before']:.1%} -> {metrics['accuracy']:.1%}")
-    model = AutoModelForSequenceClassification.from_pretrained(out / "reward" / "final", dtype=torch.float32)
-    return model.eval(), metrics
+    metrics = train_reward_model(rm_config, model=policy, tokenizer=tokenizer, rows=train_task + train_policy)
+    model = AutoModelForSequenceClassification.from_pretrained(out / "reward" / "final", dtype=torch.float32).eval()
+    held = {"task": held_task, "policy": held_policy, "all": held_task + held_policy}
+    metrics.update({f"accuracy_{k}": pairwise_accuracy(model, tokenizer, v, 256) if v else None for k, v in held.items()})
+    metrics.update(accuracy=metrics["accuracy_all"], train_rows=len(train_task) + len(train_policy),
+                   eval_rows=len(held["all"]), policy_pairs=len(train_policy) + len(held_policy))
+    print(f"   reward model: {metrics['train_rows']} training pairs ({metrics['policy_pairs']} from SFT samples); "
+          f"held-out pairwise accuracy {metrics['accuracy']:.1%} (task pairs {metrics['accuracy_task']:.1%}, "
+          f"SFT-sample pairs {metrics['accuracy_policy'] or float('nan'):.1%})")
+    return model, metrics
+
+
+@torch.no_grad()
+def policy_pairs(config: DemoConfig, policy, tokenizer, task, prompts: list[str]) -> list[dict]:
+    """Up to `policy_pairs_per_prompt` pairs per prompt from `pair_samples` samples of the policy
+    at `pair_temperature`: random pairs whose gold scores differ by at least the task's margin,
+    the better one chosen (a labeller shown two samples; undecided pairs are dropped)."""
+    import random
+
+    from ppo.data import collate_prompts
+    from ppo.rollout import HFRolloutEngine, SamplingParams
+
+    k = config.pair_samples
+    if not prompts or config.policy_pairs_per_prompt == 0:
+        return []
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    params = SamplingParams(config.max_new_tokens, config.pair_temperature, stop_token_ids=(tokenizer.eos_token_id,))
+    engine, pairs = HFRolloutEngine(policy, tokenizer), []
+    for start in range(0, len(prompts), 256):
+        chunk = prompts[start : start + 256]
+        rollout = engine.generate(collate_prompts(tokenizer, chunk).repeat(k), params)
+        texts = tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
+        for i, prompt in enumerate(chunk):
+            samples = sorted(set(texts[i * k : (i + 1) * k]))  # sorted: a deterministic order to draw from
+            gold = {t: task.gold_score(prompt, t) for t in samples}
+            decisive = [(a, b) for a in samples for b in samples if gold[a] - gold[b] >= task.pair_margin]
+            for chosen, rejected in rng.sample(decisive, min(len(decisive), config.policy_pairs_per_prompt)):
+                pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
 
 
 def ppo_config(config: DemoConfig, plan: DemoPlan, out: Path) -> PPOConfig:
