@@ -53,6 +53,12 @@ class Rollout:
     response_ids: Tensor  # [B, R] sampled ids; values after the end are arbitrary (masked)
     response_mask: Tensor  # [B, R] 1 up to and including the token that ended the response
     ended: Tensor  # [B] bool, True when the response ended with EOS (or a stop token/string)
+    # Optional, from the sampling pass itself: log pi(a_t|s_t) of each sampled token and the entropy
+    # of its distribution at the sampling temperature, before top-k/top-p, as the scoring pass
+    # computes them. An engine that cannot give them exactly (another implementation of the model)
+    # leaves them None and the trainer runs the policy forward instead.
+    logprobs: Tensor | None = None  # [B, R] fp32
+    entropy: Tensor | None = None  # [B, R] fp32
 
     @property
     def input_ids(self) -> Tensor:  # [B, P+R]

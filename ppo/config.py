@@ -95,6 +95,7 @@ class PPOConfig:
     value_head: str = opt("separate", "'separate': its own critic model; 'shared': a value head on the policy.")
     precision: str = opt("fp32", "fp32, bf16 (autocast) or auto (bf16 where the hardware is fast at it).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    rollout_logprobs: bool = opt(True, "Take pi_old's log-probs from the sampling pass, not a second policy forward (same maths; differs only by float rounding).")
     logprob_chunk_size: int = opt(8, "Rows per chunk when turning logits into log-probs (bounds [B,T,V] memory).")
 
     # --- LoRA (peft) ---
@@ -479,6 +480,7 @@ class DemoConfig:
     policy_pairs_per_prompt: int = opt(1, "Extra oracle-labelled pairs per preference prompt from the SFT policy's own samples (0: none).")
     pair_samples: int = opt(4, "SFT samples drawn per prompt to build those pairs from.")
     pair_temperature: float = opt(1.0, "Sampling temperature of those samples (higher: more of the mistakes a drifting policy makes).")
+    drift_edits: bool = opt(True, "Add to each pool a copy of every sample with one drift mistake: a digit not in the list, a repeat, or one digit short.")
 
     # --- PPO ---
     ppo_steps: int = opt(100, "PPO iterations.")

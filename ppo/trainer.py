@@ -217,16 +217,25 @@ class PPOTrainer:
             **timing,
         }
 
+    def reuses_rollout_logprobs(self, rollout: Rollout) -> bool:
+        """pi_old from the sampling pass instead of a second policy forward: when configured, when the
+        engine gave them, and when no shared value head needs the policy's hidden states anyway."""
+        return (self.config.rollout_logprobs and rollout.logprobs is not None and rollout.entropy is not None
+                and not self.critic.uses_policy_hidden)
+
     def score(self, rollout: Rollout, prompts: PromptBatch, completions: list[str]) -> tuple[ScoredBatch, dict[str, float]]:
         """Steps 3-4: one no-grad pass of every model over this rank's rollout, then - over the
         global batch gathered from all ranks - rewards, GAE and whitening."""
         cfg = self.config
         ids, mask, width = rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1]
         with torch.inference_mode(), self.autocast():
-            logprobs, entropy, hidden = policy_logprobs(
-                self.policy, ids, mask, width, cfg.temperature, cfg.logprob_chunk_size,
-                with_entropy=True, output_hidden=self.critic.uses_policy_hidden,
-            )
+            if self.reuses_rollout_logprobs(rollout):
+                logprobs, entropy, hidden = rollout.logprobs, rollout.entropy, None
+            else:
+                logprobs, entropy, hidden = policy_logprobs(
+                    self.policy, ids, mask, width, cfg.temperature, cfg.logprob_chunk_size,
+                    with_entropy=True, output_hidden=self.critic.uses_policy_hidden,
+                )
             ref_model, ref_context = reference_context(self.policy, self.ref_model)
             with ref_context:
                 ref_logprobs, _, _ = policy_logprobs(ref_model, ids, mask, width, cfg.temperature, cfg.logprob_chunk_size)

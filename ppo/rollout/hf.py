@@ -14,7 +14,6 @@ from typing import Iterable
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -22,8 +21,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from ppo import functional as F
 from ppo.batch import PromptBatch, Rollout
 from ppo.rollout.base import SamplingParams
+from ppo.rollout.kv_cache import rollout_cache
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -41,6 +42,16 @@ def build_warpers(params: SamplingParams) -> LogitsProcessorList:
     if params.top_p is not None and params.top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p=params.top_p))
     return warpers
+
+
+def inverse_cdf_draw(scores: Tensor, uniforms: Tensor) -> Tensor:
+    """One token per row of `scores` [B, V] (logits; -inf never drawn) with probability
+    softmax(scores), given one uniform in [0, 1) per row: the first token whose cumulative
+    probability exceeds u. The cumulative sum runs in float64 so that rounding cannot move mass
+    between tokens, and u is scaled by the row's total so that it always lands inside it."""
+    cdf = torch.softmax(scores, dim=-1).double().cumsum(dim=-1)
+    target = (uniforms * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=scores.shape[-1] - 1)
 
 
 class HFRolloutEngine:
@@ -65,42 +76,56 @@ class HFRolloutEngine:
                 seeds = prompts.seeds
                 if seeds is None:
                     seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
-                response_ids, lengths, ended = self._sample(prompts.input_ids, prompts.attention_mask, params, seeds)
+                response_ids, lengths, ended, logprobs, entropy = self._sample(prompts.input_ids, prompts.attention_mask, params, seeds)
         finally:
             model.train(was_training)
         width = response_ids.shape[1]
         response_mask = (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]).long()
-        return Rollout(prompts.input_ids, prompts.attention_mask, response_ids, response_mask, ended)
+        return Rollout(prompts.input_ids, prompts.attention_mask, response_ids, response_mask, ended, logprobs, entropy)
 
     def _sample(self, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams, seeds: list[int]):
-        """Returns response ids [B, R], lengths [B] (the ending token included) and ended [B].
+        """Returns response ids [B, R], lengths [B] (the ending token included), ended [B], and the
+        log-probs and entropies [B, R] of the sampled tokens at the sampling temperature.
 
-        Sampling is the Gumbel-max trick with one random stream per row (seeded from `seeds`):
-        argmax(logits + Gumbel noise) is an exact draw from softmax(logits), and a row's draw does not
-        depend on which other rows share its batch or its rank."""
-        batch = input_ids.shape[0]
+        Sampling is by inverse CDF with one uniform per (row, step), all drawn up front from the
+        row's own stream (seeded from `seeds`): an exact draw from softmax(warped logits), and a row's
+        draw does not depend on which other rows share its batch or its rank. One uniform per token,
+        not one per vocabulary entry as with Gumbel-max, keeps the random numbers off the profile."""
+        batch, prompt_width = input_ids.shape
         device = input_ids.device
+        steps = params.max_new_tokens
         stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), device=device, dtype=torch.long)
         warpers = build_warpers(params)
         pad_id = self.tokenizer.pad_token_id
-        streams = [torch.Generator(device=device).manual_seed(int(seed) % 2**63) for seed in seeds]
+        uniforms = torch.stack([
+            torch.rand(steps, generator=torch.Generator(device="cpu").manual_seed(int(seed) % 2**63), dtype=torch.float64)
+            for seed in seeds
+        ]).to(device)
 
-        cache = DynamicCache(config=self.model.config)
-        mask = attention_mask.long()
-        positions = position_ids_from_mask(mask)
-        logits = self._forward(input_ids, mask, positions, cache)
+        cache = rollout_cache(self.model.config, prompt_width + steps)
+        # Positions after a row's end are fed too (as padding, unmasked): their outputs are never read.
+        full_mask = torch.cat([attention_mask.long(), attention_mask.new_ones(batch, steps, dtype=torch.long)], dim=1)
+        positions = position_ids_from_mask(full_mask)
+        logits = self._forward(input_ids, full_mask[:, :prompt_width], positions[:, :prompt_width], cache)
 
         tokens: list[Tensor] = []
+        token_logprobs: list[Tensor] = []
+        token_entropies: list[Tensor] = []
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         ended = torch.zeros(batch, dtype=torch.bool, device=device)
-        for _ in range(params.max_new_tokens):
+        for step in range(steps):
             scores = warpers(input_ids, logits.float())
-            # -log(Exp(1)) is Gumbel(0, 1); filtered logits are -inf and can never win the argmax.
-            exponentials = torch.stack([torch.empty(scores.shape[1], device=device).exponential_(generator=g) for g in streams])
-            next_tokens = (scores - exponentials.log()).argmax(dim=-1)
+            next_tokens = inverse_cdf_draw(scores, uniforms[:, step])
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
             tokens.append(next_tokens)
+            # What the scoring pass would compute at this position (same function, same temperature,
+            # no top-k/top-p): it saves the policy a second forward over the whole rollout.
+            tempered = logits[:, None, :]
+            if params.temperature != 1.0:
+                tempered = tempered / params.temperature
+            token_logprobs.append(F.logprobs_from_logits(tempered, next_tokens[:, None])[:, 0])
+            token_entropies.append(F.entropy_from_logits(tempered)[:, 0])
             lengths += (~finished).long()
             stopped = torch.isin(next_tokens, stop_ids) & ~finished
             if params.stop_strings:
@@ -108,14 +133,14 @@ class HFRolloutEngine:
             ended |= stopped
             finished |= stopped
             # One host sync per token: the price of stopping as soon as every row is done.
-            if bool(finished.all()):
+            if step + 1 == steps or bool(finished.all()):
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
-            logits = self._forward(next_tokens[:, None], mask, positions, cache)
-        return torch.stack(tokens, dim=1), lengths, ended
+            column = prompt_width + step  # where next_tokens sits in the full sequence
+            logits = self._forward(next_tokens[:, None], full_mask[:, : column + 1], positions[:, column : column + 1], cache)
+        return (torch.stack(tokens, dim=1), lengths, ended,
+                torch.stack(token_logprobs, dim=1), torch.stack(token_entropies, dim=1))
 
-    def _forward(self, input_ids: Tensor, mask: Tensor, positions: Tensor, cache: DynamicCache) -> Tensor:
+    def _forward(self, input_ids: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,

@@ -50,6 +50,36 @@ def test_first_minibatch_ratio_is_one(tiny_policy, tiny_tokenizer, temperature, 
     assert stats["approx_kl"].item() < 1e-10
 
 
+def count_words(completions, **kwargs):
+    return [float(len(c.split())) for c in completions]
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_rollout_logprobs_match_a_second_forward(tiny_policy, tiny_tokenizer, top_k):
+    """The optimised path (pi_old from the sampling pass) against the straightforward one (a full
+    forward of the policy over the rollout): same log-probs, entropies and scored batch, on ragged
+    responses, at a temperature, with top-k (which must not leak into the log-probs)."""
+    from ppo.data import collate_prompts
+
+    scored = {}
+    for reuse in (True, False):
+        config = small_config(temperature=0.7, top_k=top_k, rollout_logprobs=reuse, max_new_tokens=8)
+        trainer = PPOTrainer(config, tiny_policy, tiny_tokenizer, reward_funcs=count_words)
+        prompts = collate_prompts(tiny_tokenizer, PROMPTS)
+        prompts.seeds = [11, 12, 13, 14]
+        rollout = trainer.engine.generate(prompts, trainer.sampling)
+        assert rollout.logprobs is not None and trainer.reuses_rollout_logprobs(rollout) == reuse
+        completions = tiny_tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
+        scored[reuse] = trainer.score(rollout, prompts, completions)
+    (fast, fast_stats), (slow, slow_stats) = scored[True], scored[False]
+    assert torch.equal(fast.response_mask, slow.response_mask)
+    mask = slow.response_mask.bool()
+    assert (fast.logprobs[mask] - slow.logprobs[mask]).abs().max() < 1e-5
+    assert (fast.advantages - slow.advantages).abs().max() < 1e-4
+    assert abs(fast_stats["entropy"] - slow_stats["entropy"]) < 1e-5
+    assert abs(fast_stats["kl"] - slow_stats["kl"]) < 1e-5
+
+
 def test_dropout_is_off_in_rollout_and_update(tiny_tokenizer):
     policy = build_policy(tiny_tokenizer, TinyModelSpec(), seed=0)
     for layer in policy.model.layers:
