@@ -226,9 +226,9 @@ def run_reward(config: DemoConfig, plan: DemoPlan, policy, tokenizer, task, rows
 
 @torch.no_grad()
 def policy_pairs(config: DemoConfig, policy, tokenizer, task, prompts: list[str]) -> list[dict]:
-    """Up to `policy_pairs_per_prompt` pairs per prompt from `pair_samples` samples of the policy
-    at `pair_temperature`: random pairs whose gold scores differ by at least the task's margin,
-    the better one chosen (a labeller shown two samples; undecided pairs are dropped)."""
+    """Up to `policy_pairs_per_prompt` pairs per prompt, drawn at random among the decisive pairs
+    (gold gap >= the task's margin, the better one chosen) of a pool: `pair_samples` samples of the
+    policy at `pair_temperature` and, with `drift_edits`, one drifted copy of each sample."""
     import random
 
     from ppo.data import collate_prompts
@@ -246,12 +246,33 @@ def policy_pairs(config: DemoConfig, policy, tokenizer, task, prompts: list[str]
         rollout = engine.generate(collate_prompts(tokenizer, chunk).repeat(k), params)
         texts = tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
         for i, prompt in enumerate(chunk):
-            samples = sorted(set(texts[i * k : (i + 1) * k]))  # sorted: a deterministic order to draw from
-            gold = {t: task.gold_score(prompt, t) for t in samples}
-            decisive = [(a, b) for a in samples for b in samples if gold[a] - gold[b] >= task.pair_margin]
+            pool = texts[i * k : (i + 1) * k]
+            if config.drift_edits:
+                pool += [drift(prompt, t, rng) for t in pool]
+            pool = sorted(set(pool))  # sorted: a deterministic order to draw from
+            gold = {t: task.gold_score(prompt, t) for t in pool}
+            decisive = [(a, b) for a in pool for b in pool if gold[a] - gold[b] >= task.pair_margin]
             for chosen, rejected in rng.sample(decisive, min(len(decisive), config.policy_pairs_per_prompt)):
                 pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs
+
+
+def drift(prompt: str, response: str, rng) -> str:
+    """`response` with one of the mistakes a policy makes when it drifts from SFT under an imperfect
+    reward model (all three seen in our runs): a digit that is not in the prompt's list, a repeated
+    digit, or stopping one digit early."""
+    words = [w for w in response.split() if w != "none"]
+    listed = prompt.split(":")[-1].split("=")[0].split()  # the digits of "rule [N] : d d d ="
+    foreign = [str(d) for d in range(10) if str(d) not in listed]
+    mistake = rng.choice(("foreign", "repeat", "early") if words else ("foreign",))
+    if mistake == "foreign" and foreign:
+        words.insert(rng.randint(0, len(words)), rng.choice(foreign))
+    elif mistake == "repeat" or not foreign:
+        i = rng.randrange(len(words))
+        words.insert(i + 1, words[i])
+    else:
+        words.pop()
+    return " ".join(words)
 
 
 def ppo_config(config: DemoConfig, plan: DemoPlan, out: Path) -> PPOConfig:
