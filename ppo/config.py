@@ -372,6 +372,7 @@ class RewardConfig:
 
     # --- loss ---
     margin: float = opt(0.0, "Bradley–Terry margin: the chosen score must beat the rejected one by this much.")
+    group_by_prompt: bool = opt(True, "Shuffle whole prompts, not pairs, so a prompt's pairs share a step and each distinct response is scored once (same loss, less compute when prompts have several pairs).")
     center_rewards_coefficient: float = opt(0.0, "Weight of the auxiliary loss (r_chosen + r_rejected)^2 that keeps scores near 0 (TRL suggests 0.01).")
 
     # --- optimisation ---

@@ -148,13 +148,32 @@ def encode_pairs(tokenizer, rows: list[dict], max_length: int) -> list[Pair]:
 
 
 def pair_scores(model, pairs: list[Pair], pad_id: int, scorer=None) -> tuple[Tensor, Tensor]:
-    """Scores `[B]` of the chosen and `[B]` of the rejected sequences, in one forward pass of 2B rows.
+    """Scores `[B]` of the chosen and `[B]` of the rejected sequences, in one forward pass over the
+    distinct sequences among them: when several pairs share a prompt (K responses give up to K(K-1)/2
+    pairs, as in InstructGPT) each response is scored once and its score feeds every pair it is in.
     `scorer(input_ids, attention_mask)` replaces `sequence_scores(model, ...)` (a DDP-wrapped call)."""
-    batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+    slots: dict[tuple[int, ...], int] = {}
+    index = [slots.setdefault(tuple(seq), len(slots)) for seq in [c for c, _ in pairs] + [r for _, r in pairs]]
+    batch = collate([list(seq) for seq in slots], pad_id)
     device = next(model.parameters()).device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    scores = scorer(ids, mask) if scorer is not None else sequence_scores(model, ids, mask)
+    scores = (scorer(ids, mask) if scorer is not None else sequence_scores(model, ids, mask))[torch.tensor(index, device=device)]
     return scores[: len(pairs)], scores[len(pairs) :]
+
+
+def prompt_grouped_steps(prompts: list[str], per_step: int, num_epochs: int, seed: int):
+    """Like `step_groups`, but the shuffle moves whole prompts: the pairs of one prompt stay next to
+    each other (and so mostly in one step), where `pair_scores` scores their shared responses once."""
+    from ppo.loop import epoch_order
+
+    groups: dict[object, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt or ("no prompt", i), []).append(i)  # whole-text pairs share nothing
+    groups_list = list(groups.values())
+    for epoch in range(num_epochs):
+        order = [i for g in epoch_order(len(groups_list), seed, epoch) for i in groups_list[g]]
+        for start in range(0, len(order), per_step):
+            yield epoch, order[start : start + per_step]
 
 
 def pairwise_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0, center_coef: float = 0.0) -> Tensor:
@@ -250,7 +269,11 @@ def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=No
     losses, accuracies = [], []
     model.train()
     bar = tqdm(total=total_steps, desc="reward", disable=not (config.progress_bar and dist.is_main()), dynamic_ncols=True)
-    for epoch, group in step_groups(len(pairs), per_step, config.num_epochs, config.seed):
+    if config.group_by_prompt:
+        steps = prompt_grouped_steps([r["prompt"] for r in train_rows], per_step, config.num_epochs, config.seed)
+    else:
+        steps = step_groups(len(pairs), per_step, config.num_epochs, config.seed)
+    for epoch, group in steps:
         loss, accuracy = accumulate_reward_gradients(model, [pairs[i] for i in group], config, tokenizer.pad_token_id, len(losses) + 1, epoch, scorer)
         stats = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, len(losses) + 1, epoch)
         losses.append(loss)

@@ -185,3 +185,49 @@ def test_cli_trains_from_jsonl_and_rejects_misspelt_keys(tiny_reward_model, tiny
     assert main(["--config", str(config_file), f"output_dir={tmp_path / 'out'}", "learning_rate=0.001"]) == 0, capsys.readouterr().err
     assert "held-out accuracy" in capsys.readouterr().out
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+def test_shared_responses_are_scored_once_with_the_same_scores_and_gradients(tiny_reward_model, tiny_tokenizer):
+    """K responses to one prompt as all their pairs: the deduplicated pass (one row per distinct
+    response) gives the scores and the gradient of scoring every pair's two rows separately."""
+    from ppo.train_reward import pair_scores
+
+    responses = ["w3 w4", "w5", "w6 w7 w8", "w9"]
+    rows = [{"prompt": "w1 w2", "chosen": a, "rejected": b} for i, a in enumerate(responses) for b in responses[i + 1 :]]
+    pairs = encode_pairs(tiny_tokenizer, rows, 64)
+    pad = tiny_tokenizer.pad_token_id
+    calls = []
+
+    def counting_scorer(ids, mask):
+        calls.append(ids.shape[0])
+        return sequence_scores(tiny_reward_model, ids, mask)
+
+    grads = []
+    for scorer in (counting_scorer, None):
+        tiny_reward_model.zero_grad()
+        if scorer is None:  # the straightforward path: each pair's two sequences on their own
+            scored = [pair_scores(tiny_reward_model, [p], pad) for p in pairs]
+            chosen, rejected = torch.cat([c for c, _ in scored]), torch.cat([r for _, r in scored])
+        else:
+            chosen, rejected = pair_scores(tiny_reward_model, pairs, pad, scorer)
+            deduped = (chosen.detach(), rejected.detach())
+        pairwise_loss(chosen, rejected).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in tiny_reward_model.parameters() if p.grad is not None]))
+    assert calls == [len(responses)]  # 6 pairs, 12 sequences, 4 distinct
+    assert torch.allclose(deduped[0], chosen.detach(), atol=1e-5) and torch.allclose(deduped[1], rejected.detach(), atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_prompt_grouped_steps_keep_a_prompts_pairs_together_and_cover_every_pair():
+    from ppo.train_reward import prompt_grouped_steps
+
+    prompts = ["a", "b", "a", "c", "b", "a", "", ""]
+    epochs = {}
+    for epoch, group in prompt_grouped_steps(prompts, 3, num_epochs=2, seed=0):
+        epochs.setdefault(epoch, []).extend(group)
+    for order in epochs.values():
+        assert sorted(order) == list(range(len(prompts)))
+        named = [prompts[i] for i in order if prompts[i]]
+        runs = [p for i, p in enumerate(named) if i == 0 or named[i - 1] != p]
+        assert len(runs) == len(set(named))  # each prompt's pairs in one contiguous run
+    assert epochs[0] != epochs[1]  # reshuffled per epoch
