@@ -463,22 +463,22 @@ class DemoConfig:
     intermediate_multiple: int = opt(2, "MLP width as a multiple of hidden_size.")
 
     # --- data (prompts are disjoint across splits) ---
-    n_sft: int = opt(2000, "Noisy demonstrations for SFT.")
-    n_pref: int = opt(3000, "Oracle-labelled preference pairs (a share held out for the RM accuracy).")
+    n_sft: int = opt(4000, "Noisy demonstrations for SFT.")
+    n_pref: int = opt(3000, "Preference prompts, each with an oracle-labelled pair (a share held out for the RM accuracy).")
     n_ppo: int = opt(2000, "PPO training prompts.")
     n_eval: int = opt(256, "Held-out evaluation prompts.")
 
     # --- SFT ---
     sft_learning_rate: float = opt(3e-3, "AdamW learning rate of SFT.")
-    sft_epochs: int = opt(4, "Passes over the demonstrations.")
+    sft_epochs: int = opt(6, "Passes over the demonstrations.")
     sft_batch_size: int = opt(64, "Demonstrations per optimizer step.")
 
     # --- reward model ---
     reward_learning_rate: float = opt(1e-3, "AdamW learning rate of the reward model.")
-    reward_epochs: int = opt(4, "Passes over the preference pairs.")
+    reward_epochs: int = opt(3, "Passes over the preference pairs.")
     reward_batch_size: int = opt(64, "Pairs per optimizer step.")
     reward_eval_fraction: float = opt(0.1, "Share of preference prompts held out (with their pairs) for the RM's pairwise accuracy.")
-    policy_pairs_per_prompt: int = opt(1, "Extra oracle-labelled pairs per preference prompt from the SFT policy's own samples (0: none).")
+    policy_pairs_per_prompt: int = opt(6, "Extra oracle-labelled pairs per preference prompt from the SFT policy's own samples (0: none).")
     pair_samples: int = opt(4, "SFT samples drawn per prompt to build those pairs from.")
     pair_temperature: float = opt(1.0, "Sampling temperature of those samples (higher: more of the mistakes a drifting policy makes).")
     drift_edits: bool = opt(True, "Add to each pool a copy of every sample with one drift mistake: a digit not in the list, a repeat, or one digit short.")
@@ -486,12 +486,12 @@ class DemoConfig:
     # --- PPO ---
     ppo_steps: int = opt(100, "PPO iterations.")
     ppo_batch_size: int = opt(64, "Prompts per PPO iteration.")
-    ppo_mini_batch_size: int | None = opt(None, "Samples per optimizer step (None: the whole rollout).")
+    ppo_mini_batch_size: int | None = opt(32, "Samples per optimizer step (None: the whole rollout).")
     ppo_epochs: int = opt(4, "Update passes over each rollout.")
     ppo_learning_rate: float = opt(3e-4, "AdamW learning rate of the policy.")
     value_learning_rate: float | None = opt(None, "AdamW learning rate of the critic (None: ppo_learning_rate).")
     num_generations: int = opt(1, "Samples per prompt in each rollout.")
-    kl_coef: float = opt(0.05, "KL penalty coefficient (the initial one when adaptive).")
+    kl_coef: float = opt(0.2, "KL penalty coefficient (the initial one when adaptive).")
     adap_kl_ctrl: bool = opt(False, "Adapt kl_coef towards target_kl.")
     target_kl: float = opt(1.0, "Target of the adaptive KL controller (summed KL per response).")
     temperature: float = opt(1.0, "Sampling temperature of PPO and of every evaluated policy.")

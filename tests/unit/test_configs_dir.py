@@ -15,3 +15,8 @@ def test_shipped_config_loads(path):
     kind = path.stem.rsplit("-", 1)[-1]
     cls = KINDS.get(kind) or getattr(C, "DemoConfig")
     C.load_config(cls, path)
+
+
+def test_demo_yaml_is_the_demo_defaults():
+    """`ppo-rlhf demo --config configs/demo.yaml` and a bare `ppo-rlhf demo` are the same run."""
+    assert C.load_config(C.DemoConfig, ROOT / "configs" / "demo.yaml") == C.DemoConfig()
