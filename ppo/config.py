@@ -483,6 +483,10 @@ class DemoConfig:
     pair_temperature: float = opt(1.0, "Sampling temperature of those samples (higher: more of the mistakes a drifting policy makes).")
     drift_edits: bool = opt(True, "Add to each pool a copy of every sample with one drift mistake: a digit not in the list, a repeat, or one digit short.")
 
+    refresh_at: float = opt(0.0, "Share of PPO steps after which the labeller also compares the PPO policy's samples and the reward model trains on them (0: never).")
+    refresh_prompts: int = opt(1500, "Training preference prompts whose PPO-policy samples make the refresh pairs.")
+    refresh_epochs: int = opt(2, "Passes of the refresh over its pairs (plus as many replayed earlier pairs).")
+
     # --- PPO ---
     ppo_steps: int = opt(100, "PPO iterations.")
     ppo_batch_size: int = opt(64, "Prompts per PPO iteration.")
@@ -512,4 +516,6 @@ class DemoConfig:
             _check_range(self, name, getattr(self, name), 1)
         if self.temperature <= 0:
             raise ConfigError(f"DemoConfig.temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.refresh_at < 1:
+            raise ConfigError(f"DemoConfig.refresh_at must be in [0, 1), got {self.refresh_at}")
         _check_choice("value_head", self.value_head, ("separate", "shared"))

@@ -119,6 +119,12 @@ def markdown(summary: dict) -> str:
              f"Reward model held-out pairwise accuracy: {rm['accuracy']:.1%} on {rm['eval_rows']} pairs of held-out prompts "
              f"(task pairs {_pct(rm['accuracy_task'])}, pairs of SFT samples {_pct(rm['accuracy_policy'])}); trained on "
              f"{rm['train_rows']} pairs.", ""]
+    if rm.get("refresh"):
+        ref = rm["refresh"]
+        lines[-1:] = [f"Online round: after {summary['config']['refresh_at']:.0%} of the PPO steps the labeller compared "
+                      f"samples of the PPO policy; the reward model trained on {ref['pairs']} such pairs plus "
+                      f"{ref['replayed']} replayed ones (held-out accuracy {_pct(rm.get('accuracy_initial'))} before, "
+                      f"{_pct(rm['accuracy'])} after; the evaluation uses this reward model).", ""]
     lines += _md_table(HEADER, _rows(summary))
     lines += ["", "- proxy: the reward model's score; gold: the oracle's 0-100 score; every policy sampled at the "
               "PPO temperature on the same prompts.",

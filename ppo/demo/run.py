@@ -8,6 +8,8 @@ The recipe, top to bottom (`run_demo`):
        oracle-labelled pairs; its held-out pairwise accuracy              -> output_dir/reward/final
     4. PPO from the SFT policy against the learned reward model, never the oracle; each step's
        samples are also scored by the oracle, for the report only         -> output_dir/ppo/final
+       After `refresh_at` of the steps, one online round: the labeller compares the PPO policy's
+       samples and the reward model trains on (online RLHF)       -> output_dir/reward_refresh/final
     5. evaluation on held-out prompts of SFT, best-of-n from SFT (picked by the reward model) and
        PPO: proxy (reward model) and gold (oracle) scores, KL to SFT, RM accuracy on the samples
     6. report.md, report.png and summary.json; the targets printed with PASS / MISS
@@ -40,7 +42,7 @@ import torch
 
 from ppo.config import DemoConfig, PPOConfig, RewardConfig, SFTConfig, config_to_dict, save_config
 
-DEMO_OUTPUTS = ("config.yaml", "base", "sft", "reward", "ppo", "report.md", "report.png", "summary.json")
+DEMO_OUTPUTS = ("config.yaml", "base", "sft", "reward", "reward_refresh", "ppo", "report.md", "report.png", "summary.json")
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,12 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         reward_model, rm_metrics = run_reward(config, plan, policy, tokenizer, task, splits["preference"], out)
     # 4. PPO from a fresh copy of the SFT policy; the in-memory SFT model is the frozen reference
     with timer("4 PPO"):
-        history = run_ppo(config, plan, policy, tokenizer, reward_model, splits["ppo"], out)
+        refresh = RewardRefresh(config, plan, reward_model, tokenizer, task, rm_metrics.pop("rows"), out)
+        history = run_ppo(config, plan, policy, tokenizer, reward_model, splits["ppo"], out, refresh)
+        rm_metrics["refresh"] = refresh.result
+        if refresh.result:  # the reward model PPO ended with, the one evaluation uses
+            rm_metrics.update(accuracy_initial=rm_metrics["accuracy"], **{k: v for k, v in refresh.result.items() if k.startswith("accuracy_")})
+            rm_metrics["accuracy"] = refresh.result["accuracy_all"]
         ppo_policy = load_policy(out / "ppo" / "final")
     # 5. held-out evaluation of SFT, best-of-n from SFT and PPO
     with timer("5 evaluation"):
@@ -107,8 +114,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         summary = {
             "config": config_to_dict(config), "plan": asdict(plan),
             "sft": {k: sft_metrics[k] for k in ("final_loss", "steps", "train_rows")},
-            "reward": {k: rm_metrics[k] for k in ("accuracy", "accuracy_task", "accuracy_policy", "steps", "train_rows",
-                                                  "eval_rows", "policy_pairs")},
+            "reward": {k: rm_metrics.get(k) for k in ("accuracy", "accuracy_task", "accuracy_policy", "accuracy_initial", "refresh",
+                                                      "steps", "train_rows", "eval_rows", "policy_pairs")},
             "ppo": {"steps": len(history), "history": history},
             "eval": {name: {k: v for k, v in r.items() if k != "generations"} for name, r in results.items()},
             "samples": sample_table(results, config.report_samples),
@@ -201,6 +208,7 @@ def run_reward(config: DemoConfig, plan: DemoPlan, policy, tokenizer, task, rows
     """
     from transformers import AutoModelForSequenceClassification
 
+    from ppo.demo.pairs import policy_pairs
     from ppo.stage import split_rows
     from ppo.train_reward import pairwise_accuracy, train_reward_model
 
@@ -216,63 +224,13 @@ def run_reward(config: DemoConfig, plan: DemoPlan, policy, tokenizer, task, rows
     model = AutoModelForSequenceClassification.from_pretrained(out / "reward" / "final", dtype=torch.float32).eval()
     held = {"task": held_task, "policy": held_policy, "all": held_task + held_policy}
     metrics.update({f"accuracy_{k}": pairwise_accuracy(model, tokenizer, v, 256) if v else None for k, v in held.items()})
+    metrics["rows"] = {"train": train_task + train_policy, "held": held}  # for the refresh during PPO; not in the summary
     metrics.update(accuracy=metrics["accuracy_all"], train_rows=len(train_task) + len(train_policy),
                    eval_rows=len(held["all"]), policy_pairs=len(train_policy) + len(held_policy))
     print(f"   reward model: {metrics['train_rows']} training pairs ({metrics['policy_pairs']} from SFT samples); "
           f"held-out pairwise accuracy {metrics['accuracy']:.1%} (task pairs {metrics['accuracy_task']:.1%}, "
           f"SFT-sample pairs {metrics['accuracy_policy'] or float('nan'):.1%})")
     return model, metrics
-
-
-@torch.no_grad()
-def policy_pairs(config: DemoConfig, policy, tokenizer, task, prompts: list[str]) -> list[dict]:
-    """Up to `policy_pairs_per_prompt` pairs per prompt, drawn at random among the decisive pairs
-    (gold gap >= the task's margin, the better one chosen) of a pool: `pair_samples` samples of the
-    policy at `pair_temperature` and, with `drift_edits`, one drifted copy of each sample."""
-    import random
-
-    from ppo.data import collate_prompts
-    from ppo.rollout import HFRolloutEngine, SamplingParams
-
-    k = config.pair_samples
-    if not prompts or config.policy_pairs_per_prompt == 0:
-        return []
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    params = SamplingParams(config.max_new_tokens, config.pair_temperature, stop_token_ids=(tokenizer.eos_token_id,))
-    engine, pairs = HFRolloutEngine(policy, tokenizer), []
-    for start in range(0, len(prompts), 256):
-        chunk = prompts[start : start + 256]
-        rollout = engine.generate(collate_prompts(tokenizer, chunk).repeat(k), params)
-        texts = tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
-        for i, prompt in enumerate(chunk):
-            pool = texts[i * k : (i + 1) * k]
-            if config.drift_edits:
-                pool += [drift(prompt, t, rng) for t in pool]
-            pool = sorted(set(pool))  # sorted: a deterministic order to draw from
-            gold = {t: task.gold_score(prompt, t) for t in pool}
-            decisive = [(a, b) for a in pool for b in pool if gold[a] - gold[b] >= task.pair_margin]
-            for chosen, rejected in rng.sample(decisive, min(len(decisive), config.policy_pairs_per_prompt)):
-                pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return pairs
-
-
-def drift(prompt: str, response: str, rng) -> str:
-    """`response` with one of the mistakes a policy makes when it drifts from SFT under an imperfect
-    reward model (all three seen in our runs): a digit that is not in the prompt's list, a repeated
-    digit, or stopping one digit early."""
-    words = [w for w in response.split() if w != "none"]
-    listed = prompt.split(":")[-1].split("=")[0].split()  # the digits of "rule [N] : d d d ="
-    foreign = [str(d) for d in range(10) if str(d) not in listed]
-    mistake = rng.choice(("foreign", "repeat", "early") if words else ("foreign",))
-    if mistake == "foreign" and foreign:
-        words.insert(rng.randint(0, len(words)), rng.choice(foreign))
-    elif mistake == "repeat" or not foreign:
-        i = rng.randrange(len(words))
-        words.insert(i + 1, words[i])
-    else:
-        words.pop()
-    return " ".join(words)
 
 
 def ppo_config(config: DemoConfig, plan: DemoPlan, out: Path) -> PPOConfig:
@@ -287,8 +245,26 @@ def ppo_config(config: DemoConfig, plan: DemoPlan, out: Path) -> PPOConfig:
     )
 
 
-def run_ppo(config: DemoConfig, plan: DemoPlan, sft_policy, tokenizer, reward_model, rows, out: Path) -> list[dict]:
-    """PPO steps against the reward model; returns one record per step (with the gold score)."""
+class RewardRefresh:
+    """Calls `ppo.demo.pairs.refresh_reward_model` once, after `refresh_at` of the PPO steps."""
+
+    def __init__(self, config: DemoConfig, plan: DemoPlan, reward_model, tokenizer, task, rows: dict, out: Path):
+        self.step = round(config.refresh_at * plan.ppo_steps) if config.refresh_at > 0 else None
+        self.args = (config, reward_model)
+        self.rest = (tokenizer, task, rows, out)
+        self.result: dict | None = None
+
+    def __call__(self, step: int, ppo_policy) -> None:
+        if step == self.step:
+            from ppo.demo.pairs import refresh_reward_model
+
+            config, reward_model = self.args
+            self.result = refresh_reward_model(config, reward_model, ppo_policy, *self.rest)
+
+
+def run_ppo(config: DemoConfig, plan: DemoPlan, sft_policy, tokenizer, reward_model, rows, out: Path, refresh=None) -> list[dict]:
+    """PPO steps against the reward model; returns one record per step (with the gold score).
+    `refresh(step, policy)` runs after each step (the reward model's second round)."""
     from tqdm.auto import tqdm
 
     from ppo import PPOTrainer
@@ -318,6 +294,8 @@ def run_ppo(config: DemoConfig, plan: DemoPlan, sft_policy, tokenizer, reward_mo
         history.append(record)
         logger.log(step + 1, record)
         bar.set_postfix(proxy=f"{record['proxy']:.2f}", gold=f"{record['gold']:.1f}", kl=f"{record['kl']:.2f}")
+        if refresh is not None:
+            refresh(step + 1, trainer.policy)
     bar.close()
     logger.close()
     trainer.save_pretrained(str(out / "ppo" / "final"))

@@ -16,7 +16,7 @@ from ppo.demo.run import main, run_demo
 
 
 def quick_config(path, **overrides) -> DemoConfig:
-    values = dict(output_dir=str(path), quick=True, progress_bar=False, threads=1)
+    values = dict(output_dir=str(path), quick=True, progress_bar=False, threads=1, refresh_at=0.5)  # the online round too
     values.update(overrides)
     return DemoConfig(**values)
 
@@ -58,6 +58,10 @@ def test_the_stages_chain(quick_run):
     assert not torch.equal(base[name], sft[name])  # SFT trained the base model
     assert not torch.equal(sft[name], ppo[name])  # PPO started from SFT and moved it
     assert not torch.equal(sft[name], reward[name])  # the RM's backbone trained on from SFT's
+    refreshed = AutoModelForSequenceClassification.from_pretrained(out / "reward_refresh" / "final").state_dict()
+    assert not torch.equal(reward[name], refreshed[name])  # the mid-PPO refresh trained the reward model on
+    assert summary["reward"]["refresh"]["pairs"] > 0
+    assert summary["reward"]["accuracy"] == summary["reward"]["refresh"]["accuracy_all"]  # the RM that PPO ended with
     lines = (out / "ppo" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == summary["ppo"]["steps"] == summary["plan"]["ppo_steps"]
     assert {"proxy", "gold", "kl", "entropy", "response_length"} <= set(json.loads(lines[0]))
