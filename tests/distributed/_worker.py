@@ -79,6 +79,10 @@ def ppo(out: Path, strategy: str, value_head: str, resume: str | None = None, re
         save_steps=2, output_dir=str(out), progress_bar=False, seed=5, value_head=value_head,
         gradient_checkpointing=value_head == "separate",  # as the shipped configs (a shared head cannot)
         strategy=strategy, dist_timeout_s=TIMEOUT_S, resume_from_checkpoint=resume,
+        # pi_old from a full forward: the KV-cache decode's rounding depends on how many rows share a
+        # rank, which would add batch-dependent noise to a 1-process/2-rank comparison at 1e-5
+        # (the sampling-pass log-probs have their own test against this forward).
+        rollout_logprobs=False,
     )
     trainer = PPOTrainer(config, policy, tok, reward_model=reward_model, reward_funcs=reward, reward_weights=[0.5, 1.0])
     prompts = [" ".join(f"w{(i * 5 + j) % 29}" for j in range(1 + i % 3)) for i in range(12)]
