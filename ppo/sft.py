@@ -34,9 +34,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ppo import distributed as dist
-from ppo.config import ConfigError, SFTConfig
+from ppo.config import SFTConfig
 from ppo.rollout.hf import position_ids_from_mask
 from ppo.stage import (
+    given_or_loaded_rows,
     build_optimizer,
     check_loss,
     check_output_dir,
@@ -225,21 +226,13 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
 def sft_rows(config: SFTConfig, tokenizer, rows) -> list[dict[str, str]]:
     """{"prompt", "completion"} rows: `rows` as given when already in that form, else read with
     `ppo.formats.load_sft_rows` (from `rows` or from the file `config.data`)."""
-    if rows is None and config.data is None:
-        raise ConfigError("no SFT data: set data=<file> or pass rows=")
-    if isinstance(rows, list) and all(isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str) for r in rows):
-        loaded = rows
-    else:
+    def load(source):
         from ppo.formats import load_sft_rows  # formats pulls in `datasets`; only needed for files
 
-        loaded = load_sft_rows(
-            config.data if rows is None else rows, tokenizer, prompt_column=config.prompt_column,
-            completion_column=config.completion_column, messages_column=config.messages_column,
-            skip_bad_rows=config.skip_bad_rows,
-        )
-    if not loaded:
-        raise ValueError("no SFT rows to train on: the data is empty")
-    return loaded
+        return load_sft_rows(source, tokenizer, prompt_column=config.prompt_column, completion_column=config.completion_column,
+                             messages_column=config.messages_column, skip_bad_rows=config.skip_bad_rows)
+
+    return given_or_loaded_rows(rows, config.data, ("prompt", "completion"), load, "SFT data")
 
 
 def main(argv: list[str] | None = None) -> int:

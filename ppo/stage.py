@@ -69,18 +69,23 @@ def main_logger(out: Path, report_to: list[str] | None = None):
 def start_outputs(out: Path, config):
     """Remove this recipe's previous outputs, write config.yaml, open metrics.jsonl (rank 0; the
     barrier first lets every rank finish `check_output_dir` before anything is removed)."""
-    import shutil
-
     dist.barrier()
     if dist.is_main():
-        for name in OUTPUTS:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        remove_outputs(out, OUTPUTS)
         save_config(config, out / "config.yaml")
     return main_logger(out)
+
+
+def remove_outputs(out: Path, names) -> None:
+    """Delete the files and directories `names` under `out` (those that exist)."""
+    import shutil
+
+    for name in names:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def finish_outputs(out: Path, config, model, tokenizer, logger, metrics: dict) -> None:
@@ -219,3 +224,17 @@ def run_cli(stage: str, config_cls, train_fn, argv: list[str] | None, summary) -
         print(f"ppo-rlhf {stage}: {metrics['steps']} steps, {summary(metrics)}; outputs in {metrics['output_dir']}")
     return 0
 
+
+
+def given_or_loaded_rows(rows, data: str | None, keys: tuple[str, ...], load, what: str) -> list[dict[str, str]]:
+    """`rows` as given when each is already a dict of `keys` to strings, else `load(rows or data)`
+    (a `ppo.formats` reader, which pulls in `datasets` only then); refuses no data and empty data."""
+    if rows is None and data is None:
+        raise ConfigError(f"no {what}: set data=<file> or pass rows=")
+    if isinstance(rows, list) and all(isinstance(r, dict) and all(isinstance(r.get(k), str) for k in keys) for r in rows):
+        loaded = rows
+    else:
+        loaded = load(data if rows is None else rows)
+    if not loaded:
+        raise ValueError(f"no {what} to train on: the data is empty")
+    return loaded

@@ -36,6 +36,7 @@ from ppo.config import ConfigError, RewardConfig
 from ppo.forward import sequence_scores
 from ppo.sft import collate, encode_prompt_completion
 from ppo.stage import (
+    given_or_loaded_rows,
     build_optimizer,
     check_loss,
     check_output_dir,
@@ -306,22 +307,13 @@ def held_out(model, tokenizer, eval_rows: list[dict], config: RewardConfig) -> d
 def preference_rows(config: RewardConfig, tokenizer, rows) -> list[dict[str, str]]:
     """{"prompt", "chosen", "rejected"} rows: `rows` as given when already in that form, else read
     with `ppo.formats.load_preference_rows` (from `rows` or from the file `config.data`)."""
-    if rows is None and config.data is None:
-        raise ConfigError("no preference data: set data=<file> or pass rows=")
-    keys = ("prompt", "chosen", "rejected")
-    if isinstance(rows, list) and all(isinstance(r, dict) and all(isinstance(r.get(k), str) for k in keys) for r in rows):
-        loaded = rows
-    else:
+    def load(source):
         from ppo.formats import load_preference_rows  # formats pulls in `datasets`; only needed for files
 
-        loaded = load_preference_rows(
-            config.data if rows is None else rows, tokenizer, prompt_column=config.prompt_column,
-            chosen_column=config.chosen_column, rejected_column=config.rejected_column,
-            skip_bad_rows=config.skip_bad_rows,
-        )
-    if not loaded:
-        raise ValueError("no preference pairs to train on: the data is empty")
-    return loaded
+        return load_preference_rows(source, tokenizer, prompt_column=config.prompt_column, chosen_column=config.chosen_column,
+                                    rejected_column=config.rejected_column, skip_bad_rows=config.skip_bad_rows)
+
+    return given_or_loaded_rows(rows, config.data, ("prompt", "chosen", "rejected"), load, "preference data")
 
 
 def main(argv: list[str] | None = None) -> int:

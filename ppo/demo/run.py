@@ -31,7 +31,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -132,15 +131,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 def prepare_output_dir(config: DemoConfig) -> Path:
     """Refuse a directory holding another run (before anything is written), then clear the demo's
     previous outputs so no stage refuses its own sub-directory and nothing stale survives."""
-    from ppo.stage import check_output_dir
+    from ppo.stage import check_output_dir, remove_outputs
 
     out = check_output_dir(config)
-    for name in DEMO_OUTPUTS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    remove_outputs(out, DEMO_OUTPUTS)
     save_config(config, out / "config.yaml")
     return out
 
