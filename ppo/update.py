@@ -24,26 +24,58 @@ from ppo.config import BatchPlan, PPOConfig
 from ppo.forward import policy_logprobs
 
 
-def micro_batch_loss(mb: ScoredBatch, policy, critic, config: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """The PPO loss of one (trimmed) micro-batch and its statistics."""
-    width = mb.response_width
+def _policy_part(mb: ScoredBatch, policy, critic, config: PPOConfig):
+    """The clipped policy loss (minus the entropy bonus) of a micro-batch, its statistics, and the
+    policy's hidden states when a shared value head needs them."""
     want_entropy = config.entropy_coef != 0.0
     logprobs, entropy, hidden = policy_logprobs(
-        policy, mb.input_ids, mb.attention_mask, width, config.temperature,
+        policy, mb.input_ids, mb.attention_mask, mb.response_width, config.temperature,
         config.logprob_chunk_size, with_entropy=want_entropy, output_hidden=critic.uses_policy_hidden,
     )
-    values = critic.values(mb.input_ids, mb.attention_mask, width, hidden)
-    mask = mb.response_mask
-    pg_loss, pg_stats = F.clipped_policy_loss(logprobs, mb.logprobs, mb.advantages, mask, config.clip_range)
-    vf_loss, vf_stats = F.clipped_value_loss(values, mb.values, mb.returns, mask, config.clip_range_value)
-    loss = pg_loss + config.vf_coef * vf_loss
-    stats = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), **pg_stats, **vf_stats}
+    loss, stats = F.clipped_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, config.clip_range)
+    stats = {"policy_loss": loss.detach(), **stats}
     if want_entropy:
-        mean_entropy = F.masked_mean(entropy, mask)
+        mean_entropy = F.masked_mean(entropy, mb.response_mask)
         loss = loss - config.entropy_coef * mean_entropy
         stats["update_entropy"] = mean_entropy.detach()
-    stats["loss"] = loss.detach()
-    return loss, stats
+    return loss, stats, hidden
+
+
+def _value_part(mb: ScoredBatch, critic, config: PPOConfig, policy_hidden):
+    """vf_coef x the clipped value loss of a micro-batch, and its statistics."""
+    values = critic.values(mb.input_ids, mb.attention_mask, mb.response_width, policy_hidden)
+    loss, stats = F.clipped_value_loss(values, mb.values, mb.returns, mb.response_mask, config.clip_range_value)
+    return config.vf_coef * loss, {"value_loss": loss.detach(), **stats}
+
+
+def micro_batch_loss(mb: ScoredBatch, policy, critic, config: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """The PPO loss of one (trimmed) micro-batch and its statistics, as one graph."""
+    pg_loss, pg_stats, hidden = _policy_part(mb, policy, critic, config)
+    vf_loss, vf_stats = _value_part(mb, critic, config, hidden)
+    loss = pg_loss + vf_loss
+    return loss, {**pg_stats, **vf_stats, "loss": loss.detach()}
+
+
+def micro_batch_backward(mb: ScoredBatch, policy, critic, config: PPOConfig, weight: float, autocast=contextlib.nullcontext):
+    """Accumulate the gradient of `weight` x the micro-batch's PPO loss; return its statistics.
+
+    With a separate critic the policy's loss goes backward before the critic runs forward: the two
+    models share no parameter, so every gradient is the one the summed loss gives, and only one
+    model's activations are alive at a time (the update's peak memory drops by the critic's).
+    A shared value head reads the policy's hidden states, so there it is one graph.
+    """
+    if critic.uses_policy_hidden:
+        with autocast():
+            loss, stats = micro_batch_loss(mb, policy, critic, config)
+        (loss * weight).backward()
+        return stats
+    with autocast():
+        pg_loss, pg_stats, _ = _policy_part(mb, policy, critic, config)
+    (pg_loss * weight).backward()
+    with autocast():
+        vf_loss, vf_stats = _value_part(mb, critic, config, None)
+    (vf_loss * weight).backward()
+    return {**pg_stats, **vf_stats, "loss": (pg_loss + vf_loss).detach()}
 
 
 def ppo_update(
@@ -81,9 +113,7 @@ def ppo_update(
                 mb = batch.select(micro).trim_padding()
                 # Gradients cross ranks once per mini-batch: on its last micro-batch.
                 with dist.gradient_sync((policy, critic.module), enabled=i == len(micros) - 1):
-                    with autocast():
-                        loss, stats = micro_batch_loss(mb, policy, critic, config)
-                    (loss * (len(micro) * dist.world_size() / len(mini))).backward()
+                    stats = micro_batch_backward(mb, policy, critic, config, len(micro) * dist.world_size() / len(mini), autocast)
                 for key, value in stats.items():
                     history[key].append(value)
                 epoch_kl.append(stats["approx_kl"])
