@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark ppo-rlhf's PPO iteration on CPU, optionally against TRL 1.12 on the same workload.
 
-    python benchmarks/run.py                                   # W1,W2,W3 in fp32, ppo-rlhf only
+    python benchmarks/run.py                                   # W1,W2,W3, fp32 and bf16 (where fast), ppo-rlhf only
     python benchmarks/run.py --vs trl --precision both --iters 3 --warmup 1 --workloads W1,W3
     python benchmarks/run.py --smoke --json-out /tmp/bench.json   # toy sizes, seconds, no TRL
 
@@ -35,7 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--workloads", default="W1,W2,W3", help="comma-separated: W1, W2, W3")
     p.add_argument("--iters", type=int, default=3, help="measured iterations per run")
     p.add_argument("--warmup", type=int, default=1, help="warm-up iterations per run (not measured)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="fp32", help="ppo-rlhf precision (TRL is always fp32)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both",
+                   help="ppo-rlhf precision (TRL is always fp32); bf16 is skipped, with the reason, on a CPU without fast bf16")
     p.add_argument("--vs", choices=["trl"], default=None, help="also run the TRL 1.12 anchor, alternating")
     p.add_argument("--repeats", type=int, default=1, help="alternating rounds per workload")
     p.add_argument("--threads", type=int, default=2)

@@ -93,7 +93,7 @@ class PPOConfig:
 
     # --- models ---
     value_head: str = opt("separate", "'separate': its own critic model; 'shared': a value head on the policy.")
-    precision: str = opt("fp32", "fp32, bf16 (autocast) or auto (bf16 where the hardware is fast at it).")
+    precision: str = opt("auto", "auto: bf16 autocast where the hardware is fast at it (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32; or fp32, bf16.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     rollout_logprobs: bool = opt(True, "Take pi_old's log-probs from the sampling pass, not a second policy forward (same maths; differs only by float rounding).")
     logprob_chunk_size: int = opt(8, "Rows per chunk when turning logits into log-probs (bounds [B,T,V] memory).")

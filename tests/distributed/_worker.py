@@ -83,6 +83,7 @@ def ppo(out: Path, strategy: str, value_head: str, resume: str | None = None, re
         # rank, which would add batch-dependent noise to a 1-process/2-rank comparison at 1e-5
         # (the sampling-pass log-probs have their own test against this forward).
         rollout_logprobs=False,
+        precision="fp32",  # compared at 1e-5 whatever the machine
     )
     trainer = PPOTrainer(config, policy, tok, reward_model=reward_model, reward_funcs=reward, reward_weights=[0.5, 1.0])
     prompts = [" ".join(f"w{(i * 5 + j) % 29}" for j in range(1 + i % 3)) for i in range(12)]

@@ -60,3 +60,20 @@ def test_batch_plan_is_derived_not_written_back():
     assert plan_batches(PPOConfig(batch_size=4)).mini_batch == 4
     with pytest.raises(ConfigError, match="divide evenly over 3 ranks"):
         plan_batches(c, world_size=3)
+
+
+@pytest.mark.parametrize("flags, capability, expected", [
+    ("fpu avx2 avx512f avx512_bf16", "AVX512", "bf16"),
+    ("fpu avx2 amx_bf16 avx512f", "AVX512", "bf16"),
+    ("fpu avx2 fma", "AVX2", "fp32"),  # bf16 would be emulated: many times slower than fp32
+])
+def test_auto_precision_is_bf16_only_where_the_cpu_is_fast_at_it(monkeypatch, flags, capability, expected):
+    import torch
+
+    from ppo import roles
+
+    assert PPOConfig().precision == "auto"
+    monkeypatch.setattr(roles, "_cpu_has_bf16", lambda: "avx512_bf16" in flags or "amx_bf16" in flags)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert roles.resolve_precision("auto", torch.device("cpu")) == expected
+    assert roles.resolve_precision("fp32", torch.device("cpu")) == "fp32"
