@@ -97,6 +97,7 @@ class PPOConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     rollout_logprobs: bool = opt(True, "Take pi_old's log-probs from the sampling pass, not a second policy forward (same maths; differs only by float rounding).")
     logprob_chunk_size: int = opt(8, "Rows per chunk when turning logits into log-probs (bounds [B,T,V] memory).")
+    host_mmap_threshold_mib: float | None = opt(None, "CPU runs: host allocations of at least this many MiB go straight to mmap, so freed activations return to the OS. W2 at 1.0: peak RSS -19%, time +55% (page faults). None: malloc's own policy. Process-wide, glibc only.")
 
     # --- LoRA (peft) ---
     lora_r: int = opt(0, "LoRA rank of the policy's adapter (0: full fine-tuning).")
@@ -133,6 +134,8 @@ class PPOConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         _check_choice("value_head", self.value_head, ("separate", "shared"))
         _check_choice("precision", self.precision, ("fp32", "bf16", "auto"))
+        if self.host_mmap_threshold_mib is not None and self.host_mmap_threshold_mib <= 0:
+            raise ConfigError(f"host_mmap_threshold_mib must be > 0 (or None), got {self.host_mmap_threshold_mib}")
         _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         _check_choice("optimizer", self.optimizer, ("adamw", "adamw_8bit"))
         _check_choice("strategy", self.strategy, ("ddp", "fsdp"))

@@ -27,6 +27,7 @@ from ppo.batch import PromptBatch, Rollout, ScoredBatch
 from ppo.config import PPOConfig, plan_batches
 from ppo.data import collate_prompts, ensure_pad_token
 from ppo.forward import policy_logprobs
+from ppo.host_memory import pin_mmap_threshold
 from ppo.rewards import RewardSources
 from ppo.roles import (
     apply_lora,
@@ -94,6 +95,8 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(config.precision, self.device)
+        if self.device.type == "cpu":
+            pin_mmap_threshold(config.host_mmap_threshold_mib)
         use_lora = peft_config is not None or config.lora_r > 0 or is_peft_model(model)
         lora_source = peft_config if peft_config is not None else config
         # The critic copies the policy's plain weights, so it is built before adapters go in.
