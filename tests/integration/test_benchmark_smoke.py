@@ -29,14 +29,17 @@ def test_benchmark_smoke(tmp_path):
     assert "Machine:" in proc.stdout
 
     payload = json.loads(out.read_text())
-    (row,) = payload["rows"]
-    assert row["system"] == "ppo-rlhf" and row["iterations"] == 1
-    for key in ("iter_s", "generate_s", "score_s", "update_s", "rollout_s", "tokens_per_s", "peak_rss_mib", "gflops"):
-        assert row[key] > 0, (key, row)
-    (run,) = payload["runs"]
-    for iteration in run["iters"]:  # the warm-up too
-        for phase in ("generate_s", "score_s", "update_s"):
-            assert iteration[phase] > 0, (phase, iteration)
-    # Every response ran to its full length, so the token count is exactly B * (P + R).
-    params = run["workload_params"]
-    assert run["tokens_per_iter"] == params["batch"] * (params["prompt_len"] + params["response_len"])
+    # By default both precisions (the smoke run does bf16 even where it is emulated: toy sizes).
+    assert [(r["system"], r["precision"]) for r in payload["rows"]] == [("ppo-rlhf", "fp32"), ("ppo-rlhf", "bf16")]
+    for row in payload["rows"]:
+        assert row["iterations"] == 1
+        for key in ("iter_s", "generate_s", "score_s", "update_s", "rollout_s", "tokens_per_s", "peak_rss_mib", "gflops"):
+            assert row[key] > 0, (key, row)
+    assert len(payload["runs"]) == 2
+    for run in payload["runs"]:
+        for iteration in run["iters"]:  # the warm-up too
+            for phase in ("generate_s", "score_s", "update_s"):
+                assert iteration[phase] > 0, (phase, iteration)
+        # Every response ran to its full length, so the token count is exactly B * (P + R).
+        params = run["workload_params"]
+        assert run["tokens_per_iter"] == params["batch"] * (params["prompt_len"] + params["response_len"])
