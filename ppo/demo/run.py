@@ -23,6 +23,7 @@ data order is a pure function of the seed.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 
@@ -45,13 +46,13 @@ def _others_keep_a_core_busy(seconds: float = 0.25) -> bool:
 # next op: right on a quiet machine (the demo's thousands of tiny ops per step). When another
 # process holds a core, a spinning thread waits out a scheduler slice per op instead. Measured, a
 # PPO step of the demo with 2 threads: quiet 1.2 s spinning vs 2.6 s sleeping; one core busy 14 s
-# spinning vs 2.3 s sleeping. So sleep only when the machine is busy at start (or when told to).
-if "OMP_WAIT_POLICY" not in os.environ and _others_keep_a_core_busy():
+# spinning vs 2.3 s sleeping. So sleep only when the machine is busy at start (or when told to);
+# once torch is loaded (the demo imported by a program) the setting would come too late.
+if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ and _others_keep_a_core_busy():
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
