@@ -254,7 +254,7 @@ def ppo_config(config: DemoConfig, plan: DemoPlan, out: Path) -> PPOConfig:
         mini_batch_size=config.ppo_mini_batch_size, ppo_epochs=config.ppo_epochs, num_generations=config.num_generations,
         kl_coef=config.kl_coef, adap_kl_ctrl=config.adap_kl_ctrl, target_kl=config.target_kl,
         temperature=config.temperature, max_new_tokens=config.max_new_tokens, whiten_rewards=config.whiten_rewards,
-        missing_eos_penalty=config.missing_eos_penalty, vf_coef=config.vf_coef, value_head=config.value_head,
+        missing_eos_penalty=config.missing_eos_penalty, vf_coef=config.vf_coef, value_head=config.value_head, precision=config.precision,
         progress_bar=config.progress_bar,
     )
 
