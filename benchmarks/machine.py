@@ -1,7 +1,7 @@
 """What machine the numbers came from: CPU, load, CPU time used by others, and its matmul peak.
 
-Standard library only at import time (torch is imported inside `matmul_peak`), so the benchmark
-workers can import this module before they pin their thread counts.
+Standard library and `ppo.host_cpu` only at import time (torch is imported inside `matmul_peak`), so
+the benchmark workers can import this module before they pin their thread counts.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import platform
 import resource
 import statistics
 import time
+
+from ppo import host_cpu
 
 
 def cpu_model() -> str:
@@ -26,30 +28,15 @@ def cpu_model() -> str:
 
 def cpu_flags(wanted=("avx2", "avx512f", "avx512_bf16", "amx_bf16")) -> list[str]:
     """The vector-extension flags that decide the fp32 and bf16 matmul speed."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in wanted if flag in have]
-    except OSError:
-        pass
-    return []
+    have = host_cpu.cpu_flags()
+    return [flag for flag in wanted if flag in have]
 
 
 def loadavg() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine (all processes) has spent busy, from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return float("nan")
-    # user nice system idle iowait irq softirq steal: everything but idle and iowait is busy.
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / os.sysconf("SC_CLK_TCK")
+machine_busy_s = host_cpu.machine_busy_s
 
 
 def own_cpu_s() -> float:

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from ppo.critic import SeparateCritic, SharedCritic
+from ppo.host_cpu import cpu_flags
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -124,11 +125,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def _cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return not cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
 def autocast_context(precision: str, device: torch.device):

@@ -22,6 +22,7 @@ def policy_pairs(config: DemoConfig, policy, tokenizer, task, prompts: list[str]
     import random
 
     from ppo.data import collate_prompts
+    from ppo.demo.task import drift
     from ppo.rollout import HFRolloutEngine, SamplingParams
 
     k = config.pair_samples
@@ -45,24 +46,6 @@ def policy_pairs(config: DemoConfig, policy, tokenizer, task, prompts: list[str]
             for chosen, rejected in rng.sample(decisive, min(len(decisive), config.policy_pairs_per_prompt)):
                 pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs
-
-
-def drift(prompt: str, response: str, rng) -> str:
-    """`response` with one of the mistakes a policy makes when it drifts from SFT under an imperfect
-    reward model (all three seen in our runs): a digit that is not in the prompt's list, a repeated
-    digit, or stopping one digit early."""
-    words = [w for w in response.split() if w != "none"]
-    listed = prompt.split(":")[-1].split("=")[0].split()  # the digits of "rule [N] : d d d ="
-    foreign = [str(d) for d in range(10) if str(d) not in listed]
-    mistake = rng.choice(("foreign", "repeat", "early") if words else ("foreign",))
-    if mistake == "foreign" and foreign:
-        words.insert(rng.randint(0, len(words)), rng.choice(foreign))
-    elif mistake == "repeat" or not foreign:
-        i = rng.randrange(len(words))
-        words.insert(i + 1, words[i])
-    else:
-        words.pop()
-    return " ".join(words)
 
 
 def refresh_reward_model(config: DemoConfig, reward_model, ppo_policy, tokenizer, task, reward_rows: dict, out) -> dict:

@@ -24,23 +24,8 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
-
-def _others_keep_a_core_busy(seconds: float = 0.25) -> bool:
-    """Whether other processes used at least half a core over `seconds` (Linux /proc/stat)."""
-    def busy_s():
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        return (sum(ticks[:3]) + sum(ticks[5:8])) / os.sysconf("SC_CLK_TCK")  # user nice system irq softirq steal
-
-    try:
-        start = busy_s()
-        time.sleep(seconds)
-        return busy_s() - start >= 0.5 * seconds
-    except (OSError, ValueError, IndexError):
-        return False
-
+from ppo.host_cpu import others_keep_a_core_busy
 
 # Before torch loads OpenMP, which reads this once. An idle OpenMP thread spins, waiting for the
 # next op: right on a quiet machine (the demo's thousands of tiny ops per step). When another
@@ -48,11 +33,12 @@ def _others_keep_a_core_busy(seconds: float = 0.25) -> bool:
 # PPO step of the demo with 2 threads: quiet 1.2 s spinning vs 2.6 s sleeping; one core busy 14 s
 # spinning vs 2.3 s sleeping. So sleep only when the machine is busy at start (or when told to);
 # once torch is loaded (the demo imported by a program) the setting would come too late.
-if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ and _others_keep_a_core_busy():
+if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ and others_keep_a_core_busy():
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -264,16 +250,14 @@ class RewardRefresh:
 
     def __init__(self, config: DemoConfig, plan: DemoPlan, reward_model, tokenizer, task, rows: dict, out: Path):
         self.step = round(config.refresh_at * plan.ppo_steps) if config.refresh_at > 0 else None
-        self.args = (config, reward_model)
-        self.rest = (tokenizer, task, rows, out)
+        self.config, self.reward_model, self.tokenizer, self.task, self.rows, self.out = config, reward_model, tokenizer, task, rows, out
         self.result: dict | None = None
 
     def __call__(self, step: int, ppo_policy) -> None:
         if step == self.step:
             from ppo.demo.pairs import refresh_reward_model
 
-            config, reward_model = self.args
-            self.result = refresh_reward_model(config, reward_model, ppo_policy, *self.rest)
+            self.result = refresh_reward_model(self.config, self.reward_model, ppo_policy, self.tokenizer, self.task, self.rows, self.out)
 
 
 def run_ppo(config: DemoConfig, plan: DemoPlan, sft_policy, tokenizer, reward_model, rows, out: Path, refresh=None) -> list[dict]:

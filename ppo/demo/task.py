@@ -175,6 +175,24 @@ def _perturb(task: DemoTask, prompt: str, response: str, rng: random.Random) -> 
     return " ".join(words or [NONE_WORD])
 
 
+def drift(prompt: str, response: str, rng) -> str:
+    """`response` with one of the mistakes a policy makes when it drifts from SFT under an imperfect
+    reward model (all three seen in our runs): a digit that is not in the prompt's list, a repeated
+    digit, or stopping one digit early."""
+    words = [w for w in response.split() if w != NONE_WORD]
+    listed = _parse(prompt)[2]
+    foreign = [str(d) for d in range(10) if str(d) not in listed]
+    mistake = rng.choice(("foreign", "repeat", "early") if words else ("foreign",))
+    if mistake == "foreign" and foreign:
+        words.insert(rng.randint(0, len(words)), rng.choice(foreign))
+    elif mistake == "repeat" or not foreign:
+        i = rng.randrange(len(words))
+        words.insert(i + 1, words[i])
+    else:
+        words.pop()
+    return " ".join(words)
+
+
 def _fresh_prompts(task: DemoTask, rng: random.Random, n: int, seen: set) -> list[dict]:
     out = []
     while len(out) < n:

@@ -1,4 +1,4 @@
-"""The demo's start-up check that picks OpenMP's wait policy: is another process keeping a core busy?"""
+"""ppo.host_cpu: the check the demo uses to pick OpenMP's wait policy (is another process keeping a core busy?)."""
 
 import subprocess
 import sys
@@ -9,11 +9,11 @@ import pytest
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads Linux /proc/stat")
 def test_a_process_spinning_on_a_core_counts_as_busy():
-    from ppo.demo.run import _others_keep_a_core_busy
+    from ppo.host_cpu import others_keep_a_core_busy
 
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        assert _others_keep_a_core_busy(0.5)
+        assert others_keep_a_core_busy(0.5)
     finally:
         spinner.kill()
         spinner.wait()
