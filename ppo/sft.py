@@ -37,11 +37,11 @@ from ppo import distributed as dist
 from ppo.config import SFTConfig
 from ppo.rollout.hf import position_ids_from_mask
 from ppo.stage import (
-    given_or_loaded_rows,
     build_optimizer,
     check_loss,
     check_output_dir,
     finish_outputs,
+    given_or_loaded_rows,
     load_causal_lm,
     optimizer_step,
     rank_micro_batches,

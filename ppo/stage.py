@@ -134,13 +134,14 @@ def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
-def step_groups(n: int, per_step: int, num_epochs: int, seed: int):
+def step_groups(n: int, per_step: int, num_epochs: int, seed: int, units: list[list[int]] | None = None):
     """(epoch, row indices of one optimizer step) in training order; each epoch reshuffled from
-    `seed` (the same order as PPO's loop), the last short group kept."""
+    `seed` (the same order as PPO's loop), the last short group kept. With `units` (lists of row
+    indices covering the n rows) the shuffle moves whole units, whose rows stay next to each other."""
     from ppo.loop import epoch_order
 
     for epoch in range(num_epochs):
-        order = epoch_order(n, seed, epoch)
+        order = epoch_order(n, seed, epoch) if units is None else [i for u in epoch_order(len(units), seed, epoch) for i in units[u]]
         for start in range(0, n, per_step):
             yield epoch, order[start : start + per_step]
 
@@ -223,7 +224,6 @@ def run_cli(stage: str, config_cls, train_fn, argv: list[str] | None, summary) -
     if main:
         print(f"ppo-rlhf {stage}: {metrics['steps']} steps, {summary(metrics)}; outputs in {metrics['output_dir']}")
     return 0
-
 
 
 def given_or_loaded_rows(rows, data: str | None, keys: tuple[str, ...], load, what: str) -> list[dict[str, str]]:

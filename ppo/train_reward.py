@@ -36,11 +36,11 @@ from ppo.config import ConfigError, RewardConfig
 from ppo.forward import sequence_scores
 from ppo.sft import collate, encode_prompt_completion
 from ppo.stage import (
-    given_or_loaded_rows,
     build_optimizer,
     check_loss,
     check_output_dir,
     finish_outputs,
+    given_or_loaded_rows,
     optimizer_step,
     rank_micro_batches,
     run_cli,
@@ -163,18 +163,12 @@ def pair_scores(model, pairs: list[Pair], pad_id: int, scorer=None) -> tuple[Ten
 
 
 def prompt_grouped_steps(prompts: list[str], per_step: int, num_epochs: int, seed: int):
-    """Like `step_groups`, but the shuffle moves whole prompts: the pairs of one prompt stay next to
-    each other (and so mostly in one step), where `pair_scores` scores their shared responses once."""
-    from ppo.loop import epoch_order
-
-    groups: dict[object, list[int]] = {}
+    """`step_groups` whose shuffle moves whole prompts: the pairs of one prompt stay next to each
+    other (and so mostly in one step), where `pair_scores` scores their shared responses once."""
+    units: dict[object, list[int]] = {}
     for i, prompt in enumerate(prompts):
-        groups.setdefault(prompt or ("no prompt", i), []).append(i)  # whole-text pairs share nothing
-    groups_list = list(groups.values())
-    for epoch in range(num_epochs):
-        order = [i for g in epoch_order(len(groups_list), seed, epoch) for i in groups_list[g]]
-        for start in range(0, len(order), per_step):
-            yield epoch, order[start : start + per_step]
+        units.setdefault(prompt or ("no prompt", i), []).append(i)  # whole-text pairs share nothing
+    return step_groups(len(prompts), per_step, num_epochs, seed, list(units.values()))
 
 
 def pairwise_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0, center_coef: float = 0.0) -> Tensor:
