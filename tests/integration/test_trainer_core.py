@@ -27,14 +27,19 @@ def small_config(tmp_path=None, **overrides):
     return PPOConfig(**values)
 
 
-def first_minibatch_ratio(trainer, prompts, temperature):
-    """Score a rollout, then compute the update's loss on it before any optimizer step."""
+def scored_batch(trainer, prompts):
+    """A rollout of `prompts`, scored by the trainer."""
     from ppo.data import collate_prompts
 
     batch_prompts = collate_prompts(trainer.tokenizer, prompts)
     rollout = trainer.engine.generate(batch_prompts, trainer.sampling)
     completions = trainer.tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
-    batch, _ = trainer.score(rollout, batch_prompts, completions)
+    return trainer.score(rollout, batch_prompts, completions)[0]
+
+
+def first_minibatch_ratio(trainer, prompts, temperature):
+    """Score a rollout, then compute the update's loss on it before any optimizer step."""
+    batch = scored_batch(trainer, prompts)
     index = torch.tensor([2, 0, 3, 1])  # shuffled, as the update does
     _, stats = micro_batch_loss(batch.select(index).trim_padding(), trainer.policy, trainer.critic, trainer.config)
     return stats
@@ -49,15 +54,6 @@ def test_first_minibatch_ratio_is_one(tiny_policy, tiny_tokenizer, temperature, 
     assert abs(stats["ratio_max"].item() - 1.0) < 1e-5
     assert stats["clipfrac"].item() == 0.0
     assert stats["approx_kl"].item() < 1e-10
-
-
-def scored_batch(trainer, prompts):
-    from ppo.data import collate_prompts
-
-    batch_prompts = collate_prompts(trainer.tokenizer, prompts)
-    rollout = trainer.engine.generate(batch_prompts, trainer.sampling)
-    completions = trainer.tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
-    return trainer.score(rollout, batch_prompts, completions)[0]
 
 
 def test_policy_then_critic_backward_gives_the_summed_losses_gradients(tiny_policy, tiny_tokenizer):
