@@ -83,7 +83,10 @@ def assert_same_metrics(a: Path, b: Path, exact: tuple[str, ...] = ()) -> None:
             if key in exact:
                 assert ra[key] == rb[key], (ra["step"], key)
             elif isinstance(ra[key], (int, float)):
-                assert ra[key] == pytest.approx(rb[key], abs=ATOL), (ra["step"], key)
+                # A clip fraction counts values on either side of a threshold: one that sits within
+                # float rounding of it may land on either side. Allow one token of the step's 64.
+                tolerance = 1 / 64 if key.endswith("clipfrac") else ATOL
+                assert ra[key] == pytest.approx(rb[key], abs=tolerance), (ra["step"], key)
 
 
 @pytest.mark.parametrize("run", ["ppo_ddp", "ppo_fsdp"])
