@@ -124,7 +124,7 @@ class PPOTrainer:
             self.kl_controller = F.AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         else:
             self.kl_controller = F.FixedKLController(config.kl_coef)
-        self.engine = rollout_engine or HFRolloutEngine(model, tokenizer, self.autocast)
+        self.engine = rollout_engine or HFRolloutEngine(model, tokenizer, self.autocast, lean_decode=config.lean_decode)
         stop_ids = tuple(i for i in [tokenizer.eos_token_id] if i is not None)
         self.sampling = SamplingParams(
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,

@@ -16,15 +16,14 @@ import torch
 from torch import Tensor
 from transformers.generation.logits_process import (
     LogitsProcessorList,
-    TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
-from ppo import functional as F
 from ppo.batch import PromptBatch, Rollout
 from ppo.rollout.base import SamplingParams
-from ppo.rollout.kv_cache import rollout_cache
+from ppo.rollout.kv_cache import PreallocatedLayer, rollout_cache
+from ppo.rollout.lean_decode import LeanDecoder, unsupported_reason
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -34,9 +33,8 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 
 
 def build_warpers(params: SamplingParams) -> LogitsProcessorList:
+    """The top-k / top-p truncation, applied to logits already divided by the temperature."""
     warpers = LogitsProcessorList()
-    if params.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(params.temperature))
     if params.top_k:
         warpers.append(TopKLogitsWarper(top_k=params.top_k))
     if params.top_p is not None and params.top_p < 1.0:
@@ -44,23 +42,41 @@ def build_warpers(params: SamplingParams) -> LogitsProcessorList:
     return warpers
 
 
-def inverse_cdf_draw(scores: Tensor, uniforms: Tensor) -> Tensor:
-    """One token per row of `scores` [B, V] (logits; -inf never drawn) with probability
-    softmax(scores), given one uniform in [0, 1) per row: the first token whose cumulative
-    probability exceeds u. The cumulative sum runs in float64 so that rounding cannot move mass
-    between tokens, and u is scaled by the row's total so that it always lands inside it."""
-    cdf = torch.softmax(scores, dim=-1).double().cumsum(dim=-1)
+def inverse_cdf_draw(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """One token per row of `probs` [B, V] (a zero is never drawn), given one uniform in [0, 1) per
+    row: the first token whose cumulative probability exceeds u. The cumulative sum runs in float64
+    so that rounding cannot move mass between tokens, and u is scaled by the row's total so that it
+    always lands inside it."""
+    cdf = probs.double().cumsum(dim=-1)
     target = (uniforms * cdf[:, -1])[:, None]
-    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=scores.shape[-1] - 1)
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+
+
+def next_token(logits: Tensor, params: SamplingParams, warpers: LogitsProcessorList, input_ids: Tensor, uniforms: Tensor):
+    """Draw one token per row from `logits` [B, V]; return it with its log-prob and the entropy of
+    the tempered distribution (before top-k/top-p: what the scoring pass computes at this position,
+    which spares the policy a second forward over the rollout). One log-softmax serves all three."""
+    tempered = logits.float()
+    if params.temperature != 1.0:
+        tempered = tempered / params.temperature
+    log_probs = torch.log_softmax(tempered, dim=-1).clamp_min_(torch.finfo(tempered.dtype).min)
+    probs = log_probs.exp()
+    sampling_probs = torch.softmax(warpers(input_ids, tempered), dim=-1) if warpers else probs
+    tokens = inverse_cdf_draw(sampling_probs, uniforms)
+    entropy = -(probs * log_probs).sum(dim=-1)
+    return tokens, log_probs, entropy
 
 
 class HFRolloutEngine:
     """Samples from the policy module itself, so weights are always current."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, autocast=contextlib.nullcontext):
+    def __init__(self, model: torch.nn.Module, tokenizer, autocast=contextlib.nullcontext, lean_decode: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.autocast = autocast  # a factory of fresh mixed-precision contexts
+        # Decode steps without transformers' per-layer machinery where the architecture allows it
+        # (`ppo.rollout.lean_decode`); the prompt always goes through the model's own forward.
+        self.lean_decoder = LeanDecoder(model) if lean_decode and unsupported_reason(model) is None else None
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         # The engine holds the trained module itself: there is nothing to copy.
@@ -107,6 +123,10 @@ class HFRolloutEngine:
         full_mask = torch.cat([attention_mask.long(), attention_mask.new_ones(batch, steps, dtype=torch.long)], dim=1)
         positions = position_ids_from_mask(full_mask)
         logits = self._forward(input_ids, full_mask[:, :prompt_width], positions[:, :prompt_width], cache)
+        lean = self.lean_decoder if all(isinstance(layer, PreallocatedLayer) for layer in cache.layers) else None
+        if lean is not None:
+            keys, values = [layer._keys for layer in cache.layers], [layer._values for layer in cache.layers]
+            attend = full_mask.bool()[:, None, None, :]
 
         tokens: list[Tensor] = []
         token_logprobs: list[Tensor] = []
@@ -115,17 +135,11 @@ class HFRolloutEngine:
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         ended = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(steps):
-            scores = warpers(input_ids, logits.float())
-            next_tokens = inverse_cdf_draw(scores, uniforms[:, step])
+            next_tokens, log_probs, entropy = next_token(logits, params, warpers, input_ids, uniforms[:, step])
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
             tokens.append(next_tokens)
-            # What the scoring pass would compute at this position (same function, same temperature,
-            # no top-k/top-p): it saves the policy a second forward over the whole rollout.
-            tempered = logits[:, None, :]
-            if params.temperature != 1.0:
-                tempered = tempered / params.temperature
-            token_logprobs.append(F.logprobs_from_logits(tempered, next_tokens[:, None])[:, 0])
-            token_entropies.append(F.entropy_from_logits(tempered)[:, 0])
+            token_logprobs.append(log_probs.gather(-1, next_tokens[:, None])[:, 0])
+            token_entropies.append(entropy)
             lengths += (~finished).long()
             stopped = torch.isin(next_tokens, stop_ids) & ~finished
             if params.stop_strings:
@@ -136,7 +150,10 @@ class HFRolloutEngine:
             if step + 1 == steps or bool(finished.all()):
                 break
             column = prompt_width + step  # where next_tokens sits in the full sequence
-            logits = self._forward(next_tokens[:, None], full_mask[:, : column + 1], positions[:, column : column + 1], cache)
+            if lean is not None:
+                logits = lean.step(next_tokens, positions[:, column], keys, values, column, attend[..., : column + 1])
+            else:
+                logits = self._forward(next_tokens[:, None], full_mask[:, : column + 1], positions[:, column : column + 1], cache)
         return (torch.stack(tokens, dim=1), lengths, ended,
                 torch.stack(token_logprobs, dim=1), torch.stack(token_entropies, dim=1))
 
