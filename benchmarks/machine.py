@@ -50,7 +50,8 @@ def peak_rss_mib() -> float:
 
 
 def matmul_peak(dtype_name: str, seconds: float = 2.0) -> dict:
-    """Practical matmul GFLOP/s of this process's threads for `dtype_name` ("float32"/"bfloat16").
+    """Practical matmul GFLOP/s of this process's threads for `dtype_name` ("float32" through
+    torch.matmul, i.e. MKL; "float32-onednn"; "bfloat16").
 
     Like cpu_peak.py: square N^3 products (2N^3 FLOPs) timed back to back; N is the largest of
     512/1024/2048 whose product takes under a tenth of the budget, so a CPU without native bf16
@@ -58,13 +59,20 @@ def matmul_peak(dtype_name: str, seconds: float = 2.0) -> dict:
     """
     import torch
 
-    dtype = getattr(torch, dtype_name)
+    if dtype_name == "float32-onednn":  # the kernel `PPOConfig.fp32_matmul=onednn` runs (a @ b.T)
+        dtype = torch.float32
+
+        def product(a, b, out=None):
+            return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    else:
+        dtype = getattr(torch, dtype_name)
+        product = torch.matmul
     size = 256
     for n in (512, 1024, 2048):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        torch.matmul(a, b)  # warm-up (first call allocates and picks a kernel)
+        product(a, b)  # warm-up (first call allocates and picks a kernel)
         start = time.perf_counter()
-        torch.matmul(a, b)
+        product(a, b)
         elapsed = time.perf_counter() - start
         if size > 256 and elapsed > seconds / 10:
             break
@@ -76,6 +84,6 @@ def matmul_peak(dtype_name: str, seconds: float = 2.0) -> dict:
     samples, deadline = [], time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(samples) < 3:
         start = time.perf_counter()
-        torch.matmul(a, b, out=out)
+        product(a, b, out=out)
         samples.append(2.0 * size**3 / (time.perf_counter() - start) / 1e9)
     return {"dtype": dtype_name, "n": size, "samples": len(samples), "gflops_median": statistics.median(samples), "gflops_best": max(samples)}

@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=3, help="measured iterations (after warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up iterations (not measured)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--fp32-matmul", choices=["auto", "mkl", "onednn"], default="auto", help="PPOConfig.fp32_matmul")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-seconds", type=float, default=2.0, help="seconds per dtype for the matmul-peak timing (0: skip)")
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_trainer(w, precision: str, seed: int, output_dir: str):
+def build_trainer(w, precision: str, seed: int, output_dir: str, fp32_matmul: str = "auto"):
     """The trainer on workload `w`, sampling exactly R tokens per response (no stop token)."""
     from ppo import PPOConfig, PPOTrainer
 
@@ -73,6 +74,7 @@ def build_trainer(w, precision: str, seed: int, output_dir: str):
         top_k=None,
         top_p=None,
         precision=precision,
+        fp32_matmul=fp32_matmul,
         progress_bar=False,
         seed=seed,
         output_dir=output_dir,
@@ -110,11 +112,11 @@ def main(argv=None) -> None:
     transformers.utils.logging.set_verbosity_error()
     w = SMOKE if args.workload == "smoke" else WORKLOADS[args.workload]
     # The machine's matmul peak, measured here with the same thread pinning as the run.
-    peaks = {d: machine.matmul_peak(d, args.peak_seconds) for d in ("float32", "bfloat16")} if args.peak_seconds > 0 else {}
+    peaks = {d: machine.matmul_peak(d, args.peak_seconds) for d in ("float32", "float32-onednn", "bfloat16")} if args.peak_seconds > 0 else {}
 
     t_setup = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ppo_bench_") as output_dir:
-        trainer, tokenizer, (n_lm, n_cls) = build_trainer(w, args.precision, args.seed, output_dir)
+        trainer, tokenizer, (n_lm, n_cls) = build_trainer(w, args.precision, args.seed, output_dir, args.fp32_matmul)
         batches = build_prompts(w, tokenizer, args.warmup + args.iters + (1 if args.profile else 0), args.seed)
         setup_s = time.perf_counter() - t_setup
         records = [run_iteration(trainer, prompts, w.response_len) for prompts in batches[: args.warmup + args.iters]]
@@ -134,7 +136,8 @@ def main(argv=None) -> None:
         "system": "ppo-rlhf",
         "workload": w.name,
         "workload_params": w.as_dict(),
-        "precision": args.precision,
+        # fp32 on oneDNN is its own row: another kernel, measured against another peak.
+        "precision": "fp32-onednn" if args.precision == "fp32" and trainer.fp32_kernel == "onednn" else args.precision,
         "threads": torch.get_num_threads(),
         "seed": args.seed,
         "warmup_iters": args.warmup,

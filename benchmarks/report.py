@@ -11,7 +11,7 @@ import statistics
 from collections import defaultdict
 
 PHASES = ("generate", "score", "update")
-PEAK_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
+PEAK_DTYPE = {"fp32": "float32", "fp32-onednn": "float32-onednn", "bf16": "bfloat16"}
 
 
 def matmul_peaks(runs: list[dict]) -> dict[str, float]:

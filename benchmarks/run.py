@@ -39,6 +39,8 @@ def parse_args(argv=None):
                    help="ppo-rlhf precision (TRL is always fp32); bf16 is skipped, with the reason, on a CPU without fast bf16")
     p.add_argument("--vs", choices=["trl"], default=None, help="also run the TRL 1.12 anchor, alternating")
     p.add_argument("--repeats", type=int, default=1, help="alternating rounds per workload")
+    p.add_argument("--fp32-matmul", choices=["auto", "mkl", "onednn"], default="auto",
+                   help="ppo-rlhf's fp32 linear kernel (PPOConfig.fp32_matmul; auto: the faster of the two, timed at start)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="toy workload, 1 warm-up + 1 iteration, no TRL (< 30 s)")
@@ -83,11 +85,11 @@ def launch(cmd: list[str], args) -> dict:
 def run_ppo(workload: str, precision: str, args) -> dict:
     cmd = [sys.executable, str(HERE / "ppo_bench.py"), "--workload", workload, "--precision", precision,
            "--iters", str(args.iters), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--seed", str(args.seed), "--peak-seconds", "0.25" if args.smoke else "2"]
+           "--seed", str(args.seed), "--peak-seconds", "0.25" if args.smoke else "2", "--fp32-matmul", args.fp32_matmul]
     result = launch(cmd, args)
     if "error" not in result:
         result["measured"] = result["iters"][result["warmup_iters"] :]
-    return {"workload": workload, "system": "ppo-rlhf", "precision": precision, **result}
+    return {"workload": workload, "system": "ppo-rlhf", "precision": precision, **result}  # the run's own label wins
 
 
 def run_trl(workload: str, venv: Path, args) -> dict:

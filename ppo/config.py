@@ -94,6 +94,7 @@ class PPOConfig:
     # --- models ---
     value_head: str = opt("separate", "'separate': its own critic model; 'shared': a value head on the policy.")
     precision: str = opt("auto", "auto: bf16 autocast where the hardware is fast at it (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32; or fp32, bf16.")
+    fp32_matmul: str = opt("auto", "CPU kernel of fp32 linear layers: auto (times both on the model's layer shapes at start and takes oneDNN if >= 10% faster, as on AMD CPUs with AVX-512 where MKL runs only AVX2 kernels), mkl, onednn. Same fp32 arithmetic; results differ by float rounding only.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     rollout_logprobs: bool = opt(True, "Take pi_old's log-probs from the sampling pass, not a second policy forward (same maths; differs only by float rounding).")
     lean_decode: bool = opt(True, "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same maths, float rounding apart; W3 sampling ~30% faster on CPU). Other models, and adapters, always use their forward.")
@@ -135,6 +136,7 @@ class PPOConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         _check_choice("value_head", self.value_head, ("separate", "shared"))
         _check_choice("precision", self.precision, ("fp32", "bf16", "auto"))
+        _check_choice("fp32_matmul", self.fp32_matmul, ("auto", "mkl", "onednn"))
         if self.host_mmap_threshold_mib is not None and self.host_mmap_threshold_mib <= 0:
             raise ConfigError(f"host_mmap_threshold_mib must be > 0 (or None), got {self.host_mmap_threshold_mib}")
         _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))

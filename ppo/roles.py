@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification
 
 from ppo.critic import SeparateCritic, SharedCritic
 from ppo.host_cpu import cpu_flags
+from ppo.onednn_linear import fp32_linear_context
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -128,8 +129,9 @@ def _cpu_has_bf16() -> bool:
     return not cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
-def autocast_context(precision: str, device: torch.device):
-    """A fresh autocast context for the resolved precision (fp32: none)."""
+def autocast_context(precision: str, device: torch.device, fp32_kernel: str = "mkl"):
+    """A fresh context for the resolved precision: bf16 autocast, or in fp32 the linear-layer kernel
+    (`ppo.onednn_linear`; 'mkl' is torch's default: no context)."""
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return fp32_linear_context(fp32_kernel)

@@ -28,6 +28,7 @@ from ppo.config import PPOConfig, plan_batches
 from ppo.data import collate_prompts, ensure_pad_token
 from ppo.forward import policy_logprobs
 from ppo.host_memory import pin_mmap_threshold
+from ppo.onednn_linear import resolve_fp32_matmul
 from ppo.rewards import RewardSources
 from ppo.roles import (
     apply_lora,
@@ -95,6 +96,7 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(config.precision, self.device)
+        self.fp32_kernel = resolve_fp32_matmul(config.fp32_matmul, self.device, getattr(getattr(model, "config", None), "hidden_size", 512))
         if self.device.type == "cpu":
             pin_mmap_threshold(config.host_mmap_threshold_mib)
         use_lora = peft_config is not None or config.lora_r > 0 or is_peft_model(model)
@@ -164,7 +166,7 @@ class PPOTrainer:
 
     def autocast(self):
         """A fresh mixed-precision context for one forward pass (a no-op in fp32)."""
-        return autocast_context(self.precision, self.device)
+        return autocast_context(self.precision, self.device, self.fp32_kernel)
 
     def _prompt_budget(self, max_length: int | None) -> int | None:
         """Longest prompt in tokens: what max_length and the model's context leave for the prompt."""

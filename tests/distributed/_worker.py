@@ -84,6 +84,7 @@ def ppo(out: Path, strategy: str, value_head: str, resume: str | None = None, re
         # (the sampling-pass log-probs have their own test against this forward).
         rollout_logprobs=False,
         precision="fp32",  # compared at 1e-5 whatever the machine
+        fp32_matmul="mkl",  # and on the same kernel in every process
     )
     trainer = PPOTrainer(config, policy, tok, reward_model=reward_model, reward_funcs=reward, reward_weights=[0.5, 1.0])
     prompts = [" ".join(f"w{(i * 5 + j) % 29}" for j in range(1 + i % 3)) for i in range(12)]

@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return [len(c.split()) / 4 for c in completions]
 
-    config = PPOConfig(batch_size=3, mini_batch_size=2, max_new_tokens=4, learning_rate=1e-3, save_steps=2, precision="fp32",
+    config = PPOConfig(batch_size=3, mini_batch_size=2, max_new_tokens=4, learning_rate=1e-3, save_steps=2, precision="fp32", fp32_matmul="mkl",
                        output_dir=out, progress_bar=False, seed=7, temperature=0.9, lam=0.9,
                        resume_from_checkpoint=resume or None)
     trainer = PPOTrainer(config, policy, tok, reward_model=reward_model, reward_funcs=words, reward_weights=[0.5, 1.0])

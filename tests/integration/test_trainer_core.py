@@ -19,8 +19,8 @@ def count_w1(completions, **kwargs):
 
 
 def small_config(tmp_path=None, **overrides):
-    # fp32 whatever the machine: these tests compare numbers to 1e-5 or bit for bit.
-    values = dict(batch_size=4, max_new_tokens=6, progress_bar=False, seed=0, precision="fp32")
+    # fp32 on one kernel whatever the machine: these tests compare numbers to 1e-5 or bit for bit.
+    values = dict(batch_size=4, max_new_tokens=6, progress_bar=False, seed=0, precision="fp32", fp32_matmul="mkl")
     if tmp_path is not None:
         values["output_dir"] = str(tmp_path)
     values.update(overrides)
@@ -112,6 +112,26 @@ def test_rollout_logprobs_match_a_second_forward(tiny_policy, tiny_tokenizer, to
     assert (fast.advantages - slow.advantages).abs().max() < 1e-4
     assert abs(fast_stats["entropy"] - slow_stats["entropy"]) < 1e-5
     assert abs(fast_stats["kl"] - slow_stats["kl"]) < 1e-5
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_a_step_on_onednn_fp32_kernels_matches_the_default_kernels(tiny_tokenizer):
+    """fp32_matmul=onednn swaps the kernel, not the arithmetic: one whole step (rollout, scoring,
+    update) gives the same responses, statistics and new weights to float rounding."""
+    results = {}
+    for kernel in ("mkl", "onednn"):
+        policy = build_policy(tiny_tokenizer, TinyModelSpec(hidden_size=64, num_layers=2), seed=0)
+        trainer = PPOTrainer(small_config(fp32_matmul=kernel, learning_rate=1e-3), policy, tiny_tokenizer, reward_funcs=count_w1)
+        assert trainer.fp32_kernel == kernel
+        results[kernel] = (trainer.step(PROMPTS), policy.state_dict())
+    (mkl, mkl_weights), (onednn, onednn_weights) = results["mkl"], results["onednn"]
+    assert mkl["generated_texts"] == onednn["generated_texts"]
+    for key in ("policy_loss", "value_loss", "kl", "entropy", "mean_reward"):
+        assert onednn[key] == pytest.approx(mkl[key], abs=1e-5), key
+    for name, weight in mkl_weights.items():
+        torch.testing.assert_close(onednn_weights[name], weight, atol=1e-5, rtol=1e-4)
+    assert any(not torch.equal(w, build_policy(tiny_tokenizer, TinyModelSpec(hidden_size=64, num_layers=2), seed=0).state_dict()[n])
+               for n, w in onednn_weights.items())  # the step did move the weights
 
 
 def test_dropout_is_off_in_rollout_and_update(tiny_tokenizer):

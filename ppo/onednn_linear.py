@@ -1,0 +1,114 @@
+"""fp32 linear layers through oneDNN instead of MKL, on CPUs where MKL leaves AVX-512 unused.
+
+Why: a plain fp32 `nn.Linear` on CPU goes to MKL's sgemm, and MKL takes its AVX-512 kernels only on
+Intel CPUs. On an AMD CPU with AVX-512 (Zen 4/5) it runs its AVX2 kernels, about half the speed the
+hardware has; oneDNN's fp32 matmul there measured 469 GFLOP/s against MKL's 220 on 2 threads (see
+the benchmark notes). Same fp32 arithmetic, another kernel: results differ from MKL's by float
+rounding only (the summation order), never by precision.
+
+`fp32_linear_context("onednn")` sends every fp32 CPU `F.linear` inside it (what `nn.Linear` calls)
+through oneDNN, forward and backward; anything else passes through untouched. `PPOConfig.fp32_matmul="auto"` times both kernels at the start of a run and keeps the faster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch import Tensor
+from torch.nn import functional as TF
+
+
+def _onednn_mm(a: Tensor, b_t: Tensor) -> Tensor:
+    """a @ b_t.T for 2-D fp32 `a` [M, K] and `b_t` [N, K], by oneDNN (it reads transposed views in
+    place: cheaper than making them contiguous first)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_mm(grad_rows, weight.t()).view(x.shape)  # dy @ W
+        if ctx.needs_input_grad[1]:
+            grad_weight = _onednn_mm(grad_rows.t(), x.reshape(-1, x.shape[-1]).t())  # dy.T @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+_torch_linear = TF.linear
+
+
+def _linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear`, through oneDNN for fp32 CPU tensors outside autocast (there oneDNN already runs
+    the bf16 matmuls); anything else goes to torch's own."""
+    if (type(input) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
+            and input.dtype == weight.dtype == torch.float32 and input.device.type == weight.device.type == "cpu"
+            and input.dim() >= 2 and input.layout == torch.strided and not torch.is_autocast_enabled("cpu")):
+        return _OneDNNLinear.apply(input, weight, bias)
+    return _torch_linear(input, weight, bias)
+
+
+@contextlib.contextmanager
+def onednn_linear():
+    """Inside: `torch.nn.functional.linear`, which `nn.Linear` calls, is `_linear`. A patch of the
+    function rather than a TorchFunctionMode: a mode sees every torch call, and that Python detour on
+    each small op cost W1 a fifth of its time; this one is only on the linear layers."""
+    saved = TF.linear
+    TF.linear = _linear
+    try:
+        yield
+    finally:
+        TF.linear = saved
+
+
+def _seconds(product, repeats: int = 3) -> float:
+    product()  # warm-up: the first call builds the kernel
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def onednn_speedup(hidden_size: int, tokens: int = 512) -> float:
+    """MKL's time over oneDNN's for the three products of one training step of a `hidden_size` ->
+    3 x `hidden_size` linear layer on `tokens` rows (forward, input gradient, weight gradient, with
+    the operand layouts the update uses). Takes a few tens of milliseconds."""
+    h = min(hidden_size, 1024)  # the ratio, not the model: keep the probe cheap
+    x, weight, grad = torch.randn(tokens, h), torch.randn(3 * h, h), torch.randn(tokens, 3 * h)
+    mkl = _seconds(lambda: (_torch_linear(x, weight), grad @ weight, grad.t() @ x))
+    onednn = _seconds(lambda: (_onednn_mm(x, weight), _onednn_mm(grad, weight.t()), _onednn_mm(grad.t(), x.t())))
+    return mkl / onednn
+
+
+def resolve_fp32_matmul(choice: str, device: torch.device, hidden_size: int = 512) -> str:
+    """'mkl' (torch's default) or 'onednn' for `PPOConfig.fp32_matmul` on this machine. 'auto' times
+    both on the model's layer shapes and takes oneDNN only when it is at least 10% faster: on AMD
+    CPUs with AVX-512 (MKL runs its AVX2 kernels there), not on this project's AVX2 CI machine, where
+    it is 15-40% slower."""
+    if choice not in ("auto", "mkl", "onednn"):
+        raise ValueError(f"fp32_matmul must be auto, mkl or onednn, not {choice!r}")
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return "mkl"  # a GPU has its own kernels; a build without oneDNN has no choice
+    if choice != "auto":
+        return choice
+    return "onednn" if onednn_speedup(hidden_size) >= 1.1 else "mkl"
+
+
+def fp32_linear_context(kernel: str):
+    """A fresh context that runs fp32 linear layers on `kernel` ('mkl': no change)."""
+    return onednn_linear() if kernel == "onednn" else contextlib.nullcontext()
