@@ -41,17 +41,18 @@ def response_logits(model, input_ids: Tensor, attention_mask: Tensor, response_w
 def logprobs_and_entropy(logits: Tensor, labels: Tensor, temperature: float, chunk_rows: int, with_entropy: bool):
     """`[B, R, V]` logits -> log-probs `[B, R]` of `labels` (and entropy `[B, R]`) at `temperature`.
 
-    Rows go through in chunks so that at most a chunk's worth of fp32 `[b, R, V]` exists at once,
-    next to the model's own logits tensor.
+    Rows go through in chunks of `chunk_rows` when no gradient is wanted (scoring); with one, the
+    whole tensor goes in at once: the functions chunk inside, and slicing a tensor that needs a
+    gradient would make autograd build a zero-filled full-size gradient per slice.
     """
+    if torch.is_grad_enabled() and logits.requires_grad:
+        chunk_rows = logits.shape[0]
     logprob_chunks, entropy_chunks = [], []
     for start in range(0, logits.shape[0], chunk_rows):
         chunk = logits[start : start + chunk_rows]
-        if temperature != 1.0:
-            chunk = chunk / temperature
-        logprob_chunks.append(F.logprobs_from_logits(chunk, labels[start : start + chunk_rows]))
+        logprob_chunks.append(F.logprobs_from_logits(chunk, labels[start : start + chunk_rows], temperature))
         if with_entropy:
-            entropy_chunks.append(F.entropy_from_logits(chunk))
+            entropy_chunks.append(F.entropy_from_logits(chunk, temperature))
     logprobs = torch.cat(logprob_chunks)
     return logprobs, (torch.cat(entropy_chunks) if with_entropy else None)
 

@@ -65,6 +65,13 @@ def _chunks(dims: tuple[int, ...], prefix: tuple = ()) -> Iterator[tuple]:
             yield from _chunks(dims[1:], prefix + (i,))
 
 
+def _tempered(logits: Tensor, temperature: float) -> Tensor:
+    """fp32 (fp64) logits over the temperature: the division happens on the chunk's upcast copy, so
+    tempering costs no full-size tensor and no bf16 rounding."""
+    z = _acc(logits)
+    return z / temperature if temperature != 1.0 else z
+
+
 def _softmax_stats(z: Tensor) -> tuple[Tensor, Tensor]:
     mx = z.amax(-1, keepdim=True)
     return mx, (z - mx).exp_().sum(-1, keepdim=True).log_()
@@ -82,38 +89,40 @@ class _LogProbs(torch.autograd.Function):
     recomputes the softmax chunk by chunk in backward: no full-size fp32 tensor is ever kept."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:
+    def forward(ctx, logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
         out = logits.new_empty(labels.shape, dtype=_acc_dtype(logits.dtype))
         mx, log_sum = torch.empty_like(out), torch.empty_like(out)
         for idx in _chunks(logits.shape):
-            z = _acc(logits[idx])
+            z = _tempered(logits[idx], temperature)
             m, s = _softmax_stats(z)
             out[idx] = ((z.gather(-1, labels[idx].unsqueeze(-1)) - m) - s).squeeze(-1)
             mx[idx], log_sum[idx] = m.squeeze(-1), s.squeeze(-1)
         ctx.save_for_backward(logits, labels, mx, log_sum)
+        ctx.temperature = temperature
         return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         logits, labels, mx, log_sum = ctx.saved_tensors
         out = torch.empty_like(logits)
         for idx in _chunks(logits.shape):
-            g = grad[idx].unsqueeze(-1)
-            z = _log_softmax(_acc(logits[idx]), mx[idx].unsqueeze(-1), log_sum[idx].unsqueeze(-1))
-            out[idx] = z.exp_().mul_(-g).scatter_add_(-1, labels[idx].unsqueeze(-1), g)  # g*(onehot-p)
-        return out, None
+            g = grad[idx].unsqueeze(-1) / ctx.temperature  # d(z/T)/dz = 1/T
+            z = _log_softmax(_tempered(logits[idx], ctx.temperature), mx[idx].unsqueeze(-1), log_sum[idx].unsqueeze(-1))
+            out[idx] = z.exp_().mul_(-g).scatter_add_(-1, labels[idx].unsqueeze(-1), g)  # g*(onehot-p)/T
+        return out, None, None
 
 
 class _Entropy(torch.autograd.Function):
     """Softmax entropy with the same memory profile as `_LogProbs`; dH/dz_j = -p_j (log p_j + H)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor) -> Tensor:
+    def forward(ctx, logits: Tensor, temperature: float) -> Tensor:
         ent = logits.new_empty(logits.shape[:-1], dtype=_acc_dtype(logits.dtype))
         mx, log_sum = torch.empty_like(ent), torch.empty_like(ent)
+        ctx.temperature = temperature
         for idx in _chunks(logits.shape):
-            z = _acc(logits[idx])
+            z = _tempered(logits[idx], temperature)
             m, s = _softmax_stats(z)
             # -sum(p log p) adds same-sign terms: no cancellation, unlike lse - sum(p z).
             logp = _log_softmax(z, m, s)
@@ -124,18 +133,18 @@ class _Entropy(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> Tensor:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         logits, mx, log_sum, ent = ctx.saved_tensors
         out = torch.empty_like(logits)
         for idx in _chunks(logits.shape):
-            logp = _log_softmax(_acc(logits[idx]), mx[idx].unsqueeze(-1), log_sum[idx].unsqueeze(-1))
+            logp = _log_softmax(_tempered(logits[idx], ctx.temperature), mx[idx].unsqueeze(-1), log_sum[idx].unsqueeze(-1))
             g = logp.exp() * (logp + ent[idx].unsqueeze(-1))
-            out[idx] = g.mul_(-grad[idx].unsqueeze(-1))
-        return out
+            out[idx] = g.mul_(-grad[idx].unsqueeze(-1) / ctx.temperature)
+        return out, None
 
 
-def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """Log-probability of ``labels`` under ``softmax(logits)``: ``[B, T, V]``, ``[B, T]`` -> ``[B, T]``.
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of ``labels`` under ``softmax(logits / temperature)``: ``[B, T, V]``, ``[B, T]`` -> ``[B, T]``.
 
     Computed as the gathered logit minus a chunked fp32 logsumexp (split as max + log-sum for
     accuracy), so at most one chunk (``_CHUNK_NUMEL`` elements) of fp32 exists at a time, in
@@ -144,16 +153,16 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)}")
-    return _LogProbs.apply(logits, labels.long())
+    return _LogProbs.apply(logits, labels.long(), float(temperature))
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of ``softmax(logits)`` in nats: ``[..., V]`` -> ``[...]``.
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of ``softmax(logits / temperature)`` in nats: ``[..., V]`` -> ``[...]``.
 
     Chunked like :func:`logprobs_from_logits`; returns fp32 (fp64 for fp64 logits); ``-inf`` logits
     are allowed (they contribute 0). First-order differentiable.
     """
-    return _Entropy.apply(logits)
+    return _Entropy.apply(logits, float(temperature))
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:

@@ -666,3 +666,20 @@ def test_cuda_smoke(dtype):
         for c, g in zip(cpu_out, gpu_out):
             assert g.is_cuda
             torch.testing.assert_close(g.cpu(), c)
+
+
+def test_temperature_inside_equals_dividing_the_logits_first():
+    """The temperature applied on each upcast chunk (no full-size copy) is the same maths as dividing
+    the logits before: values and gradients."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 5))
+    upstream = torch.randn(3, 5, dtype=torch.float64)
+    for fn in (lambda z, t: F.logprobs_from_logits(z, labels, t), lambda z, t: F.entropy_from_logits(z, t)):
+        inside = logits.clone().requires_grad_(True)
+        before = logits.clone().requires_grad_(True)
+        value_inside, value_before = fn(inside, 0.7), fn(before / 0.7, 1.0)
+        torch.testing.assert_close(value_inside, value_before)
+        (value_inside * upstream).sum().backward()
+        (value_before * upstream).sum().backward()
+        torch.testing.assert_close(inside.grad, before.grad)
