@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import pytest
 import torch
 from transformers import (
@@ -76,15 +79,16 @@ class _Tokenizer:  # all the engine reads from a tokenizer when there are no sto
     pad_token_id = 0
 
 
+@pytest.mark.parametrize("autocast", [contextlib.nullcontext, functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("sampling", [dict(temperature=0.7), dict(temperature=1.0, top_k=5, top_p=0.9)])
-def test_engine_samples_the_same_responses_with_and_without_the_lean_step(sampling):
+def test_engine_samples_the_same_responses_with_and_without_the_lean_step(sampling, autocast):
     torch.manual_seed(0)
     model = qwen3()
     ids, mask = left_padded_prompts()
     prompts = PromptBatch(ids, mask, ["p"] * 4, {}, seeds=[11, 12, 13, 14])
     params = SamplingParams(max_new_tokens=10, stop_token_ids=(1,), **sampling)
-    lean_engine = HFRolloutEngine(model, _Tokenizer(), lean_decode=True)
-    plain_engine = HFRolloutEngine(model, _Tokenizer(), lean_decode=False)
+    lean_engine = HFRolloutEngine(model, _Tokenizer(), autocast, lean_decode=True)
+    plain_engine = HFRolloutEngine(model, _Tokenizer(), autocast, lean_decode=False)
     assert lean_engine.lean_decoder is not None and plain_engine.lean_decoder is None
     lean, plain = lean_engine.generate(prompts, params), plain_engine.generate(prompts, params)
     assert torch.equal(lean.response_ids, plain.response_ids)
