@@ -42,6 +42,7 @@ def test_other_calls_pass_through_untouched():
             assert layer(torch.randn(2, 8)).dtype == torch.bfloat16  # autocast keeps its own kernel
         assert layer.double()(torch.randn(2, 8, dtype=torch.float64)).dtype == torch.float64
         assert torch.mm(torch.ones(2, 3), torch.ones(3, 2)).sum().item() == 12.0
+        assert torch.nn.Linear(8, 4)(torch.randn(0, 8)).shape == (0, 4)  # no rows
 
 
 @pytest.mark.parametrize(("speedup", "expected"), [(2.1, "onednn"), (1.2, "mkl"), (0.7, "mkl")])
