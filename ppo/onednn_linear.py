@@ -76,16 +76,18 @@ def onednn_linear():
 
 
 def onednn_speedup(hidden_size: int, tokens: int = 512, rounds: int = 7) -> float:
-    """MKL's time over oneDNN's for the three products of one training step of a `hidden_size` ->
-    3 x `hidden_size` linear layer on `tokens` rows (forward, input gradient, weight gradient, with
-    the operand layouts the update uses). The two kernels alternate, `rounds` times, and each keeps
-    its best time, so that a moment of machine noise cannot pick the slower one. Takes a few tens of
-    milliseconds."""
+    """MKL's time over oneDNN's for one training step (forward, input and weight gradients) of a
+    `hidden_size` -> 3 x `hidden_size` linear layer on `tokens` rows. The two kernels alternate,
+    `rounds` times, and each keeps its best time, so that a moment of machine noise cannot pick the
+    slower one. Takes a few tens of milliseconds."""
     h = min(hidden_size, 1024)  # the ratio, not the model: keep the probe cheap
-    x, weight, grad = torch.randn(tokens, h), torch.randn(3 * h, h), torch.randn(tokens, 3 * h)
+    x = torch.randn(tokens, h, requires_grad=True)
+    weight = torch.randn(3 * h, h, requires_grad=True)
+    grad = torch.randn(tokens, 3 * h)
+    # Forward and backward through what the update would call, the autograd detour included.
     kernels = {
-        "mkl": lambda: (_torch_linear(x, weight), grad @ weight, grad.t() @ x),
-        "onednn": lambda: (_onednn_mm(x, weight), _onednn_mm(grad, weight.t()), _onednn_mm(grad.t(), x.t())),
+        "mkl": lambda: _torch_linear(x, weight).backward(grad),
+        "onednn": lambda: _OneDNNLinear.apply(x, weight, None).backward(grad),
     }
     best = dict.fromkeys(kernels, float("inf"))
     for kernel in kernels.values():

@@ -241,7 +241,9 @@ def ppo_config(config: DemoConfig, plan: DemoPlan, out: Path) -> PPOConfig:
         kl_coef=config.kl_coef, adap_kl_ctrl=config.adap_kl_ctrl, target_kl=config.target_kl,
         temperature=config.temperature, max_new_tokens=config.max_new_tokens, whiten_rewards=config.whiten_rewards,
         missing_eos_penalty=config.missing_eos_penalty, vf_coef=config.vf_coef, value_head=config.value_head, precision=config.precision,
-        progress_bar=config.progress_bar,
+        # torch's default kernel whatever the CPU: a step of these tiny models is per-op overhead,
+        # which oneDNN's autograd detour would add to, and the README's numbers come from this one.
+        fp32_matmul="mkl", progress_bar=config.progress_bar,
     )
 
 
