@@ -98,7 +98,6 @@ class PPOConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     rollout_logprobs: bool = opt(True, "Take pi_old's log-probs from the sampling pass, not a second policy forward (same maths; differs only by float rounding).")
     lean_decode: bool = opt(True, "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same maths, float rounding apart; W3 sampling ~30% faster on CPU). Other models, and adapters, always use their forward.")
-    logprob_chunk_size: int = opt(8, "Rows per chunk when scoring turns logits into log-probs (the update passes the whole tensor: the log-prob functions chunk by element count inside).")
     host_mmap_threshold_mib: float | None = opt(None, "CPU runs: host allocations of at least this many MiB go straight to mmap, so freed activations return to the OS. W2 at 1.0: peak RSS -19%, time +55% (page faults). None: malloc's own policy. Process-wide, glibc only.")
 
     # --- LoRA (peft) ---

@@ -136,8 +136,8 @@ def _best_of(model, tokenizer, rows, sources, ref_model, sampling, n, prompt_col
     kl = None
     if ref_model is not None:
         # Both at the sampling temperature: the distribution the samples actually came from.
-        lp, _, _ = policy_logprobs(model, ids, mask, width, sampling.temperature, 8)
-        ref_lp, _, _ = policy_logprobs(ref_model, ids, mask, width, sampling.temperature, 8)
+        lp, _, _ = policy_logprobs(model, ids, mask, width, sampling.temperature)
+        ref_lp, _, _ = policy_logprobs(ref_model, ids, mask, width, sampling.temperature)
         kl = ((lp - ref_lp).float() * rollout.response_mask).sum(dim=1).cpu()
     samples = _Samples(texts, scores, per_source, kl, rollout.response_mask.sum(dim=1).cpu(), rollout.ended.cpu())
     if n == 1:

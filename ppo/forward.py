@@ -38,31 +38,17 @@ def response_logits(model, input_ids: Tensor, attention_mask: Tensor, response_w
     return out.logits, hidden
 
 
-def logprobs_and_entropy(logits: Tensor, labels: Tensor, temperature: float, chunk_rows: int, with_entropy: bool):
-    """`[B, R, V]` logits -> log-probs `[B, R]` of `labels` (and entropy `[B, R]`) at `temperature`.
-
-    Rows go through in chunks of `chunk_rows` when no gradient is wanted (scoring); with one, the
-    whole tensor goes in at once: the functions chunk inside, and slicing a tensor that needs a
-    gradient would make autograd build a zero-filled full-size gradient per slice.
-    """
-    if torch.is_grad_enabled() and logits.requires_grad:
-        chunk_rows = logits.shape[0]
-    logprob_chunks, entropy_chunks = [], []
-    for start in range(0, logits.shape[0], chunk_rows):
-        chunk = logits[start : start + chunk_rows]
-        logprob_chunks.append(F.logprobs_from_logits(chunk, labels[start : start + chunk_rows], temperature))
-        if with_entropy:
-            entropy_chunks.append(F.entropy_from_logits(chunk, temperature))
-    logprobs = torch.cat(logprob_chunks)
-    return logprobs, (torch.cat(entropy_chunks) if with_entropy else None)
-
-
-def policy_logprobs(model, input_ids, attention_mask, response_width, temperature, chunk_rows, with_entropy=False, output_hidden=False):
+def policy_logprobs(model, input_ids, attention_mask, response_width, temperature, with_entropy=False, output_hidden=False):
     """Log-probs `[B, R]` of the response tokens under `model`, entropy `[B, R]` or None, and the
-    final hidden states `[B, R, H]` when asked (for a shared value head)."""
+    final hidden states `[B, R, H]` when asked (for a shared value head).
+
+    The whole logits tensor goes to the log-prob functions, which bound their fp32 memory by
+    chunking inside; slicing it here instead would make autograd build a zero-filled full-size
+    gradient per slice."""
     logits, hidden = response_logits(model, input_ids, attention_mask, response_width, output_hidden)
     labels = input_ids[:, -response_width:]
-    logprobs, entropy = logprobs_and_entropy(logits, labels, temperature, chunk_rows, with_entropy)
+    logprobs = F.logprobs_from_logits(logits, labels, temperature)
+    entropy = F.entropy_from_logits(logits, temperature) if with_entropy else None
     return logprobs, entropy, hidden
 
 

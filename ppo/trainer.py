@@ -238,12 +238,12 @@ class PPOTrainer:
                 logprobs, entropy, hidden = rollout.logprobs, rollout.entropy, None
             else:
                 logprobs, entropy, hidden = policy_logprobs(
-                    self.policy, ids, mask, width, cfg.temperature, cfg.logprob_chunk_size,
+                    self.policy, ids, mask, width, cfg.temperature,
                     with_entropy=True, output_hidden=self.critic.uses_policy_hidden,
                 )
             ref_model, ref_context = reference_context(self.policy, self.ref_model)
             with ref_context:
-                ref_logprobs, _, _ = policy_logprobs(ref_model, ids, mask, width, cfg.temperature, cfg.logprob_chunk_size)
+                ref_logprobs, _, _ = policy_logprobs(ref_model, ids, mask, width, cfg.temperature)
             values = self.update_critic.values(ids, mask, width, hidden)
             scores, source_means = self.rewards.score(ids, mask, prompts.texts, completions, rollout.completion_ids(), prompts.extras)
         # Inference tensors cannot be saved for backward: clone what enters the losses.

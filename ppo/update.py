@@ -30,7 +30,7 @@ def _policy_part(mb: ScoredBatch, policy, critic, config: PPOConfig):
     want_entropy = config.entropy_coef != 0.0
     logprobs, entropy, hidden = policy_logprobs(
         policy, mb.input_ids, mb.attention_mask, mb.response_width, config.temperature,
-        config.logprob_chunk_size, with_entropy=want_entropy, output_hidden=critic.uses_policy_hidden,
+        with_entropy=want_entropy, output_hidden=critic.uses_policy_hidden,
     )
     loss, stats = F.clipped_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, config.clip_range)
     stats = {"policy_loss": loss.detach(), **stats}

@@ -39,8 +39,8 @@ def test_lora_reference_is_the_adapter_disabled_base(tiny_policy, tiny_tokenizer
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     mask = torch.ones_like(ids)
     with torch.no_grad(), trainer.policy.disable_adapter():
-        ref, _, _ = policy_logprobs(trainer.policy, ids, mask, 3, 1.0, 8)
-    want, _, _ = policy_logprobs(base, ids, mask, 3, 1.0, 8)
+        ref, _, _ = policy_logprobs(trainer.policy, ids, mask, 3, 1.0)
+    want, _, _ = policy_logprobs(base, ids, mask, 3, 1.0)
     assert torch.allclose(ref, want, atol=1e-6)
     for name, tensor in base.state_dict().items():  # base weights never change
         peft_name = name.replace("q_proj.weight", "q_proj.base_layer.weight").replace("k_proj.weight", "k_proj.base_layer.weight")
