@@ -3,6 +3,13 @@
 The losses come from `ppo.functional`; this module only schedules them. Per-micro-batch statistics
 stay on the device as 0-d tensors and are reduced once at the end (no host sync per step).
 
+With a separate critic each mini-batch is two passes over its micro-batches: the policy's (forward,
+backward, clip, optimizer step, gradients freed), then the critic's. The two models share no
+parameter, so every gradient and step is the one a joint pass gives; but the policy's gradients are
+gone before the critic's activations exist, and no gradient outlives its step (none are held during
+the rollout), which lowers the peak memory of the run. A shared value head reads the policy's
+hidden states, so there it is one joint pass that steps both.
+
 The same code runs on 1 or N ranks. Every rank holds the whole (gathered) batch and draws the same
 permutation; each takes its contiguous share of every mini-batch, and DDP / FSDP2 average the
 gradients over ranks on the last micro-batch. So a mini-batch's gradient is the one a single
@@ -24,7 +31,7 @@ from ppo.config import BatchPlan, PPOConfig
 from ppo.forward import policy_logprobs
 
 
-def _policy_part(mb: ScoredBatch, policy, critic, config: PPOConfig):
+def policy_loss(mb: ScoredBatch, policy, critic, config: PPOConfig):
     """The clipped policy loss (minus the entropy bonus) of a micro-batch, its statistics, and the
     policy's hidden states when a shared value head needs them."""
     want_entropy = config.entropy_coef != 0.0
@@ -41,7 +48,7 @@ def _policy_part(mb: ScoredBatch, policy, critic, config: PPOConfig):
     return loss, stats, hidden
 
 
-def _value_part(mb: ScoredBatch, critic, config: PPOConfig, policy_hidden):
+def value_loss(mb: ScoredBatch, critic, config: PPOConfig, policy_hidden=None):
     """vf_coef x the clipped value loss of a micro-batch, and its statistics."""
     values = critic.values(mb.input_ids, mb.attention_mask, mb.response_width, policy_hidden)
     loss, stats = F.clipped_value_loss(values, mb.values, mb.returns, mb.response_mask, config.clip_range_value)
@@ -49,33 +56,20 @@ def _value_part(mb: ScoredBatch, critic, config: PPOConfig, policy_hidden):
 
 
 def micro_batch_loss(mb: ScoredBatch, policy, critic, config: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """The PPO loss of one (trimmed) micro-batch and its statistics, as one graph."""
-    pg_loss, pg_stats, hidden = _policy_part(mb, policy, critic, config)
-    vf_loss, vf_stats = _value_part(mb, critic, config, hidden)
-    loss = pg_loss + vf_loss
-    return loss, {**pg_stats, **vf_stats, "loss": loss.detach()}
+    """The whole PPO loss of one (trimmed) micro-batch and its statistics, as one graph."""
+    pg_loss, pg_stats, hidden = policy_loss(mb, policy, critic, config)
+    vf_loss, vf_stats = value_loss(mb, critic, config, hidden)
+    return pg_loss + vf_loss, {**pg_stats, **vf_stats}
 
 
-def micro_batch_backward(mb: ScoredBatch, policy, critic, config: PPOConfig, weight: float, autocast=contextlib.nullcontext):
-    """Accumulate the gradient of `weight` x the micro-batch's PPO loss; return its statistics.
-
-    With a separate critic the policy's loss goes backward before the critic runs forward: the two
-    models share no parameter, so every gradient is the one the summed loss gives, and only one
-    model's activations are alive at a time (the update's peak memory drops by the critic's).
-    A shared value head reads the policy's hidden states, so there it is one graph.
-    """
+def _passes(policy, critic, config: PPOConfig):
+    """[(modules, optimizer names, loss of a micro-batch)]: the passes of one mini-batch, in order."""
     if critic.uses_policy_hidden:
-        with autocast():
-            loss, stats = micro_batch_loss(mb, policy, critic, config)
-        (loss * weight).backward()
-        return stats
-    with autocast():
-        pg_loss, pg_stats, _ = _policy_part(mb, policy, critic, config)
-    (pg_loss * weight).backward()
-    with autocast():
-        vf_loss, vf_stats = _value_part(mb, critic, config, None)
-    (vf_loss * weight).backward()
-    return {**pg_stats, **vf_stats, "loss": (pg_loss + vf_loss).detach()}
+        return [((policy, critic.module), ("policy", "critic"), lambda mb: micro_batch_loss(mb, policy, critic, config))]
+    return [
+        ((policy,), ("policy",), lambda mb: policy_loss(mb, policy, critic, config)[:2]),
+        ((critic.module,), ("critic",), lambda mb: value_loss(mb, critic, config)),
+    ]
 
 
 def ppo_update(
@@ -90,15 +84,16 @@ def ppo_update(
 ) -> dict[str, float]:
     """Run `config.ppo_epochs` passes over `batch`; return the mean statistics.
 
-    Each mini-batch of `plan.mini_batch` samples (global) is one optimizer step; each rank takes
-    its share, split into micro-batches of `plan.micro_batch`; each micro-batch's loss is weighted
-    by its share of the mini-batch, so the gradient does not depend on how the mini-batch was split
-    (the factor world_size undoes the averaging over ranks). `autocast` makes a fresh
+    Each mini-batch of `plan.mini_batch` samples (global) is one optimizer step per model; each
+    rank takes its share, split into micro-batches of `plan.micro_batch`; each micro-batch's loss is
+    weighted by its share of the mini-batch, so the gradient does not depend on how the mini-batch
+    was split (the factor world_size undoes the averaging over ranks). `autocast` makes a fresh
     mixed-precision context per forward pass. `policy` and `critic.module` may be DDP / FSDP2
     wrapped (`ppo.distributed.wrap`); the statistics returned are means over ranks.
     """
     # Clipped per model: a critic with large early gradients must not shrink the policy's step.
     param_sets = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in optimizers.items()}
+    passes = _passes(policy, critic, config)
     history: dict[str, list[Tensor]] = defaultdict(list)
     epochs_run = 0
     for _epoch in range(config.ppo_epochs):
@@ -106,22 +101,27 @@ def ppo_update(
         epoch_kl = []
         for start in range(0, len(batch), plan.mini_batch):
             mini = order[start : start + plan.mini_batch]
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
             micros = mini[dist.shard_slice(len(mini))].split(plan.micro_batch)
-            for i, micro in enumerate(micros):
-                mb = batch.select(micro).trim_padding()
-                # Gradients cross ranks once per mini-batch: on its last micro-batch.
-                with dist.gradient_sync((policy, critic.module), enabled=i == len(micros) - 1):
-                    stats = micro_batch_backward(mb, policy, critic, config, len(micro) * dist.world_size() / len(mini), autocast)
-                for key, value in stats.items():
-                    history[key].append(value)
-                epoch_kl.append(stats["approx_kl"])
-            if config.max_grad_norm is not None:
-                for name, params in param_sets.items():
-                    history[f"grad_norm/{name}"].append(dist.clip_grad_norm(params, config.max_grad_norm))
-            for opt in optimizers.values():
-                opt.step()
+            weights = [len(micro) * dist.world_size() / len(mini) for micro in micros]
+            micros = [batch.select(micro).trim_padding() for micro in micros]
+            total_loss = [0.0] * len(micros)
+            for modules, names, loss_of in passes:
+                for i, mb in enumerate(micros):
+                    # Gradients cross ranks once per mini-batch: on its last micro-batch.
+                    with dist.gradient_sync(modules, enabled=i == len(micros) - 1):
+                        with autocast():
+                            loss, stats = loss_of(mb)
+                        (loss * weights[i]).backward()
+                    total_loss[i] = total_loss[i] + loss.detach()
+                    for key, value in stats.items():
+                        history[key].append(value)
+                for name in names:
+                    if config.max_grad_norm is not None:
+                        history[f"grad_norm/{name}"].append(dist.clip_grad_norm(param_sets[name], config.max_grad_norm))
+                    optimizers[name].step()
+                    optimizers[name].zero_grad(set_to_none=True)  # no gradient outlives its step
+            history["loss"].extend(total_loss)
+            epoch_kl.extend(history["approx_kl"][-len(micros):])
         epochs_run += 1
         # cleanrl's early stop: once the policy moved too far from the rollout policy, more
         # epochs on the same data only overfit it. Decided on the mean over ranks: all stop together.

@@ -9,7 +9,7 @@ import torch
 
 from ppo import PPOConfig, PPOTrainer
 from ppo.demo.tiny import TinyModelSpec, build_policy, build_tokenizer
-from ppo.update import micro_batch_backward, micro_batch_loss
+from ppo.update import micro_batch_loss, policy_loss, value_loss
 
 PROMPTS = ["w3 w4", "w5 w6 w7 w8 w9", "w2", "w8 w9 w10"]
 
@@ -57,8 +57,8 @@ def test_first_minibatch_ratio_is_one(tiny_policy, tiny_tokenizer, temperature, 
 
 
 def test_policy_then_critic_backward_gives_the_summed_losses_gradients(tiny_policy, tiny_tokenizer):
-    """The update sends the policy's loss backward before the critic's forward (less peak memory);
-    every gradient must be the one the summed loss gives, bit for bit."""
+    """The update sends the policy's loss backward (and steps it) before the critic's forward (less
+    peak memory); every gradient must be the one the summed loss gives, bit for bit."""
     trainer = PPOTrainer(small_config(entropy_coef=0.01), tiny_policy, tiny_tokenizer, reward_funcs=count_w1)
     mb = scored_batch(trainer, PROMPTS).trim_padding()
     # Make the advantages and returns differ from what the models predict, so no gradient is 0.
@@ -75,13 +75,71 @@ def test_policy_then_critic_backward_gives_the_summed_losses_gradients(tiny_poli
     loss, joint_stats = micro_batch_loss(mb, trainer.policy, trainer.critic, trainer.config)
     (loss * 0.5).backward()
     joint = gradients()
-    split_stats = micro_batch_backward(mb, trainer.policy, trainer.critic, trainer.config, 0.5)
+    pg_loss, pg_stats, _ = policy_loss(mb, trainer.policy, trainer.critic, trainer.config)
+    (pg_loss * 0.5).backward()
+    vf_loss, vf_stats = value_loss(mb, trainer.critic, trainer.config)
+    (vf_loss * 0.5).backward()
     split = gradients()
     assert len(joint) == len(split) == sum(1 for m in models for _ in m.parameters())
     assert all(torch.equal(a, b) for a, b in zip(joint, split))
     assert any(a.abs().sum() > 0 for a in split)
+    split_stats = {**pg_stats, **vf_stats}
     assert joint_stats.keys() == split_stats.keys()
     assert all(torch.equal(joint_stats[k], split_stats[k]) for k in joint_stats)
+    assert torch.equal(loss, pg_loss + vf_loss)
+
+
+def joint_update(batch, trainer, plan):
+    """The straightforward schedule: per mini-batch, both losses of every micro-batch as one graph,
+    then clip and step both models."""
+    from ppo import distributed as dist
+
+    config, models = trainer.config, {"policy": trainer.policy, "critic": trainer.critic.module}
+    losses = []
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(len(batch), generator=trainer.shuffle_generator)
+        for start in range(0, len(batch), plan.mini_batch):
+            mini = order[start : start + plan.mini_batch]
+            for opt in trainer.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            for micro in mini.split(plan.micro_batch):
+                loss, _ = micro_batch_loss(batch.select(micro).trim_padding(), trainer.policy, trainer.critic, config)
+                (loss * len(micro) / len(mini)).backward()
+                losses.append(loss.detach())
+            for name, opt in trainer.optimizers.items():
+                dist.clip_grad_norm(list(models[name].parameters()), config.max_grad_norm)
+                opt.step()
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("value_head", ["separate", "shared"])
+def test_update_steps_each_model_as_the_joint_schedule_does(tiny_policy, tiny_tokenizer, value_head):
+    """The update runs the policy's pass (and step) before the critic's: the trained weights and the
+    mean loss must be the ones the straightforward joint schedule gives, and no gradient outlives
+    the update."""
+    from ppo.config import plan_batches
+    from ppo.update import ppo_update
+
+    config = small_config(value_head=value_head, ppo_epochs=2, mini_batch_size=2, gradient_accumulation_steps=2, entropy_coef=0.01)
+    results = []
+    for schedule in ("ppo_update", "joint"):
+        trainer = PPOTrainer(config, copy.deepcopy(tiny_policy), tiny_tokenizer, reward_funcs=count_w1)
+        batch = scored_batch(trainer, PROMPTS)
+        batch.advantages.add_(torch.linspace(-1, 1, batch.advantages.numel()).view_as(batch.advantages))
+        plan = plan_batches(config, n_prompts=len(PROMPTS))
+        assert plan.micro_batch < plan.mini_batch < len(batch)  # micro-batches, mini-batches, epochs
+        if schedule == "ppo_update":
+            loss = ppo_update(batch, trainer.policy, trainer.critic, trainer.optimizers, plan, config, trainer.shuffle_generator)["loss"]
+            assert all(p.grad is None for m in (trainer.policy, trainer.critic.module) for p in m.parameters())
+        else:
+            loss = joint_update(batch, trainer, plan)
+        results.append((loss, [p.detach().clone() for m in (trainer.policy, trainer.critic.module) for p in m.parameters()]))
+    (loss_a, weights_a), (loss_b, weights_b) = results
+    assert torch.allclose(torch.as_tensor(loss_a), loss_b, atol=1e-6)
+    assert len(weights_a) == len(weights_b)
+    assert all(torch.allclose(a, b, atol=1e-7, rtol=0) for a, b in zip(weights_a, weights_b))
+    initial = list(tiny_policy.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(weights_a[: len(initial)], initial))  # it trained
 
 
 def count_words(completions, **kwargs):
