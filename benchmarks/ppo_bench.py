@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="warm-up iterations (not measured)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--fp32-matmul", choices=["auto", "mkl", "onednn"], default="auto", help="PPOConfig.fp32_matmul")
+    p.add_argument("--release-memory", action="store_true", help="PPOConfig.host_release_memory: less peak RSS, more time")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-seconds", type=float, default=2.0, help="seconds per dtype for the matmul-peak timing (0: skip)")
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_trainer(w, precision: str, seed: int, output_dir: str, fp32_matmul: str = "auto"):
+def build_trainer(w, precision: str, seed: int, output_dir: str, fp32_matmul: str = "auto", release_memory: bool = False):
     """The trainer on workload `w`, sampling exactly R tokens per response (no stop token)."""
     from ppo import PPOConfig, PPOTrainer
 
@@ -75,6 +76,7 @@ def build_trainer(w, precision: str, seed: int, output_dir: str, fp32_matmul: st
         top_p=None,
         precision=precision,
         fp32_matmul=fp32_matmul,
+        host_release_memory=release_memory,
         progress_bar=False,
         seed=seed,
         output_dir=output_dir,
@@ -116,7 +118,7 @@ def main(argv=None) -> None:
 
     t_setup = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ppo_bench_") as output_dir:
-        trainer, tokenizer, (n_lm, n_cls) = build_trainer(w, args.precision, args.seed, output_dir, args.fp32_matmul)
+        trainer, tokenizer, (n_lm, n_cls) = build_trainer(w, args.precision, args.seed, output_dir, args.fp32_matmul, args.release_memory)
         batches = build_prompts(w, tokenizer, args.warmup + args.iters + (1 if args.profile else 0), args.seed)
         setup_s = time.perf_counter() - t_setup
         records = [run_iteration(trainer, prompts, w.response_len) for prompts in batches[: args.warmup + args.iters]]
@@ -138,6 +140,7 @@ def main(argv=None) -> None:
         "workload_params": w.as_dict(),
         # fp32 on oneDNN is its own row: another kernel, measured against another peak.
         "precision": "fp32-onednn" if args.precision == "fp32" and trainer.fp32_kernel == "onednn" else args.precision,
+        "host_release_memory": args.release_memory,
         "threads": torch.get_num_threads(),
         "seed": args.seed,
         "warmup_iters": args.warmup,

@@ -27,7 +27,7 @@ from ppo.batch import PromptBatch, Rollout, ScoredBatch
 from ppo.config import PPOConfig, plan_batches
 from ppo.data import collate_prompts, ensure_pad_token
 from ppo.forward import policy_logprobs
-from ppo.host_memory import pin_mmap_threshold
+from ppo.host_memory import memory_releaser
 from ppo.onednn_linear import resolve_fp32_matmul
 from ppo.rewards import RewardSources
 from ppo.roles import (
@@ -97,8 +97,7 @@ class PPOTrainer:
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(config.precision, self.device)
         self.fp32_kernel = resolve_fp32_matmul(config.fp32_matmul, self.device, getattr(getattr(model, "config", None), "hidden_size", 512))
-        if self.device.type == "cpu":
-            pin_mmap_threshold(config.host_mmap_threshold_mib)
+        self.release_memory = memory_releaser(config.host_release_memory, self.device)
         use_lora = peft_config is not None or config.lora_r > 0 or is_peft_model(model)
         lora_source = peft_config if peft_config is not None else config
         # The critic copies the policy's plain weights, so it is built before adapters go in.
@@ -200,12 +199,15 @@ class PPOTrainer:
             prompt_batch = prompt_batch.repeat(cfg.num_generations)
             with dist.full_weights(self.policy):  # FSDP2: sampling loops must not all-gather
                 rollout = self.engine.generate(prompt_batch, self.sampling)
+            self.release_memory()
         with self.timer.phase("score"):
             completions = self.tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
             batch, score_stats = self.score(rollout, prompt_batch, completions)
             completions = [text for share in dist.all_gather_objects(completions) for text in share]
+            self.release_memory()
         with self.timer.phase("update"):
-            update_stats = ppo_update(batch, self.update_policy, self.update_critic, self.optimizers, plan, cfg, self.shuffle_generator, self.autocast)
+            update_stats = ppo_update(batch, self.update_policy, self.update_critic, self.optimizers, plan, cfg,
+                                      self.shuffle_generator, self.autocast, self.release_memory)
             self.engine.update_weights(())  # the HF engine shares the policy: nothing to copy
         kl_coef_used = self.kl_controller.value
         self.kl_controller.update(score_stats["kl"], len(batch))

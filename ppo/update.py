@@ -81,6 +81,7 @@ def ppo_update(
     config: PPOConfig,
     generator: torch.Generator,
     autocast=contextlib.nullcontext,
+    after_pass=lambda: None,
 ) -> dict[str, float]:
     """Run `config.ppo_epochs` passes over `batch`; return the mean statistics.
 
@@ -89,7 +90,8 @@ def ppo_update(
     weighted by its share of the mini-batch, so the gradient does not depend on how the mini-batch
     was split (the factor world_size undoes the averaging over ranks). `autocast` makes a fresh
     mixed-precision context per forward pass. `policy` and `critic.module` may be DDP / FSDP2
-    wrapped (`ppo.distributed.wrap`); the statistics returned are means over ranks.
+    wrapped (`ppo.distributed.wrap`); the statistics returned are means over ranks. `after_pass` is
+    called after each model's pass (the trainer's `release_memory`).
     """
     # Clipped per model: a critic with large early gradients must not shrink the policy's step.
     param_sets = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in optimizers.items()}
@@ -120,6 +122,7 @@ def ppo_update(
                         history[f"grad_norm/{name}"].append(dist.clip_grad_norm(param_sets[name], config.max_grad_norm))
                     optimizers[name].step()
                     optimizers[name].zero_grad(set_to_none=True)  # no gradient outlives its step
+                after_pass()
             history["loss"].extend(total_loss)
             epoch_kl.extend(history["approx_kl"][-len(micros):])
         epochs_run += 1

@@ -343,3 +343,26 @@ def test_gumbel_sampling_matches_the_softmax(tiny_policy, tiny_tokenizer):
         probs = torch.softmax(tiny_policy(batch.input_ids[:1]).logits[0, -1] / 0.8, dim=-1)
     freq = torch.bincount(first, minlength=probs.numel()).float() / n
     assert (freq - probs).abs().max() < 0.03  # ~4 standard errors at p=0.1
+
+
+def test_host_release_memory_changes_nothing_but_the_allocator(tiny_policy, tiny_tokenizer, monkeypatch):
+    """The memory releaser runs after sampling, after scoring and after each model's pass, and the
+    step's numbers are the same with and without it."""
+    import ppo.host_memory as host_memory
+    from ppo.config import plan_batches
+
+    calls = []
+    monkeypatch.setattr(host_memory, "release_free_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(host_memory, "_glibc", lambda: object())  # a glibc whatever the platform
+    results = {}
+    for release in (False, True):
+        config = small_config(host_release_memory=release, ppo_epochs=2, mini_batch_size=2)
+        trainer = PPOTrainer(config, copy.deepcopy(tiny_policy), tiny_tokenizer, reward_funcs=count_w1)
+        stats = trainer.step(PROMPTS)
+        results[release] = (stats, [p.detach().clone() for p in trainer.policy.parameters()])
+    plan = plan_batches(config, n_prompts=len(PROMPTS))
+    assert len(calls) == 2 + 2 * config.ppo_epochs * plan.steps_per_epoch
+    (off, weights_off), (on, weights_on) = results[False], results[True]
+    assert off["generated_texts"] == on["generated_texts"]
+    assert all(off[k] == on[k] for k in ("mean_reward", "kl", "loss", "policy_loss", "value_loss"))
+    assert all(torch.equal(a, b) for a, b in zip(weights_off, weights_on))

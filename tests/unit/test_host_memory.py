@@ -1,40 +1,48 @@
-"""Pinning glibc's mmap threshold: freed large blocks go back to the OS instead of staying resident."""
+"""Releasing freed heap memory to the OS (glibc's malloc_trim) at the trainer's phase boundaries."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from ppo.host_memory import _glibc, pin_mmap_threshold
+from ppo.host_memory import _glibc, memory_releaser, release_free_memory
 
 PROBE = r"""
 import sys, torch
-from ppo.host_memory import pin_mmap_threshold
+from ppo.host_memory import release_free_memory
 def rss_mib():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
-if sys.argv[1] == "pin":
-    assert pin_mmap_threshold(1.0)
 a = torch.ones(16 * 2**18); del a  # freeing a 16 MiB mmap block raises glibc's threshold past it
 before = rss_mib()
-b = torch.ones(8 * 2**18)          # 8 MiB: from the heap unless the threshold is pinned
+b = torch.ones(8 * 2**18)          # 8 MiB, now from the heap
 c = torch.ones(2**16)              # allocated after b, so b is not at the top of the heap
 del b
-print(round(rss_mib() - before))
+kept = rss_mib() - before
+if sys.argv[1] == "release":
+    assert release_free_memory()
+print(round(kept), round(rss_mib() - before))
 """
 
 
-def resident_after_free(mode: str) -> int:
+def resident_after_free(mode: str) -> tuple[int, int]:
     out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, text=True)
-    return int(out.stdout.split()[-1])
+    kept, after = out.stdout.split()[-2:]
+    return int(kept), int(after)
 
 
 @pytest.mark.skipif(_glibc() is None or not Path("/proc/self/status").exists(), reason="glibc's malloc on Linux")
-def test_pinned_threshold_returns_a_freed_block_to_the_os():
-    assert resident_after_free("pin") <= 1
-    # The probe can fail: with malloc's own dynamic threshold the freed 8 MiB stay resident.
-    assert resident_after_free("leave") >= 7
+def test_release_returns_a_freed_heap_block_to_the_os():
+    kept, after = resident_after_free("release")
+    assert kept >= 7  # malloc kept the freed 8 MiB resident...
+    assert after <= 1  # ...until it was released
+    kept, after = resident_after_free("keep")
+    assert kept >= 7 and after >= 7
 
 
-def test_none_leaves_malloc_alone():
-    assert pin_mmap_threshold(None) is False
+def test_releaser_is_a_no_op_unless_asked_for_on_a_cpu():
+    assert memory_releaser(False, torch.device("cpu"))() is False
+    assert memory_releaser(True, torch.device("meta"))() is False
+    if _glibc() is not None:
+        assert memory_releaser(True, torch.device("cpu")) is release_free_memory
