@@ -91,7 +91,7 @@ class PPOConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     rollout_logprobs: bool = opt(True, "Take pi_old's log-probs from the sampling pass, not a second policy forward (same maths; differs only by float rounding).")
     lean_decode: bool = opt(True, "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same maths, float rounding apart; W3 sampling ~30% faster on CPU). Other models, and adapters, always use their forward.")
-    host_release_memory: bool = opt(False, "CPU runs: hand freed heap memory back to the OS (glibc malloc_trim) after sampling, after scoring and after each model's pass of the update. W2: peak RSS 2060 -> 1890 MiB, time +12% (pages fault back in). glibc only.")
+    host_release_memory: bool = opt(False, "CPU runs: hand freed heap memory back to the OS (glibc malloc_trim) before and after sampling, after scoring and after each model's pass of the update. W2 benchmark: peak RSS 2078 -> 1971-1985 MiB (-5%), time +9-15% (pages fault back in). glibc only.")
 
     # --- LoRA (peft) ---
     lora_r: int = opt(0, "LoRA rank of the policy's adapter (0: full fine-tuning).")

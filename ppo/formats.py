@@ -33,25 +33,22 @@ plain-string completions are used verbatim (no EOS is appended here).
 from __future__ import annotations
 
 import difflib
-import os
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
-import datasets
+# The readers live in ppo.tables; these names stay importable from here.
+from ppo.tables import (  # noqa: F401
+    DataFormatError,
+    list_columns,
+    load_table,
+    preview,
+    read_prompts_file,
+    root_message,
+    source_tables,
+)
 
-_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "txt"}
 HH_MARKER = "\n\nAssistant:"
 _SHOWN_ROWS = 10  # how many row numbers the skip warning lists
-
-
-class DataFormatError(ValueError):
-    """A data source that cannot be used: the message names the source ("<list>" / "<dataset>" for
-    in-memory data), the 1-based row, the field and the offending value where they apply."""
-
-    def __init__(self, message: str, source: str | None = None, row: int | None = None, field: str | None = None):
-        super().__init__(message)
-        self.source, self.row, self.field = source, row, field
 
 
 class _BadField(Exception):
@@ -61,132 +58,6 @@ class _BadField(Exception):
     def __init__(self, field: str, value: Any, reason: str, fatal: bool = False):
         super().__init__(reason)
         self.field, self.value, self.reason, self.fatal = field, value, reason, fatal
-
-
-# --- Reading sources into tables ---
-
-
-def read_prompts_file(path) -> list[str]:
-    """Prompts from a UTF-8 text file, one per line; blank lines are skipped, lines are stripped."""
-    path = Path(path)
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")  # -sig: a BOM written by some editors is not part of line 1
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise DataFormatError(f"{path} is not UTF-8 text (bad byte at line {line}); save it as UTF-8", source=str(path)) from None
-    # split("\n") rather than splitlines(): the latter also splits on form feeds and U+2028.
-    prompts = [line.strip() for line in text.split("\n") if line.strip()]
-    if not prompts:
-        raise DataFormatError(f"{path} holds no prompts: it is empty or has only blank lines", source=str(path))
-    return prompts
-
-
-def load_table(source, split: str = "train") -> datasets.Dataset:
-    """Any supported source (see the module docstring) as one `datasets.Dataset`."""
-    if isinstance(source, list):
-        columns = _list_columns(source)
-        # from_list keeps only the first row's keys, so give every row every column explicitly.
-        try:
-            return datasets.Dataset.from_list([{c: row.get(c) for c in columns} for row in source])
-        except Exception as error:  # pyarrow refuses e.g. a column mixing strings and lists
-            raise DataFormatError(f"<list> cannot be made into a table: {_root_message(error)}", source="<list>") from error
-    tables = [table for _, table in _tables(source, split)]
-    try:
-        return tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
-    except Exception as error:
-        message = f"the files in {source} do not share one schema: {_root_message(error)}"
-        raise DataFormatError(message, source=str(source)) from error
-
-
-def _tables(source, split: str) -> list[tuple[str, datasets.Dataset]]:
-    """(name, table) per file, so that row errors can name the file and count rows within it."""
-    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
-        return [("<dataset>", _pick_split(source, split, "<dataset>"))]
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"a data source is a path, hub name, list of dicts or datasets.Dataset, not {type(source).__name__}")
-    path = Path(source).expanduser()
-    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():  # Dataset.save_to_disk
-        return [(str(path), _pick_split(datasets.load_from_disk(str(path)), split, str(path)))]
-    if path.is_dir():
-        return [(str(f), _load_file(f, split)) for f in _data_files(path)]
-    if path.is_file():
-        return [(str(path), _load_file(path, split))]
-    # A missing path meant as a file gets a plain error, rather than a confusing Hub lookup.
-    if str(source).startswith((".", "/", "~")) or "\\" in str(source) or path.suffix.lower() in _BUILDERS:
-        raise FileNotFoundError(f"no such data file or directory: {source}")
-    return [(str(source), datasets.load_dataset(str(source), split=split))]  # a Hub dataset name
-
-
-def _load_file(path: Path, split: str) -> datasets.Dataset:
-    builder = _BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise DataFormatError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_BUILDERS)}", source=str(path))
-    if builder == "txt":
-        return datasets.Dataset.from_dict({"prompt": read_prompts_file(path)})
-    try:
-        table = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
-        table.data.validate(full=True)  # pyarrow's JSON reader lets invalid UTF-8 through to row reads
-        return table
-    except Exception as error:
-        if any(isinstance(e, UnicodeDecodeError) or "Invalid UTF8" in str(e) for e in _chain(error)):
-            raise DataFormatError(f"{path} is not UTF-8 text; save it as UTF-8", source=str(path)) from error
-        raise DataFormatError(f"could not read {path} as {builder}: {_root_message(error)}", source=str(path)) from error
-
-
-def _data_files(directory: Path) -> list[Path]:
-    """The data files under a directory, all of one kind (hidden files and others are ignored)."""
-    files = sorted(
-        f for f in directory.rglob("*")
-        if f.is_file() and f.suffix.lower() in _BUILDERS and not any(p.startswith(".") for p in f.relative_to(directory).parts)
-    )
-    if not files:
-        raise DataFormatError(f"{directory} holds no data files ({', '.join(sorted(_BUILDERS))})", source=str(directory))
-    kinds = {_BUILDERS[f.suffix.lower()] for f in files}
-    if len(kinds) > 1:
-        raise DataFormatError(f"{directory} mixes file types {sorted(kinds)}; keep one kind per directory", source=str(directory))
-    return files
-
-
-def _pick_split(table, split: str, name: str) -> datasets.Dataset:
-    if isinstance(table, datasets.DatasetDict):
-        if split not in table:
-            raise DataFormatError(f"{name} has no split {split!r}; splits present: {sorted(table)}", source=name)
-        return table[split]
-    return table
-
-
-def _list_columns(rows: list) -> list[str]:
-    columns: dict[str, None] = {}  # a dict keeps first-seen order
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise DataFormatError(f"<list> row {number} must be a dict, not {type(row).__name__}: {_preview(row)}",
-                                  source="<list>", row=number)
-        columns.update(dict.fromkeys(row))
-    return list(columns)
-
-
-def _chain(error: BaseException | None) -> list[BaseException]:
-    """An exception and its causes: datasets wraps builder errors in a generic
-    DatasetGenerationError, and only the root says what broke."""
-    chain = []
-    while error is not None:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    return chain
-
-
-def _root_message(error: BaseException) -> str:
-    root = _chain(error)[-1]
-    return f"{type(root).__name__}: {root}"
-
-
-def _preview(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# --- Field checks and chat-template rendering ---
 
 
 def _text_or_messages(row: dict, field: str) -> str | list[dict]:
@@ -395,9 +266,9 @@ def _collect(source, split: str, plan: Callable, skip_bad_rows: bool) -> list[di
     rows, skipped, total, names = [], [], 0, []
     # Lists are used as given, not through arrow, which would fill absent keys with None.
     if isinstance(source, list):
-        parts = [("<list>", source, _list_columns(source))]
+        parts = [("<list>", source, list_columns(source))]
     else:
-        parts = [(name, table, table.column_names) for name, table in _tables(source, split)]
+        parts = [(name, table, table.column_names) for name, table in source_tables(source, split)]
     for name, table, columns in parts:
         names.append(name)
         if len(table) == 0:
@@ -408,7 +279,7 @@ def _collect(source, split: str, plan: Callable, skip_bad_rows: bool) -> list[di
             try:
                 rows.append(convert(row))
             except _BadField as bad:
-                error = DataFormatError(f"{name} row {number}: field {bad.field!r} {bad.reason}; got {_preview(bad.value)}",
+                error = DataFormatError(f"{name} row {number}: field {bad.field!r} {bad.reason}; got {preview(bad.value)}",
                                         source=name, row=number, field=bad.field)
                 if bad.fatal or not skip_bad_rows:
                     raise error from bad.__cause__

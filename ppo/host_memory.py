@@ -3,12 +3,12 @@
 A PPO iteration allocates and frees hundreds of MiB of activations in every phase (sampling,
 scoring, each model's pass of every mini-batch). glibc's malloc keeps freed heap memory resident
 for reuse, and fragmentation keeps more of it than the next phase can reuse: on the W2 benchmark
-workload the process holds ~600 MiB above its live tensors between passes, and the peak grows with
-it. `malloc_trim(0)` hands the free pages back. Called at the phase boundaries
-(`PPOConfig.host_release_memory`), the peak RSS of W2 fell 2060 -> 1890 MiB (0.70x TRL's) and the
-iteration took ~12% longer: the next phase page-faults its memory back in. So it is off by
-default, a switch for a run that is short of memory rather than time. (Pinning malloc's mmap
-threshold instead, so that every large block is its own mapping, reached the same peak at +55%.)
+workload the process holds ~600 MiB above its live tensors between passes. `malloc_trim(0)` hands
+the free pages back. Called at the phase boundaries (`PPOConfig.host_release_memory`), it lowered
+W2's peak RSS from 2078 to 1971-1985 MiB (-5%; the peak itself is inside a pass, where the live
+activations are) and the iteration took 9-15% longer, as the next phase faults its pages back in.
+So it is off by default, a switch for a run that is short of memory rather than time. (Pinning
+malloc's mmap threshold instead, so that every large block is its own mapping, cost +55% time.)
 """
 
 from __future__ import annotations

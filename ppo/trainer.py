@@ -194,6 +194,7 @@ class PPOTrainer:
                              "(make batch_size a multiple of the number of ranks)")
         plan = plan_batches(cfg, n_prompts=sum(shares), world_size=len(shares))
         with self.timer.phase("generate"):
+            self.release_memory()  # what building the models, or the last iteration, left behind
             prompt_batch = collate_prompts(self.tokenizer, prompts, extras, self.max_prompt_tokens, self.device)
             prompt_batch.seeds = self.sample_seeds(len(prompts), row_offset)
             prompt_batch = prompt_batch.repeat(cfg.num_generations)

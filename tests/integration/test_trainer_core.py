@@ -346,8 +346,8 @@ def test_gumbel_sampling_matches_the_softmax(tiny_policy, tiny_tokenizer):
 
 
 def test_host_release_memory_changes_nothing_but_the_allocator(tiny_policy, tiny_tokenizer, monkeypatch):
-    """The memory releaser runs after sampling, after scoring and after each model's pass, and the
-    step's numbers are the same with and without it."""
+    """The memory releaser runs before sampling, after sampling, after scoring and after each
+    model's pass, and the step's numbers are the same with and without it."""
     import ppo.host_memory as host_memory
     from ppo.config import plan_batches
 
@@ -361,7 +361,7 @@ def test_host_release_memory_changes_nothing_but_the_allocator(tiny_policy, tiny
         stats = trainer.step(PROMPTS)
         results[release] = (stats, [p.detach().clone() for p in trainer.policy.parameters()])
     plan = plan_batches(config, n_prompts=len(PROMPTS))
-    assert len(calls) == 2 + 2 * config.ppo_epochs * plan.steps_per_epoch
+    assert len(calls) == 3 + 2 * config.ppo_epochs * plan.steps_per_epoch
     (off, weights_off), (on, weights_on) = results[False], results[True]
     assert off["generated_texts"] == on["generated_texts"]
     assert all(off[k] == on[k] for k in ("mean_reward", "kl", "loss", "policy_loss", "value_loss"))
