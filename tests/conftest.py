@@ -20,6 +20,16 @@ def _quiet_and_deterministic():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny-model runs: they gain nothing from intra-op threads, and threads thrash
+    when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_tokenizer():
     return build_tokenizer(WORDS)

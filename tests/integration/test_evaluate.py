@@ -14,16 +14,9 @@ from ppo.evaluate import evaluate_policy, main, normalise_answer, perplexity
 from ppo.rewards.builtin import exact_match
 from ppo.rollout import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
+
 PROMPTS = ["w3 w4", "w5", "w6 w7 w8", "w9 w10", "w11", "w12 w13"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and threads thrash when the cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sampling(tokenizer, **kw) -> SamplingParams:

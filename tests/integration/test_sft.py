@@ -25,18 +25,11 @@ from ppo.sft import (
 )
 from ppo.stage import OutputDirError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
+
 WORDS = [f"w{i}" for i in range(29)] + ["user", "assistant", ":"]
 # A deterministic mapping the model must learn from its prompt: "wi" -> "w(i+1) w(i+2)".
 MAPPING = [{"prompt": f"w{i}", "completion": f"w{i + 1} w{i + 2}"} for i in range(2, 10)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and threads thrash when the cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_config(tmp_path, **overrides) -> SFTConfig:

@@ -25,6 +25,8 @@ from ppo.train_reward import (
     train_reward_model,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
+
 WORDS = [f"w{i}" for i in range(29)] + ["user", "assistant", ":"]
 MARKER = "w25"
 
@@ -39,15 +41,6 @@ def marker_pairs(n: int, seed: int = 0) -> list[dict]:
         rejected = [f"w{rng.randrange(2, 20)}" for _ in range(4)]
         rows.append({"prompt": f"w1 w{rng.randrange(2, 20)}", "chosen": " ".join(chosen), "rejected": " ".join(rejected)})
     return rows
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and threads thrash when the cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_config(tmp_path, **overrides) -> RewardConfig:
