@@ -1,7 +1,8 @@
 """Shared by the ppo.functional tests: plain-loop float64 references and input builders.
 
 The references walk rows and positions with Python loops over `.tolist()` data, so they share
-no code with the vectorised implementation.
+no code with the vectorised implementation. bf16 inputs are compared with the reference evaluated
+on the bf16-rounded values: the library computes in fp32, so only fp32 rounding remains.
 """
 
 from __future__ import annotations

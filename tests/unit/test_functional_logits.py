@@ -1,9 +1,5 @@
 """ppo.functional against independent plain-loop float64 references: log-probs, entropy and the
 masked statistics.
-
-The references (`functional_references.py`) share no code with the vectorised implementation.
-bf16 inputs are compared with the reference evaluated on the bf16-rounded values: the library
-computes in fp32, so only fp32 rounding remains.
 """
 
 from __future__ import annotations
@@ -12,7 +8,7 @@ import math
 
 import pytest
 import torch
-from functional_references import (  # tests/unit/functional_references.py
+from functional_references import (
     DTYPES,
     LENGTHS,
     T,
