@@ -60,10 +60,12 @@ def matmul_peak(dtype_name: str, seconds: float = 2.0) -> dict:
     import torch
 
     if dtype_name == "float32-onednn":  # the kernel `PPOConfig.fp32_matmul=onednn` runs (a @ b.T)
+        from ppo.onednn_linear import onednn_mm
+
         dtype = torch.float32
 
         def product(a, b, out=None):
-            return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+            return onednn_mm(a, b)
     else:
         dtype = getattr(torch, dtype_name)
         product = torch.matmul

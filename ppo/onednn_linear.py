@@ -7,7 +7,8 @@ the benchmark notes). Same fp32 arithmetic, another kernel: results differ from 
 rounding only (the summation order), never by precision.
 
 `fp32_linear_context("onednn")` sends every fp32 CPU `F.linear` inside it (what `nn.Linear` calls)
-through oneDNN, forward and backward; anything else passes through untouched. `PPOConfig.fp32_matmul="auto"` times both kernels at the start of a run and keeps the faster.
+through oneDNN, forward and backward; anything else passes through untouched.
+`PPOConfig.fp32_matmul="auto"` times both kernels at the start of a run and keeps the faster.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from torch import Tensor
 from torch.nn import functional as TF
 
 
-def _onednn_mm(a: Tensor, b_t: Tensor) -> Tensor:
-    """a @ b_t.T for 2-D fp32 `a` [M, K] and `b_t` [N, K], by oneDNN (it reads transposed views in
-    place: cheaper than making them contiguous first)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+def onednn_mm(a: Tensor, b_t: Tensor, bias: Tensor | None = None) -> Tensor:
+    """a @ b_t.T (+ bias) for 2-D fp32 `a` [M, K] and `b_t` [N, K], by oneDNN (it reads transposed
+    views in place: cheaper than making them contiguous first)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -31,7 +32,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+        out = onednn_mm(x.reshape(-1, x.shape[-1]), weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -40,9 +41,9 @@ class _OneDNNLinear(torch.autograd.Function):
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn_mm(grad_rows, weight.t()).view(x.shape)  # dy @ W
+            grad_x = onednn_mm(grad_rows, weight.t()).view(x.shape)  # dy @ W
         if ctx.needs_input_grad[1]:
-            grad_weight = _onednn_mm(grad_rows.t(), x.reshape(-1, x.shape[-1]).t())  # dy.T @ x
+            grad_weight = onednn_mm(grad_rows.t(), x.reshape(-1, x.shape[-1]).t())  # dy.T @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(0)
         return grad_x, grad_weight, grad_bias

@@ -125,7 +125,7 @@ class HFRolloutEngine:
         logits = self._forward(input_ids, full_mask[:, :prompt_width], positions[:, :prompt_width], cache)
         lean = self.lean_decoder if all(isinstance(layer, PreallocatedLayer) for layer in cache.layers) else None
         if lean is not None:
-            keys, values = [layer._keys for layer in cache.layers], [layer._values for layer in cache.layers]
+            keys, values = map(list, zip(*(layer.buffers() for layer in cache.layers)))
             attend = full_mask.bool()[:, None, None, :]
 
         tokens: list[Tensor] = []

@@ -43,6 +43,11 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
         return self.keys, self.values
 
+    def buffers(self) -> tuple[Tensor, Tensor]:
+        """The whole key and value buffers, `[B, kv_heads, capacity, D]`, for a decoder that writes
+        positions itself (`ppo.rollout.lean_decode`); `length` is then no longer kept up to date."""
+        return self._keys, self._values
+
 
 def rollout_cache(config, capacity: int) -> DynamicCache:
     """A cache for one rollout of at most `capacity` positions. Models whose layers are not all
