@@ -26,13 +26,19 @@ from functional_references import (
 
 import ppo.functional as F
 
+
+def set_chunk(monkeypatch, chunk: int) -> None:
+    """The chunk size on every device, so the CPU tests cover the accelerators' loop too."""
+    monkeypatch.setattr(F, "_CHUNK_NUMEL", chunk)
+    monkeypatch.setattr(F, "_CPU_CHUNK_NUMEL", chunk)
+
 # ----------------------------------------------------------------------------- logits
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk", [1, 7, 11 * 3, 1 << 24])
 def test_logprobs_vs_loop_reference(dtype, chunk, monkeypatch):
-    monkeypatch.setattr(F, "_CHUNK_NUMEL", chunk)
+    set_chunk(monkeypatch, chunk)
     logits = rand(3, 5, 11, seed=1, scale=3.0).to(dtype)
     labels = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(2))
     out = F.logprobs_from_logits(logits, labels)
@@ -42,7 +48,7 @@ def test_logprobs_vs_loop_reference(dtype, chunk, monkeypatch):
 
 @pytest.mark.parametrize("chunk", [1, 13, 1 << 24])
 def test_logprobs_matches_log_softmax_gather_incl_grad(chunk, monkeypatch):
-    monkeypatch.setattr(F, "_CHUNK_NUMEL", chunk)
+    set_chunk(monkeypatch, chunk)
     full = rand(4, 7, 13, seed=3, scale=4.0).requires_grad_()
     logits = full[:, 1:-1]  # non-contiguous slice, as taken from a model output
     labels = torch.randint(0, 13, (4, 5), generator=torch.Generator().manual_seed(4))
@@ -80,7 +86,7 @@ def test_logprobs_bf16_grad_and_saved_memory():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk", [1, 9 * 2, 1 << 24])
 def test_entropy_vs_loop_reference(dtype, chunk, monkeypatch):
-    monkeypatch.setattr(F, "_CHUNK_NUMEL", chunk)
+    set_chunk(monkeypatch, chunk)
     logits = rand(2, 3, 4, 9, seed=8, scale=3.0).to(dtype)  # arbitrary leading dims
     out = F.entropy_from_logits(logits)
     assert out.dtype == torch.float32 and out.shape == (2, 3, 4)
@@ -182,3 +188,15 @@ def test_temperature_inside_equals_dividing_the_logits_first():
         (value_inside * upstream).sum().backward()
         (value_before * upstream).sum().backward()
         torch.testing.assert_close(inside.grad, before.grad)
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 16), (3, 5, 7, 16), (2, 300)])
+def test_cpu_chunks_cover_every_element_once_within_the_cpu_limit(shape, monkeypatch):
+    monkeypatch.setattr(F, "_CHUNK_NUMEL", 1 << 30)  # the accelerators' size must not apply on a CPU
+    monkeypatch.setattr(F, "_CPU_CHUNK_NUMEL", 40)
+    logits = torch.zeros(shape)
+    for idx in F._chunks(logits):
+        piece = logits[idx]
+        assert piece.numel() <= max(40, shape[-1]), (idx, piece.shape)
+        piece += 1
+    assert torch.equal(logits, torch.ones(shape))
