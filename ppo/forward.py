@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ppo import functional as F
+from ppo.last_layer import last_layer_rows
 from ppo.rollout.hf import position_ids_from_mask
 
 
@@ -26,14 +27,15 @@ def response_logits(model, input_ids: Tensor, attention_mask: Tensor, response_w
     """
     width = input_ids.shape[1]
     columns = torch.arange(width - response_width - 1, width - 1, device=input_ids.device)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        logits_to_keep=columns,
-        output_hidden_states=output_hidden,
-    )
+    with last_layer_rows(model, columns):  # nothing else is read
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            logits_to_keep=columns,
+            output_hidden_states=output_hidden,
+        )
     hidden = out.hidden_states[-1][:, columns] if output_hidden else None
     return out.logits, hidden
 
@@ -69,12 +71,15 @@ def _backbone_and_head(model):
 def token_values(critic, input_ids: Tensor, attention_mask: Tensor, response_width: int) -> Tensor:
     """The critic's score head read at every state before a response token: `[B, R]`."""
     body, head = _backbone_and_head(critic)
-    hidden = body(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state[:, -response_width - 1 : -1]
+    width = input_ids.shape[1]
+    columns = torch.arange(width - response_width - 1, width - 1, device=input_ids.device)
+    with last_layer_rows(body, columns):
+        hidden = body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state[:, columns]
     return head(hidden).squeeze(-1).float()
 
 
@@ -90,13 +95,14 @@ def sequence_scores(reward_model, input_ids: Tensor, attention_mask: Tensor) -> 
         scores = getattr(scores, "logits", scores)
         return scores.reshape(input_ids.shape[0], -1)[:, 0].float()
     body, head = _backbone_and_head(reward_model)
-    hidden = body(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
     columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last_real = (attention_mask.bool() * columns).argmax(dim=1)
+    with last_layer_rows(body, torch.unique(last_real)):  # sorted
+        hidden = body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real]
     return head(pooled)[:, 0].float()

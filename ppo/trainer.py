@@ -27,6 +27,7 @@ from ppo.batch import PromptBatch, Rollout, ScoredBatch
 from ppo.config import PPOConfig, plan_batches
 from ppo.data import collate_prompts, ensure_pad_token
 from ppo.forward import policy_logprobs
+from ppo.last_layer import pruning
 from ppo.host_memory import memory_releaser
 from ppo.onednn_linear import resolve_fp32_matmul
 from ppo.rewards import RewardSources
@@ -201,12 +202,12 @@ class PPOTrainer:
             with dist.full_weights(self.policy):  # FSDP2: sampling loops must not all-gather
                 rollout = self.engine.generate(prompt_batch, self.sampling)
             self.release_memory()
-        with self.timer.phase("score"):
+        with self.timer.phase("score"), pruning(cfg.prune_last_layer):
             completions = self.tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
             batch, score_stats = self.score(rollout, prompt_batch, completions)
             completions = [text for share in dist.all_gather_objects(completions) for text in share]
             self.release_memory()
-        with self.timer.phase("update"):
+        with self.timer.phase("update"), pruning(cfg.prune_last_layer):
             update_stats = ppo_update(batch, self.update_policy, self.update_critic, self.optimizers, plan, cfg,
                                       self.shuffle_generator, self.autocast, self.release_memory)
             self.engine.update_weights(())  # the HF engine shares the policy: nothing to copy

@@ -366,3 +366,20 @@ def test_host_release_memory_changes_nothing_but_the_allocator(tiny_policy, tiny
     assert off["generated_texts"] == on["generated_texts"]
     assert all(off[k] == on[k] for k in ("mean_reward", "kl", "loss", "policy_loss", "value_loss"))
     assert all(torch.equal(a, b) for a, b in zip(weights_off, weights_on))
+
+
+def test_pruned_last_layer_step_matches_the_whole_layer(tiny_policy, tiny_tokenizer, tiny_reward_model):
+    """A PPO step (reward model, separate critic, two epochs of two mini-batches) gives the same
+    statistics and weights with the last layer pruned as with it whole, to float rounding."""
+    results = {}
+    for prune in (False, True):
+        config = small_config(prune_last_layer=prune, ppo_epochs=2, mini_batch_size=2)
+        trainer = PPOTrainer(config, copy.deepcopy(tiny_policy), tiny_tokenizer, reward_model=copy.deepcopy(tiny_reward_model))
+        stats = trainer.step(PROMPTS)
+        results[prune] = (stats, [p.detach().clone() for p in [*trainer.policy.parameters(), *trainer.critic.module.parameters()]])
+    (whole, weights_whole), (pruned, weights_pruned) = results[False], results[True]
+    assert whole["generated_texts"] == pruned["generated_texts"]
+    for key in ("mean_reward", "kl", "loss", "policy_loss", "value_loss"):
+        assert pruned[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
+    for a, b in zip(weights_whole, weights_pruned):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
