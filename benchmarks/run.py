@@ -43,6 +43,8 @@ def parse_args(argv=None):
                    help="ppo-rlhf's fp32 linear kernel (PPOConfig.fp32_matmul; auto: the faster of the two, timed at start)")
     p.add_argument("--release-memory", action="store_true",
                    help="ppo-rlhf with PPOConfig.host_release_memory (freed heap memory back to the OS: less peak RSS, more time)")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="ppo-rlhf with PPOConfig.gradient_accumulation_steps=N (less activation memory, same optimizer steps); rows say so")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="toy workload, 1 warm-up + 1 iteration, no TRL (< 30 s)")
@@ -89,6 +91,7 @@ def run_ppo(workload: str, precision: str, args) -> dict:
            "--iters", str(args.iters), "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--seed", str(args.seed), "--peak-seconds", "0.25" if args.smoke else "2", "--fp32-matmul", args.fp32_matmul]
     cmd += ["--release-memory"] if args.release_memory else []
+    cmd += ["--micro-batches", str(args.micro_batches)]
     result = launch(cmd, args)
     if "error" not in result:
         result["measured"] = result["iters"][result["warmup_iters"] :]
