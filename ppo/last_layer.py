@@ -15,8 +15,9 @@ The maths at `columns` is the layer's own (its modules, its rotary cos/sin, its 
 agree with the full layer to float rounding, not bit for bit (tested).
 
 It covers Llama-family layers (Qwen3, Qwen2, Llama) with the sdpa or eager attention and no sliding
-window, and steps aside (runs the whole layer) under gradient checkpointing, whose recomputation in
-backward would run outside the `with` block.
+window. It steps aside (runs the whole layer) under gradient checkpointing, whose recomputation in
+backward would run outside the `with` block, and for calls it does not know how to prune (a KV
+cache, a mask that is not 4-D, no rotary cos/sin passed in).
 """
 
 from __future__ import annotations
@@ -98,15 +99,16 @@ def _query_mask(attention_mask: Tensor | None, columns: Tensor, width: int) -> T
     if attention_mask is None:  # no padding: plain causal
         keys = torch.arange(width, device=columns.device)
         return (keys[None, :] <= columns[:, None])[None, None]
-    if attention_mask.dim() != 4:
-        raise ValueError(f"last_layer_rows: expected a 4-D attention mask, got shape {tuple(attention_mask.shape)}")
     return attention_mask[:, :, columns] if attention_mask.shape[2] == width else attention_mask
 
 
 def _forward_at(layer, columns: Tensor, hidden_states: Tensor, attention_mask=None, position_embeddings=None, **kwargs):
     """The layer's forward at `columns` only; the other positions pass through unchanged."""
-    if position_embeddings is None or kwargs.get("past_key_values") is not None and kwargs.get("use_cache"):
-        raise RuntimeError("last_layer_rows: the layer was called with a cache or without position embeddings")
+    caching = kwargs.get("past_key_values") is not None and kwargs.get("use_cache")
+    if position_embeddings is None or caching or (attention_mask is not None and attention_mask.dim() != 4):
+        # A call this does not know how to prune (another transformers version, a cache, a 2-D
+        # mask): the whole layer, as if the block were not there.
+        return type(layer).forward(layer, hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs)
     attn = layer.self_attn
     batch, width, _ = hidden_states.shape
     dim = attn.head_dim
@@ -130,4 +132,5 @@ def _forward_at(layer, columns: Tensor, hidden_states: Tensor, attention_mask=No
     )
     kept = hidden_states[:, columns] + attn.o_proj(out.transpose(1, 2).reshape(batch, len(columns), -1))
     kept = kept + layer.mlp(layer.post_attention_layernorm(kept))
-    return hidden_states.index_copy(1, columns, kept)
+    # The whole layer's output has the residual sum's dtype at every position; so does this one.
+    return hidden_states.to(kept.dtype).index_copy(1, columns, kept)

@@ -82,6 +82,22 @@ def test_pruned_last_layer_matches_the_whole_layer(family, attn, padded):
         torch.testing.assert_close(pruned, full, rtol=tol, atol=tol * float(full.abs().max()))
 
 
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_pruned_last_layer_under_bf16_autocast(weights):
+    policy, critic = (m.to(getattr(torch, weights)) for m in build("qwen3"))
+    ids, mask = batch(padded=True)
+    seen = rows_seen_by_last_mlp(policy)
+    results = []
+    for prune in (False, True):
+        with pruning(prune), torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(run_everything(policy, critic, ids, mask))
+    assert seen == [ids.shape[1], RESPONSE]
+    (full_out, full_grads), (pruned_out, pruned_grads) = results
+    for full, pruned in zip(full_out + full_grads, pruned_out + pruned_grads):
+        assert pruned.dtype == full.dtype
+        torch.testing.assert_close(pruned, full, rtol=2e-2, atol=2e-2 * float(full.abs().max()))
+
+
 def test_the_reward_model_reads_only_the_last_real_tokens():
     _, critic = build("qwen3")
     ids, mask = batch(padded=True)
@@ -110,3 +126,16 @@ def test_unknown_or_checkpointed_models_run_the_whole_layer():
     with pruning(True):
         logprobs, _, _ = policy_logprobs(gpt2, ids, mask, RESPONSE, 1.0)
     assert logprobs.shape == (3, RESPONSE)
+
+
+def test_calls_it_cannot_prune_run_the_whole_layer():
+    """With a cache (as in sampling's prefill) the block steps aside instead of failing."""
+    policy, _ = build("qwen3")
+    ids, _ = batch(padded=False)
+    seen = rows_seen_by_last_mlp(policy)
+    with torch.no_grad():
+        expected = policy(input_ids=ids, use_cache=True).logits
+        with last_layer_rows(policy, torch.tensor([10, 11])):
+            out = policy(input_ids=ids, use_cache=True).logits
+    assert seen == [ids.shape[1], ids.shape[1]]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
