@@ -52,6 +52,7 @@ class PPOConfig:
     batch_size: int = opt(4, "Prompts per PPO iteration (global, across all ranks).")
     mini_batch_size: int | None = opt(None, "Samples per optimizer step; None: the whole rollout (one step per epoch).")
     gradient_accumulation_steps: int = opt(1, "Micro-batches each mini-batch is split into (memory, not maths).")
+    forward_batch_size: int | None = opt(None, "Sequences per no-grad forward when scoring a rollout (policy, reference, critic, reward model); None: the update's micro-batch size. Memory, not maths.")
     ppo_epochs: int = opt(4, "Passes of the update over each rollout.")
     max_grad_norm: float | None = opt(1.0, "Gradient-norm clip per model; None disables.")
     seed: int = opt(0, "Seeds sampling, shuffling and initialisation.")
@@ -124,6 +125,8 @@ class PPOConfig:
         check_range(self, "ppo_epochs", self.ppo_epochs, 1)
         check_range(self, "gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
         check_range(self, "num_generations", self.num_generations, 1)
+        if self.forward_batch_size is not None:
+            check_range(self, "forward_batch_size", self.forward_batch_size, 1)
         check_range(self, "max_new_tokens", self.max_new_tokens, 1)
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")

@@ -106,3 +106,16 @@ def sequence_scores(reward_model, input_ids: Tensor, attention_mask: Tensor) -> 
         ).last_hidden_state
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real]
     return head(pooled)[:, 0].float()
+
+
+def by_rows(fn, rows: int | None, *tensors):
+    """`fn(*tensors)` run on consecutive blocks of at most `rows` rows (dim 0) and concatenated:
+    the same result, to float rounding, with one block's activations and logits alive at a time.
+    `fn` returns a tensor or a tuple of tensors / None; None inputs pass through as None."""
+    n = next(t.shape[0] for t in tensors if t is not None)
+    if rows is None or rows >= n:
+        return fn(*tensors)
+    parts = [fn(*(None if t is None else t[i : i + rows] for t in tensors)) for i in range(0, n, rows)]
+    if isinstance(parts[0], tuple):
+        return tuple(None if pieces[0] is None else torch.cat(pieces) for pieces in zip(*parts))
+    return torch.cat(parts)

@@ -26,7 +26,7 @@ from ppo import functional as F
 from ppo.batch import PromptBatch, Rollout, ScoredBatch
 from ppo.config import PPOConfig, plan_batches
 from ppo.data import collate_prompts, ensure_pad_token
-from ppo.forward import policy_logprobs
+from ppo.forward import by_rows, policy_logprobs
 from ppo.last_layer import pruning
 from ppo.host_memory import memory_releaser
 from ppo.onednn_linear import resolve_fp32_matmul
@@ -232,24 +232,34 @@ class PPOTrainer:
         return (self.config.rollout_logprobs and rollout.logprobs is not None and rollout.entropy is not None
                 and not self.critic.uses_policy_hidden)
 
+    def rows_per_scoring_forward(self, rows_on_rank: int) -> int:
+        """`forward_batch_size`, or by default the update's micro-batch: a no-grad forward of as
+        many rows as a forward that also keeps activations for backward cannot need more memory."""
+        cfg = self.config
+        if cfg.forward_batch_size is not None:
+            return cfg.forward_batch_size
+        world = dist.world_size()
+        return plan_batches(cfg, n_prompts=max(1, rows_on_rank * world // cfg.num_generations), world_size=world).micro_batch
+
     def score(self, rollout: Rollout, prompts: PromptBatch, completions: list[str]) -> tuple[ScoredBatch, dict[str, float]]:
         """Steps 3-4: one no-grad pass of every model over this rank's rollout, then - over the
         global batch gathered from all ranks - rewards, GAE and whitening."""
         cfg = self.config
         ids, mask, width = rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1]
+        rows = self.rows_per_scoring_forward(len(ids))
         with torch.inference_mode(), self.autocast():
             if self.reuses_rollout_logprobs(rollout):
                 logprobs, entropy, hidden = rollout.logprobs, rollout.entropy, None
             else:
-                logprobs, entropy, hidden = policy_logprobs(
-                    self.policy, ids, mask, width, cfg.temperature,
+                logprobs, entropy, hidden = by_rows(lambda i, m: policy_logprobs(
+                    self.policy, i, m, width, cfg.temperature,
                     with_entropy=True, output_hidden=self.critic.uses_policy_hidden,
-                )
+                ), rows, ids, mask)
             ref_model, ref_context = reference_context(self.policy, self.ref_model)
             with ref_context:
-                ref_logprobs, _, _ = policy_logprobs(ref_model, ids, mask, width, cfg.temperature)
-            values = self.update_critic.values(ids, mask, width, hidden)
-            scores, source_means = self.rewards.score(ids, mask, prompts.texts, completions, rollout.completion_ids(), prompts.extras)
+                ref_logprobs, _, _ = by_rows(lambda i, m: policy_logprobs(ref_model, i, m, width, cfg.temperature), rows, ids, mask)
+            values = by_rows(lambda i, m, h: self.update_critic.values(i, m, width, h), rows, ids, mask, hidden)
+            scores, source_means = self.rewards.score(ids, mask, prompts.texts, completions, rollout.completion_ids(), prompts.extras, rows)
         # Inference tensors cannot be saved for backward: clone what enters the losses.
         logprobs, ref_logprobs, values, scores, entropy = (t.clone().float() for t in (logprobs, ref_logprobs, values, scores, entropy))
         # The global batch on every rank (rank order is row order; padding widened to the widest rank).

@@ -32,11 +32,12 @@ class RewardSources:
             )
         self.weights = [float(w) for w in weights]
 
-    def score(self, input_ids: Tensor, attention_mask: Tensor, prompts: list[str], completions: list[str], completion_ids: list[list[int]], extras: dict[str, list[Any]]) -> tuple[Tensor, dict[str, float]]:
-        """`[B]` weighted scores and each source's mean (for the metrics)."""
+    def score(self, input_ids: Tensor, attention_mask: Tensor, prompts: list[str], completions: list[str], completion_ids: list[list[int]], extras: dict[str, list[Any]], rows_per_forward: int | None = None) -> tuple[Tensor, dict[str, float]]:
+        """`[B]` weighted scores and each source's mean (for the metrics); the reward model sees
+        `rows_per_forward` sequences per forward (None: all at once)."""
         columns: list[Tensor] = []
         if self.reward_model is not None:
-            columns.append(reward_model_scores(self.reward_model, input_ids, attention_mask, prompts, completions, self.reward_tokenizer).cpu())
+            columns.append(reward_model_scores(self.reward_model, input_ids, attention_mask, prompts, completions, self.reward_tokenizer, rows_per_forward).cpu())
         for func in self.funcs:
             values = call_reward_function(func, prompts, completions, completion_ids, extras)
             columns.append(torch.tensor(values, dtype=torch.float32))

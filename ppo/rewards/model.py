@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ppo.forward import sequence_scores
+from ppo.forward import by_rows, sequence_scores
 
 
 def render_for_reward_tokenizer(reward_tokenizer, prompt: str, completion: str) -> str:
@@ -25,11 +25,17 @@ def reward_model_scores(
     prompts: list[str],
     completions: list[str],
     reward_tokenizer=None,
+    rows_per_forward: int | None = None,
 ) -> Tensor:
-    """`[B]` scores. Without `reward_tokenizer` the policy's ids are scored as they are."""
+    """`[B]` scores, `rows_per_forward` sequences at a time (None: all). Without
+    `reward_tokenizer` the policy's ids are scored as they are."""
     if reward_tokenizer is None:
-        return sequence_scores(reward_model, input_ids, attention_mask)
+        return by_rows(lambda ids, mask: sequence_scores(reward_model, ids, mask), rows_per_forward, input_ids, attention_mask)
     texts = [render_for_reward_tokenizer(reward_tokenizer, p, c) for p, c in zip(prompts, completions)]
-    encoded = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    step = rows_per_forward or max(len(texts), 1)
     device = input_ids.device
-    return sequence_scores(reward_model, encoded["input_ids"].to(device), encoded["attention_mask"].to(device))
+    scores = []
+    for start in range(0, len(texts), step):  # each block padded to its own longest text
+        encoded = reward_tokenizer(texts[start : start + step], return_tensors="pt", padding=True, add_special_tokens=False)
+        scores.append(sequence_scores(reward_model, encoded["input_ids"].to(device), encoded["attention_mask"].to(device)))
+    return torch.cat(scores)
