@@ -54,6 +54,9 @@ class PPOConfig:
     gradient_accumulation_steps: int = opt(1, "Micro-batches each mini-batch is split into (memory, not maths).")
     forward_batch_size: int | None = opt(None, "Sequences per no-grad forward when scoring a rollout (policy, reference, critic, reward model); None: the update's micro-batch size. Memory, not maths.")
     ppo_epochs: int = opt(4, "Passes of the update over each rollout.")
+    lr_scheduler: str = opt("constant", "Learning-rate schedule of policy and critic over the PPO steps: constant, linear or cosine (decaying towards 0).")
+    lr_schedule_steps: int | None = opt(None, "Steps the schedule spans; None: the steps train() runs (set it when you call step() yourself).")
+    warmup_steps: int = opt(0, "Steps of linear learning-rate warm-up at the start.")
     max_grad_norm: float | None = opt(1.0, "Gradient-norm clip per model; None disables.")
     seed: int = opt(0, "Seeds sampling, shuffling and initialisation.")
 
@@ -133,6 +136,10 @@ class PPOConfig:
         check_choice("value_head", self.value_head, ("separate", "shared"))
         check_choice("precision", self.precision, ("fp32", "bf16", "auto"))
         check_choice("fp32_matmul", self.fp32_matmul, ("auto", "mkl", "onednn"))
+        check_choice("lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
+        check_range(self, "warmup_steps", self.warmup_steps, 0)
+        if self.lr_schedule_steps is not None:
+            check_range(self, "lr_schedule_steps", self.lr_schedule_steps, 1)
         check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         check_choice("optimizer", self.optimizer, ("adamw", "adamw_8bit"))
         check_choice("strategy", self.strategy, ("ddp", "fsdp"))

@@ -145,6 +145,7 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
         if dist.is_main():
             drop_metrics_after(out / "metrics.jsonl", trainer.global_step)
     bounds = batch_bounds(len(rows), cfg.batch_size, dist.world_size())
+    trainer.planned_steps = num_epochs * len(bounds)  # what an lr schedule spans, unless configured
     logger = main_logger(out, getattr(cfg, "report_to", None))
     bar = tqdm(total=num_epochs * len(bounds), initial=trainer.global_step, desc="ppo",
                disable=not (cfg.progress_bar and dist.is_main()), dynamic_ncols=True)

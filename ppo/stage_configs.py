@@ -204,6 +204,7 @@ class DemoConfig:
     ppo_epochs: int = opt(4, "Update passes over each rollout.")
     ppo_learning_rate: float = opt(3e-4, "AdamW learning rate of the policy.")
     value_learning_rate: float | None = opt(None, "AdamW learning rate of the critic (None: ppo_learning_rate).")
+    ppo_lr_scheduler: str = opt("cosine", "PPO learning-rate schedule over ppo_steps: constant, linear or cosine.")
     num_generations: int = opt(1, "Samples per prompt in each rollout.")
     kl_coef: float = opt(0.2, "KL penalty coefficient (the initial one when adaptive).")
     adap_kl_ctrl: bool = opt(False, "Adapt kl_coef towards target_kl.")

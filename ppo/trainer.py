@@ -28,6 +28,7 @@ from ppo.config import PPOConfig, plan_batches
 from ppo.data import collate_prompts, ensure_pad_token
 from ppo.forward import by_rows, policy_logprobs
 from ppo.last_layer import pruning
+from ppo.lr_schedule import lr_factor, set_learning_rates
 from ppo.host_memory import memory_releaser
 from ppo.onednn_linear import resolve_fp32_matmul
 from ppo.rewards import RewardSources
@@ -135,6 +136,7 @@ class PPOTrainer:
         self.shuffle_generator = torch.Generator().manual_seed(config.seed)  # mini-batch order
         self.timer = PhaseTimer()
         self.global_step = 0
+        self.planned_steps: int | None = None  # set by train(): the length of an lr schedule
         self.max_prompt_tokens: int | None = self._prompt_budget(config.max_length)
 
     def _distribute(self, strategy: str) -> None:
@@ -194,6 +196,9 @@ class PPOTrainer:
             raise ValueError(f"every rank must pass the same, non-zero number of prompts to step(); got {shares} "
                              "(make batch_size a multiple of the number of ranks)")
         plan = plan_batches(cfg, n_prompts=sum(shares), world_size=len(shares))
+        # Before sampling, so that a schedule without a length fails before any work is done.
+        factor = lr_factor(self.global_step, cfg.lr_schedule_steps or self.planned_steps, cfg.lr_scheduler, cfg.warmup_steps)
+        learning_rate = set_learning_rates(self.optimizers.values(), factor)
         with self.timer.phase("generate"):
             self.release_memory()  # what building the models, or the last iteration, left behind
             prompt_batch = collate_prompts(self.tokenizer, prompts, extras, self.max_prompt_tokens, self.device)
@@ -221,6 +226,7 @@ class PPOTrainer:
             "rewards": batch.scores.tolist(),
             "mean_reward": batch.scores.mean().item(),
             "kl_coef": float(kl_coef_used),
+            "learning_rate": learning_rate,
             **score_stats,
             **update_stats,
             **timing,

@@ -244,6 +244,7 @@ def ppo_config(config: DemoConfig, plan: DemoPlan, out: Path) -> PPOConfig:
         # torch's default kernel whatever the CPU: a step of these tiny models is per-op overhead,
         # which oneDNN's autograd detour would add to, and the README's numbers come from this one.
         fp32_matmul="mkl", progress_bar=config.progress_bar,
+        lr_scheduler=config.ppo_lr_scheduler, lr_schedule_steps=plan.ppo_steps,
     )
 
 

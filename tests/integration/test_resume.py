@@ -1,5 +1,6 @@
 """Exact resume: a run killed (SIGKILL) after a checkpoint and resumed ends where an uninterrupted
-run ends - the same weights bit for bit, the same metrics for the remaining steps (CPU, fp32)."""
+run ends - the same weights bit for bit, the same metrics and learning rates for the remaining
+steps (CPU, fp32)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ SCRIPT = textwrap.dedent(
 
     config = PPOConfig(batch_size=3, mini_batch_size=2, max_new_tokens=4, learning_rate=1e-3, save_steps=2, precision="fp32", fp32_matmul="mkl",
                        output_dir=out, progress_bar=False, seed=7, temperature=0.9, lam=0.9,
-                       resume_from_checkpoint=resume or None)
+                       lr_scheduler="cosine", warmup_steps=1, resume_from_checkpoint=resume or None)
     trainer = PPOTrainer(config, policy, tok, reward_model=reward_model, reward_funcs=words, reward_weights=[0.5, 1.0])
     prompts = [" ".join(f"w{(i * 5 + j) % 29}" for j in range(1 + i % 3)) for i in range(9)]
     trainer.train(prompts, num_epochs=2)   # 3 batches per epoch -> 6 steps
@@ -75,3 +76,6 @@ def test_killed_run_resumes_exactly(tmp_path):
     for step in (5, 6):
         assert resumed_metrics[step] == full_metrics[step]
     assert full_metrics[5]["kl"] != full_metrics[6]["kl"]  # the comparison is not vacuous
+    # The learning-rate schedule (warm-up, then cosine over train()'s 6 steps) picks up where it was.
+    assert [full_metrics[s]["learning_rate"] for s in range(1, 7)] == pytest.approx([5e-4, 1e-3, 0.9045e-3, 0.6545e-3, 0.3455e-3, 0.0955e-3], rel=1e-3)
+    assert resumed_metrics[5]["learning_rate"] == full_metrics[5]["learning_rate"]
