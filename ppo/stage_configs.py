@@ -232,3 +232,4 @@ class DemoConfig:
             raise ConfigError(f"DemoConfig.refresh_at must be in [0, 1), got {self.refresh_at}")
         check_choice("value_head", self.value_head, ("separate", "shared"))
         check_choice("precision", self.precision, ("fp32", "bf16", "auto"))
+        check_choice("ppo_lr_scheduler", self.ppo_lr_scheduler, ("constant", "linear", "cosine"))

@@ -30,6 +30,10 @@ def test_bad_schedules_say_what_is_missing():
 
     with pytest.raises(ConfigError, match="lr_scheduler"):
         PPOConfig(lr_scheduler="exponential")
+    from ppo.config import DemoConfig
+
+    with pytest.raises(ConfigError, match="ppo_lr_scheduler"):  # at load time, not after SFT and the reward model
+        DemoConfig(ppo_lr_scheduler="exponential")
 
 
 def count_w1(completions, **kwargs):
