@@ -70,6 +70,8 @@ def _prunable_last_layer(model):
     layer = body.layers[-1]
     if not all(hasattr(layer, a) for a in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")):
         return None
+    if "forward" in vars(layer):  # someone else's per-instance forward (accelerate's offload hooks): leave it be
+        return None
     return layer
 
 

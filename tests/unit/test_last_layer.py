@@ -118,6 +118,13 @@ def test_the_layer_is_restored_after_the_block_even_on_error():
 def test_unknown_or_checkpointed_models_run_the_whole_layer():
     policy, _ = build("qwen3")
     assert _prunable_last_layer(policy) is policy.model.layers[-1]
+    layer = policy.model.layers[-1]
+    hooked = layer.forward  # a per-instance forward of someone else's (as accelerate's offload hooks set)
+    layer.forward = hooked
+    with last_layer_rows(policy, torch.tensor([3, 4])):
+        assert layer.forward is hooked
+    assert layer.forward is hooked
+    del layer.forward
     policy.gradient_checkpointing_enable()
     assert _prunable_last_layer(policy) is None  # recomputation in backward runs outside the block
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
