@@ -15,6 +15,13 @@ from ppo.last_layer import last_layer_rows
 from ppo.rollout.hf import position_ids_from_mask
 
 
+def state_columns(input_ids: Tensor, response_width: int) -> Tensor:
+    """The columns of the states before each response token (P - 1 + t): what the LM head and the
+    critic's head read."""
+    width = input_ids.shape[1]
+    return torch.arange(width - response_width - 1, width - 1, device=input_ids.device)
+
+
 def response_logits(model, input_ids: Tensor, attention_mask: Tensor, response_width: int, output_hidden: bool = False):
     """Logits predicting each response token, `[B, R, V]`, and optionally the final hidden states at
     the same positions, `[B, R, H]`.
@@ -25,8 +32,7 @@ def response_logits(model, input_ids: Tensor, attention_mask: Tensor, response_w
     count gives is a strided view, which inference mode sends through a batched matmul that
     broadcasts the weight, 4x slower on CPU.
     """
-    width = input_ids.shape[1]
-    columns = torch.arange(width - response_width - 1, width - 1, device=input_ids.device)
+    columns = state_columns(input_ids, response_width)
     with last_layer_rows(model, columns):  # nothing else is read
         out = model(
             input_ids=input_ids,
@@ -71,8 +77,7 @@ def _backbone_and_head(model):
 def token_values(critic, input_ids: Tensor, attention_mask: Tensor, response_width: int) -> Tensor:
     """The critic's score head read at every state before a response token: `[B, R]`."""
     body, head = _backbone_and_head(critic)
-    width = input_ids.shape[1]
-    columns = torch.arange(width - response_width - 1, width - 1, device=input_ids.device)
+    columns = state_columns(input_ids, response_width)
     with last_layer_rows(body, columns):
         hidden = body(
             input_ids=input_ids,
