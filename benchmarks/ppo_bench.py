@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--release-memory", action="store_true", help="PPOConfig.host_release_memory: less peak RSS, more time")
     p.add_argument("--micro-batches", type=int, default=1,
                    help="PPOConfig.gradient_accumulation_steps: each mini-batch's forward/backward in N pieces (less activation memory; same optimizer steps)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="PPOConfig.gradient_checkpointing: activations recomputed in backward (less memory, more time)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-seconds", type=float, default=2.0, help="seconds per dtype for the matmul-peak timing (0: skip)")
@@ -58,7 +60,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_trainer(w, precision: str, seed: int, output_dir: str, fp32_matmul: str = "auto", release_memory: bool = False, micro_batches: int = 1):
+def system_label(micro_batches: int, gradient_checkpointing: bool) -> str:
+    """The row's name: "ppo-rlhf", plus each memory switch that is on."""
+    switches = [f"{micro_batches} micro-batches"] if micro_batches != 1 else []
+    switches += ["gradient checkpointing"] if gradient_checkpointing else []
+    return ", ".join(["ppo-rlhf", *switches])
+
+
+def build_trainer(w, precision: str, seed: int, output_dir: str, fp32_matmul: str = "auto", release_memory: bool = False, micro_batches: int = 1,
+                  gradient_checkpointing: bool = False):
     """The trainer on workload `w`, sampling exactly R tokens per response (no stop token)."""
     from ppo import PPOConfig, PPOTrainer
 
@@ -68,6 +78,7 @@ def build_trainer(w, precision: str, seed: int, output_dir: str, fp32_matmul: st
         batch_size=w.batch,
         mini_batch_size=w.mini_batch_size,
         gradient_accumulation_steps=micro_batches,
+        gradient_checkpointing=gradient_checkpointing,
         ppo_epochs=w.ppo_epochs,
         learning_rate=3e-6,
         temperature=0.7,
@@ -120,7 +131,8 @@ def main(argv=None) -> None:
 
     t_setup = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ppo_bench_") as output_dir:
-        trainer, tokenizer, (n_lm, n_cls) = build_trainer(w, args.precision, args.seed, output_dir, args.fp32_matmul, args.release_memory, args.micro_batches)
+        trainer, tokenizer, (n_lm, n_cls) = build_trainer(w, args.precision, args.seed, output_dir, args.fp32_matmul, args.release_memory, args.micro_batches,
+                                                         args.gradient_checkpointing)
         batches = build_prompts(w, tokenizer, args.warmup + args.iters + (1 if args.profile else 0), args.seed)
         setup_s = time.perf_counter() - t_setup
         records = [run_iteration(trainer, prompts, w.response_len) for prompts in batches[: args.warmup + args.iters]]
@@ -137,14 +149,17 @@ def main(argv=None) -> None:
     iter_s = med("total_s")
     result = {
         "bench": "ppo_rlhf",
-        # Micro-batching is its own row: the same maths and optimizer steps, another memory figure.
-        "system": "ppo-rlhf" if args.micro_batches == 1 else f"ppo-rlhf, {args.micro_batches} micro-batches",
+        # Micro-batching and checkpointing are their own rows: the same maths and optimizer steps,
+        # another memory (and time) figure.
+        "system": system_label(args.micro_batches, args.gradient_checkpointing),
         "workload": w.name,
         "workload_params": w.as_dict(),
         # fp32 on oneDNN is its own row: another kernel, measured against another peak.
         "precision": "fp32-onednn" if args.precision == "fp32" and trainer.fp32_kernel == "onednn" else args.precision,
         "host_release_memory": args.release_memory,
         "micro_batches": args.micro_batches,
+        # Read back from the model, so the record says what ran, not what was asked.
+        "gradient_checkpointing": bool(getattr(trainer.policy, "is_gradient_checkpointing", False)),
         "threads": torch.get_num_threads(),
         "seed": args.seed,
         "warmup_iters": args.warmup,

@@ -45,6 +45,8 @@ def parse_args(argv=None):
                    help="ppo-rlhf with PPOConfig.host_release_memory (freed heap memory back to the OS: less peak RSS, more time)")
     p.add_argument("--micro-batches", type=int, default=1,
                    help="ppo-rlhf with PPOConfig.gradient_accumulation_steps=N (less activation memory, same optimizer steps); rows say so")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="ppo-rlhf with PPOConfig.gradient_checkpointing (activations recomputed in backward); rows say so")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="toy workload, 1 warm-up + 1 iteration, no TRL (< 30 s)")
@@ -92,6 +94,7 @@ def run_ppo(workload: str, precision: str, args) -> dict:
            "--seed", str(args.seed), "--peak-seconds", "0.25" if args.smoke else "2", "--fp32-matmul", args.fp32_matmul]
     cmd += ["--release-memory"] if args.release_memory else []
     cmd += ["--micro-batches", str(args.micro_batches)]
+    cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     result = launch(cmd, args)
     if "error" not in result:
         result["measured"] = result["iters"][result["warmup_iters"] :]
@@ -173,7 +176,7 @@ def write_json(args, runs: list[dict], load_start) -> dict:
     peaks = report.matmul_peaks(runs)
     rows = report.aggregate(runs, peaks)
     info = {"cpu": machine.cpu_model(), "cpu_flags": machine.cpu_flags(), "logical_cpus": os.cpu_count(), "threads": args.threads}
-    info.update(next((r["versions"] for r in runs if r["system"] == "ppo-rlhf" and "error" not in r), {}))
+    info.update(next((r["versions"] for r in runs if r["system"].startswith("ppo-rlhf") and "error" not in r), {}))
     trl_ok = next((r for r in runs if r["system"].startswith("TRL") and "error" not in r), None)
     if trl_ok:
         info["trl"] = trl_ok["versions"]["trl"]

@@ -45,3 +45,20 @@ def test_benchmark_smoke(tmp_path):
         # Every response ran to its full length, so the token count is exactly B * (P + R).
         params = run["workload_params"]
         assert run["tokens_per_iter"] == params["batch"] * (params["prompt_len"] + params["response_len"])
+
+
+@pytest.mark.slow
+def test_benchmark_memory_switches_get_their_own_row(tmp_path):
+    """--micro-batches and --gradient-checkpointing reach the trainer, and the row and the record say so."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--precision", "fp32",
+         "--micro-batches", "2", "--gradient-checkpointing", "--json-out", str(out)],
+        check=False, capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| smoke | ppo-rlhf, 2 micro-batches, gradient checkpointing |" in proc.stdout
+    assert "torch " in proc.stdout.split("Machine:")[1]  # versions come from a labelled row too
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["micro_batches"] == 2
+    assert run["gradient_checkpointing"] is True
