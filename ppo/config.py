@@ -25,6 +25,7 @@ from ppo.config_io import (  # noqa: F401
     opt,
     save_config,
 )
+from ppo.lr_schedule import SCHEDULES
 from ppo.stage_configs import DemoConfig, EvalConfig, RewardConfig, SFTConfig  # noqa: F401
 
 
@@ -136,7 +137,7 @@ class PPOConfig:
         check_choice("value_head", self.value_head, ("separate", "shared"))
         check_choice("precision", self.precision, ("fp32", "bf16", "auto"))
         check_choice("fp32_matmul", self.fp32_matmul, ("auto", "mkl", "onednn"))
-        check_choice("lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
+        check_choice("lr_scheduler", self.lr_scheduler, SCHEDULES)
         check_range(self, "warmup_steps", self.warmup_steps, 0)
         if self.lr_schedule_steps is not None:
             check_range(self, "lr_schedule_steps", self.lr_schedule_steps, 1)

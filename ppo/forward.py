@@ -113,14 +113,15 @@ def sequence_scores(reward_model, input_ids: Tensor, attention_mask: Tensor) -> 
     return head(pooled)[:, 0].float()
 
 
-def by_rows(fn, rows: int | None, *tensors):
-    """`fn(*tensors)` run on consecutive blocks of at most `rows` rows (dim 0) and concatenated:
-    the same result, to float rounding, with one block's activations and logits alive at a time.
-    `fn` returns a tensor or a tuple of tensors / None; None inputs pass through as None."""
-    n = next(t.shape[0] for t in tensors if t is not None)
+def by_rows(fn, rows: int | None, *batches):
+    """`fn(*batches)` run on consecutive blocks of at most `rows` rows and concatenated: the same
+    result, to float rounding, with one block's activations and logits alive at a time. A batch is
+    anything with rows to slice (a tensor along dim 0, a list of texts); None passes through as
+    None. `fn` returns a tensor or a tuple of tensors / None."""
+    n = next(len(b) for b in batches if b is not None)
     if rows is None or rows >= n:
-        return fn(*tensors)
-    parts = [fn(*(None if t is None else t[i : i + rows] for t in tensors)) for i in range(0, n, rows)]
+        return fn(*batches)
+    parts = [fn(*(None if b is None else b[i : i + rows] for b in batches)) for i in range(0, n, rows)]
     if isinstance(parts[0], tuple):
         return tuple(None if pieces[0] is None else torch.cat(pieces) for pieces in zip(*parts))
     return torch.cat(parts)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ppo.config_io import ConfigError, check_choice, check_range, opt
+from ppo.lr_schedule import SCHEDULES
 
 _SCHEDULERS = ("constant", "linear", "cosine")
 
@@ -232,4 +233,4 @@ class DemoConfig:
             raise ConfigError(f"DemoConfig.refresh_at must be in [0, 1), got {self.refresh_at}")
         check_choice("value_head", self.value_head, ("separate", "shared"))
         check_choice("precision", self.precision, ("fp32", "bf16", "auto"))
-        check_choice("ppo_lr_scheduler", self.ppo_lr_scheduler, ("constant", "linear", "cosine"))
+        check_choice("ppo_lr_scheduler", self.ppo_lr_scheduler, SCHEDULES)  # the PPO trainer's own

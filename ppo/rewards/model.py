@@ -32,10 +32,10 @@ def reward_model_scores(
     if reward_tokenizer is None:
         return by_rows(lambda ids, mask: sequence_scores(reward_model, ids, mask), rows_per_forward, input_ids, attention_mask)
     texts = [render_for_reward_tokenizer(reward_tokenizer, p, c) for p, c in zip(prompts, completions)]
-    step = rows_per_forward or max(len(texts), 1)
     device = input_ids.device
-    scores = []
-    for start in range(0, len(texts), step):  # each block padded to its own longest text
-        encoded = reward_tokenizer(texts[start : start + step], return_tensors="pt", padding=True, add_special_tokens=False)
-        scores.append(sequence_scores(reward_model, encoded["input_ids"].to(device), encoded["attention_mask"].to(device)))
-    return torch.cat(scores)
+
+    def score_texts(block: list[str]) -> Tensor:  # each block padded to its own longest text
+        encoded = reward_tokenizer(block, return_tensors="pt", padding=True, add_special_tokens=False)
+        return sequence_scores(reward_model, encoded["input_ids"].to(device), encoded["attention_mask"].to(device))
+
+    return by_rows(score_texts, rows_per_forward, texts)
