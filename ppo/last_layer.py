@@ -106,7 +106,9 @@ def _query_mask(attention_mask: Tensor | None, columns: Tensor, width: int) -> T
 
 def _forward_at(layer, columns: Tensor, hidden_states: Tensor, attention_mask=None, position_embeddings=None, **kwargs):
     """The layer's forward at `columns` only; the other positions pass through unchanged."""
-    caching = kwargs.get("past_key_values") is not None and kwargs.get("use_cache")
+    # transformers >= 5.24 passes the cache as `cache=`, earlier releases as `past_key_values=`.
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    caching = cache is not None and kwargs.get("use_cache")
     if position_embeddings is None or caching or (attention_mask is not None and attention_mask.dim() != 4):
         # A call this does not know how to prune (another transformers version, a cache, a 2-D
         # mask): the whole layer, as if the block were not there.
