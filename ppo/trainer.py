@@ -27,10 +27,11 @@ from ppo.batch import PromptBatch, Rollout, ScoredBatch
 from ppo.config import PPOConfig, plan_batches
 from ppo.data import collate_prompts, ensure_pad_token
 from ppo.forward import by_rows, policy_logprobs
-from ppo.last_layer import pruning
+from ppo.fastpath.compat import enable_activation_checkpointing
+from ppo.fastpath.last_layer import pruning
 from ppo.lr_schedule import lr_factor, set_learning_rates
-from ppo.host_memory import memory_releaser
-from ppo.onednn_linear import resolve_fp32_matmul
+from ppo.fastpath.host_memory import memory_releaser
+from ppo.fastpath.onednn_linear import resolve_fp32_matmul
 from ppo.rewards import RewardSources
 from ppo.roles import (
     apply_lora,
@@ -113,10 +114,7 @@ class PPOTrainer:
         for module in (self.policy, self.critic.module):
             disable_dropout(module)
             if config.gradient_checkpointing:
-                enable = getattr(module, "activation_checkpointing_enable", None) or getattr(module, "gradient_checkpointing_enable", None)
-                if enable is None:
-                    raise ValueError(f"gradient_checkpointing: {type(module).__name__} does not support it")
-                enable()
+                enable_activation_checkpointing(module)
                 module.train()  # HF checkpoints only in train mode; dropout is already off
         self._distribute(config.strategy)  # before the optimizers: FSDP2 replaces the parameters
         self.optimizers = {

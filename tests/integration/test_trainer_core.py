@@ -348,7 +348,7 @@ def test_gumbel_sampling_matches_the_softmax(tiny_policy, tiny_tokenizer):
 def test_host_release_memory_changes_nothing_but_the_allocator(tiny_policy, tiny_tokenizer, monkeypatch):
     """The memory releaser runs before sampling, after sampling, after scoring and after each
     model's pass, and the step's numbers are the same with and without it."""
-    import ppo.host_memory as host_memory
+    import ppo.fastpath.host_memory as host_memory
     from ppo.config import plan_batches
 
     calls = []
