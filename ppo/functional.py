@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "logprobs_from_logits", "entropy_from_logits", "masked_mean", "masked_var", "masked_whiten",
     "compute_gae", "kl_penalty", "clipped_policy_loss", "clipped_value_loss", "token_level_rewards",
-    "explained_variance", "FixedKLController", "AdaptiveKLController",
+    "adjusted_scores", "explained_variance", "FixedKLController", "AdaptiveKLController",
 ]
 
 # Most elements of one fp32 temporary made from logits; tests shrink both to cover the loop.
@@ -313,6 +313,17 @@ def token_level_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float
     cols = torch.arange(m.shape[1], device=m.device)
     at_last = cols == torch.where(m, cols, -1).amax(dim=1, keepdim=True)
     return torch.where(m, -kl_coef * klz, 0) + torch.where(at_last, _acc(scores).unsqueeze(1), 0)
+
+
+def adjusted_scores(scores: Tensor, ended: Tensor, missing_eos_penalty: float | None = None,
+                    clip: float | None = None) -> Tensor:
+    """Sequence scores ``[B]`` after the missing-EOS penalty (``penalty`` subtracted from each row
+    whose ``ended [B]`` is False) and then clipping to ``[-clip, clip]``; None turns a step off."""
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~ended).float()
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:

@@ -137,7 +137,7 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
     if not rows:
         raise ValueError("no prompts given: the prompt list is empty")
     if max_length is not None:
-        trainer.max_prompt_tokens = trainer._prompt_budget(max_length)
+        trainer.max_prompt_tokens = trainer.prompt_budget(max_length)
     out = Path(cfg.output_dir)
     start_epoch, start_batch = 0, 0
     if cfg.resume_from_checkpoint:
