@@ -103,13 +103,16 @@ class PPOTrainer:
         lora_source = peft_config if peft_config is not None else config
         # The critic copies the policy's plain weights, so it is built before adapters go in.
         critic_lora = lora_source if use_lora and config.lora_critic else None
-        self.critic = build_critic(config.value_head, model, reward_model, value_model, reward_tokenizer, critic_lora)
+        if value_model is not None and not config.uses_critic:
+            raise ValueError(f"value_model= was passed but advantage_estimator={config.advantage_estimator} trains no critic")
+        # A critic-free estimator holds no critic at all: not built, trained, checkpointed or in memory.
+        self.critic = build_critic(config.value_head, model, reward_model, value_model, reward_tokenizer, critic_lora) if config.uses_critic else None
         if use_lora:
             model = apply_lora(model, lora_source)
         self.policy = model
         # With LoRA and no explicit reference, the reference is the policy with adapters disabled.
         self.ref_model = default_reference(model, ref_model)
-        for module in (self.policy, self.critic.module):
+        for module in [self.policy] + ([self.critic.module] if self.critic else []):
             disable_dropout(module)
             if config.gradient_checkpointing:
                 enable = getattr(module, "activation_checkpointing_enable", None) or getattr(module, "gradient_checkpointing_enable", None)
@@ -118,10 +121,9 @@ class PPOTrainer:
                 enable()
                 module.train()  # HF checkpoints only in train mode; dropout is already off
         self._distribute(config.strategy)  # before the optimizers: FSDP2 replaces the parameters
-        self.optimizers = {
-            "policy": self._adamw(self.policy, config.learning_rate),
-            "critic": self._adamw(self.critic.module, config.value_learning_rate or config.learning_rate),
-        }
+        self.optimizers = {"policy": self._adamw(self.policy, config.learning_rate)}
+        if self.critic is not None:
+            self.optimizers["critic"] = self._adamw(self.critic.module, config.value_learning_rate or config.learning_rate)
         if config.adap_kl_ctrl:
             self.kl_controller = F.AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         else:
@@ -145,7 +147,7 @@ class PPOTrainer:
         if is_peft_model(self.policy) and strategy == "fsdp" and dist.world_size() > 1:
             raise ValueError("strategy=fsdp does not support LoRA yet; use strategy=ddp (adapters are small)")
         self.update_policy = dist.wrap(self.policy, strategy)
-        self.update_critic = CriticCall(self.critic, strategy)
+        self.update_critic = CriticCall(self.critic, strategy) if self.critic is not None else None
         if self.ref_model is not None:
             self.ref_model = dist.wrap_frozen(self.ref_model, strategy)
 
@@ -203,14 +205,18 @@ class PPOTrainer:
             # 3. rewards and advantages
             batch, score_stats = advantages.estimate(scored, cfg, self.kl_controller.value)
             self.release_memory()
-        # 4. the update: epochs x mini-batches of clipped policy and value losses
+        # 4. the update: epochs x mini-batches of clipped policy and value losses (during the
+        #    critic warm-up the critic's only: the policy, and so the KL, do not move)
+        warming_up = self.global_step < cfg.critic_warmup_steps
         with self.timer.phase("update"), pruning(cfg.prune_last_layer):
             update_stats = ppo_update(batch, self.update_policy, self.update_critic, self.optimizers, plan, cfg,
-                                      self.shuffle_generator, self.autocast, self.release_memory)
+                                      self.shuffle_generator, self.autocast, self.release_memory,
+                                      kl_coef=self.kl_controller.value, train_policy=not warming_up)
             self.engine.update_weights(())  # the HF engine shares the policy: nothing to copy
         # 5. bookkeeping: the KL coefficient adapts to this step's KL; the statistics
         kl_coef_used = self.kl_controller.value
-        self.kl_controller.update(score_stats["kl"], len(batch))
+        if not warming_up:
+            self.kl_controller.update(score_stats["kl"], len(batch))
         self.global_step += 1
         n_tokens = int(rollout.attention_mask.sum())
         timing = self.timer.finish_step({"generate": int(rollout.response_mask.sum()), "score": n_tokens, "update": n_tokens * cfg.ppo_epochs})
