@@ -10,6 +10,9 @@ gone before the critic's activations exist, and no gradient outlives its step (n
 the rollout), which lowers the peak memory of the run. A shared value head reads the policy's
 hidden states, so there it is one joint pass that steps both.
 
+A critic-free estimator (GRPO, RLOO, REINFORCE++) has no critic: one pass, the policy's. During the
+critic warm-up (`critic_warmup_steps`) it is the other way round: the critic's pass alone.
+
 The same code runs on 1 or N ranks. Every rank holds the whole (gathered) batch and draws the same
 permutation; each takes its contiguous share of every mini-batch, and DDP / FSDP2 average the
 gradients over ranks on the last micro-batch. So a mini-batch's gradient is the one a single
