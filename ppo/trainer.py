@@ -302,11 +302,14 @@ class PPOTrainer:
         return batch, stats
 
     # ------------------------------------------------------------------------------------------
-    def train(self, prompts, num_epochs: int = 1, max_length: int | None = None) -> list[dict[str, Any]]:
-        """The PPO loop over a prompt list or a `datasets.Dataset`; see ppo.loop.train_loop."""
+    def train(self, prompts, num_epochs: int | None = None, max_length: int | None = None) -> list[dict[str, Any]]:
+        """The PPO loop over a prompt list or a `datasets.Dataset`; see ppo.loop.train_loop.
+        `num_epochs=None`: the config's `num_epochs` (an explicit argument wins); `max_length=None`:
+        the config's, already applied in __init__."""
         from ppo.loop import train_loop  # the loop lives in its own file (checkpointing, logging)
 
-        return train_loop(self, prompts, num_epochs=num_epochs, max_length=max_length)
+        epochs = self.config.num_epochs if num_epochs is None else num_epochs
+        return train_loop(self, prompts, num_epochs=epochs, max_length=max_length)
 
     def save_pretrained(self, output_dir: str) -> None:
         """The policy and tokenizer as a plain Hugging Face directory. With LoRA: the adapter (peft
