@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ppo import distributed as dist
 from ppo.config import ConfigError, config_help, config_to_dict, load_config, save_config
+from ppo.metrics import main_logger
 
 
 class OutputDirError(FileExistsError):
@@ -47,23 +48,6 @@ def check_output_dir(config) -> Path:
         f"output_dir {str(out)!r} is not empty and holds a different run (its config.yaml differs or is missing); "
         "choose another output_dir or set overwrite=true to replace its outputs"
     )
-
-
-class NullLogger:
-    """What ranks other than 0 log to: nothing."""
-
-    def log(self, step: int, metrics: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def main_logger(out: Path, report_to: list[str] | None = None):
-    """metrics.jsonl (and TensorBoard / W&B) on rank 0; a NullLogger on the other ranks."""
-    from ppo.metrics import MetricsLogger
-
-    return MetricsLogger(out, report_to) if dist.is_main() else NullLogger()
 
 
 def start_outputs(out: Path, config):

@@ -137,7 +137,7 @@ class PPOTrainer:
         self.timer = PhaseTimer()
         self.global_step = 0
         self.planned_steps: int | None = None  # set by train(): the length of an lr schedule
-        self.max_prompt_tokens: int | None = self._prompt_budget(config.max_length)
+        self.max_prompt_tokens: int | None = self.prompt_budget(config.max_length)
 
     def _distribute(self, strategy: str) -> None:
         """The update trains through DDP / FSDP2 wrappers (the modules themselves in one process);
@@ -170,7 +170,7 @@ class PPOTrainer:
         """A fresh mixed-precision context for one forward pass (a no-op in fp32)."""
         return autocast_context(self.precision, self.device, self.fp32_kernel)
 
-    def _prompt_budget(self, max_length: int | None) -> int | None:
+    def prompt_budget(self, max_length: int | None) -> int | None:
         """Longest prompt in tokens: what max_length and the model's context leave for the prompt."""
         limits = [max_length, getattr(self.policy.config, "max_position_embeddings", None)]
         limits = [n - self.config.max_new_tokens for n in limits if n is not None]
@@ -302,14 +302,15 @@ class PPOTrainer:
         return batch, stats
 
     # ------------------------------------------------------------------------------------------
-    def train(self, prompts, num_epochs: int | None = None, max_length: int | None = None) -> list[dict[str, Any]]:
-        """The PPO loop over a prompt list or a `datasets.Dataset`; see ppo.loop.train_loop.
-        `num_epochs=None`: the config's `num_epochs` (an explicit argument wins); `max_length=None`:
-        the config's, already applied in __init__."""
+    def train(self, prompts, num_epochs: int | None = None, max_length: int | None = None,
+              on_step=None, max_steps: int | None = None) -> list[dict[str, Any]]:
+        """The PPO loop over a prompt list or a `datasets.Dataset`; see ppo.loop.train_loop (also for
+        the per-step callback `on_step` and `max_steps`). `num_epochs=None`: the config's `num_epochs`
+        (an explicit argument wins); `max_length=None`: the config's, already applied in __init__."""
         from ppo.loop import train_loop  # the loop lives in its own file (checkpointing, logging)
 
         epochs = self.config.num_epochs if num_epochs is None else num_epochs
-        return train_loop(self, prompts, num_epochs=epochs, max_length=max_length)
+        return train_loop(self, prompts, num_epochs=epochs, max_length=max_length, on_step=on_step, max_steps=max_steps)
 
     def save_pretrained(self, output_dir: str) -> None:
         """The policy and tokenizer as a plain Hugging Face directory. With LoRA: the adapter (peft

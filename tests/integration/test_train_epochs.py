@@ -25,3 +25,22 @@ def test_train_runs_the_config_epochs_unless_told(tiny_policy, tiny_tokenizer, t
     history = trainer.train(PROMPTS) if argument is None else trainer.train(PROMPTS, num_epochs=argument)
     assert len(history) == expected_steps == trainer.global_step
     assert history[-1]["epoch"] == pytest.approx(expected_steps / 3)
+
+
+def test_on_step_sees_each_batch_and_its_metrics_are_logged_and_max_steps_stops(tiny_policy, tiny_tokenizer, tmp_path):
+    import json
+
+    trainer = trainer_for(tiny_policy, tiny_tokenizer, tmp_path, num_epochs=3)
+    seen = []
+
+    def on_step(stats, rows):
+        seen.append([r["prompt"] for r in rows])
+        return {"texts_seen": len(stats["generated_texts"])}
+
+    history = trainer.train(PROMPTS, on_step=on_step, max_steps=4)
+    assert len(history) == len(seen) == 4 == trainer.global_step
+    assert sorted(p for batch in seen[:3] for p in batch) == sorted(PROMPTS)  # epoch 1: every prompt once
+    assert [h["texts_seen"] for h in history] == [len(b) for b in seen]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["texts_seen"] for line in logged] == [len(b) for b in seen]
+    assert (tmp_path / "final" / "config.json").exists()
