@@ -205,7 +205,8 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> 
     Each text is tokenized on its own (with the tokenizer's special tokens, e.g. a BOS) and every
     token after the first is predicted from the ones before it; padding predicts nothing.
     """
-    from ppo.sft import collate, completion_loss_sum
+    from ppo.collate import collate
+    from ppo.forward import completion_loss_sum
 
     encoded = [tokenizer(t)["input_ids"] for t in texts]
     encoded = [ids for ids in encoded if len(ids) >= 2]

@@ -32,9 +32,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ppo import distributed as dist
+from ppo.collate import collate, encode_prompt_completion
 from ppo.config import ConfigError, RewardConfig
 from ppo.forward import sequence_scores
-from ppo.sft import collate, encode_prompt_completion
 from ppo.stage import (
     build_optimizer,
     check_loss,

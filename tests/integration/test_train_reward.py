@@ -13,7 +13,7 @@ import yaml
 from ppo.config import RewardConfig
 from ppo.demo.tiny import TinyModelSpec, build_reward_model, build_tokenizer
 from ppo.forward import sequence_scores
-from ppo.sft import collate
+from ppo.collate import collate
 from ppo.stage import OutputDirError
 from ppo.train_reward import (
     encode_pairs,
