@@ -278,7 +278,7 @@ def _load_ref(path: str, like):
 def _load_reward_model(path: str, like):
     from transformers import AutoModelForSequenceClassification
 
-    from ppo.train_reward import check_reward_model
+    from ppo.rewards.model import check_reward_model
 
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
     check_reward_model(model, path)

@@ -209,8 +209,9 @@ def run_reward(config: DemoConfig, plan: DemoPlan, policy, tokenizer, task, rows
     from transformers import AutoModelForSequenceClassification
 
     from ppo.demo.pairs import policy_pairs
+    from ppo.preference import pairwise_accuracy
     from ppo.stage import split_rows
-    from ppo.train_reward import pairwise_accuracy, train_reward_model
+    from ppo.train_reward import train_reward_model
 
     train_task, held_task = split_rows(rows, config.reward_eval_fraction, config.seed)
     train_policy = policy_pairs(config, policy, tokenizer, task, [r["prompt"] for r in train_task])
