@@ -300,7 +300,7 @@ def load_policy(path: Path):
 def evaluate_all(config: DemoConfig, sft_policy, ppo_policy, tokenizer, reward_model, rows, margin: float) -> dict[str, dict]:
     """SFT, best-of-n from SFT and PPO on the same held-out prompts and sampling settings."""
     from ppo.demo.task import gold_reward
-    from ppo.evaluate import evaluate_policy
+    from ppo.measures import evaluate_policy
     from ppo.rollout import SamplingParams
 
     sampling = SamplingParams(config.max_new_tokens, config.temperature, stop_token_ids=(tokenizer.eos_token_id,))

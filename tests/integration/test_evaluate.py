@@ -1,4 +1,4 @@
-"""`ppo.evaluate` on tiny models built locally: KL, accuracy, best-of-n, perplexity, and the CLI."""
+"""`ppo.measures` and the `ppo.evaluate` recipe on tiny models built locally: KL, accuracy, best-of-n, perplexity, and the CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ppo.demo.tiny import TinyModelSpec, build_policy
-from ppo.evaluate import evaluate_policy, main, normalise_answer, perplexity
+from ppo.evaluate import main
+from ppo.measures import evaluate_policy, normalise_answer, perplexity
 from ppo.rewards.builtin import exact_match
 from ppo.rollout import SamplingParams
 
