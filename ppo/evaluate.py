@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ppo.config import EvalConfig, save_config
+from ppo.data import ensure_pad_token
 from ppo.measures import evaluate_policy, perplexity
 from ppo.rollout import SamplingParams
 
@@ -40,7 +41,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     model, tokenizer = load_causal_lm(config)
     model.eval()
     ref_model = _load_ref(config.ref_model_path, model) if config.ref_model_path else None
-    reward_model = _load_reward_model(config.reward_model_path, model) if config.reward_model_path else None
+    reward_model, reward_tokenizer = None, None
+    if config.reward_model_path:
+        reward_model, reward_tokenizer = _load_reward_model(config.reward_model_path, model, tokenizer)
     from ppo.rewards import resolve_reward_function
 
     funcs = [resolve_reward_function(spec) for spec in config.reward_funcs]
@@ -52,7 +55,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         sampling = SamplingParams(config.max_new_tokens, config.temperature, config.top_k, config.top_p,
                                   stop_token_ids=(tokenizer.eos_token_id,))
         result = evaluate_policy(model, tokenizer, rows, reward_model=reward_model, reward_funcs=funcs,
-                                 reward_weights=config.reward_weights, ref_model=ref_model, sampling=sampling,
+                                 reward_weights=config.reward_weights, ref_model=ref_model, reward_tokenizer=reward_tokenizer, sampling=sampling,
                                  best_of_n=config.best_of_n, batch_size=config.batch_size,
                                  prompt_column=config.prompt_column, answer_column=config.answer_column, seed=config.seed)
     # 5. perplexity
@@ -77,14 +80,24 @@ def _load_ref(path: str, like):
     return ref.to(next(like.parameters()).device).eval()
 
 
-def _load_reward_model(path: str, like):
-    from transformers import AutoModelForSequenceClassification
+def _load_reward_model(path: str, like, policy_tokenizer):
+    """(reward model, its tokenizer when it differs from the policy's, else None). A directory
+    without tokenizer files is taken to share the policy's tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ppo.rewards.model import check_reward_model
 
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
     check_reward_model(model, path)
-    return model.to(next(like.parameters()).device).eval()
+    model = model.to(next(like.parameters()).device).eval()
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in tokenizer_files):
+        return model, None
+    reward_tokenizer = AutoTokenizer.from_pretrained(path)
+    if reward_tokenizer.get_vocab() == policy_tokenizer.get_vocab():
+        return model, None
+    ensure_pad_token(reward_tokenizer)  # its batches of re-tokenized texts are padded
+    return model, reward_tokenizer  # completions are re-tokenized for it, as in PPO
 
 
 def _eval_rows(config: EvalConfig, tokenizer) -> list[dict]:

@@ -59,6 +59,7 @@ def evaluate_policy(
     reward_funcs: Callable | Sequence[Callable] | None = None,
     reward_weights: Sequence[float] | None = None,
     ref_model=None,
+    reward_tokenizer=None,
     sampling: SamplingParams | None = None,
     best_of_n: int = 1,
     batch_size: int = 64,
@@ -69,7 +70,9 @@ def evaluate_policy(
     """Sample one response per prompt (the best of `best_of_n` by the reward sources) and measure it.
 
     `rows`: prompts, or dicts with `prompt_column` and optionally `answer_column` and any columns the
-    reward functions read. `sampling` defaults to temperature 1, 32 new tokens, stopping at EOS.
+    reward functions read. `reward_tokenizer`: the reward model's, when it differs from the policy's
+    (completions are then re-tokenized for it, as in PPO). `sampling` defaults to temperature 1, 32
+    new tokens, stopping at EOS.
     Returns `num_prompts`, `response_length`, `eos_fraction`, and where computable `reward`
     (weighted), `rewards/<source>` per source, `kl` (needs `ref_model`), `accuracy` (rows with an
     answer), `kl_best_of_n`, plus `generations`: one dict per prompt (prompt, completion, answer,
@@ -85,7 +88,7 @@ def evaluate_policy(
         sampling = SamplingParams(max_new_tokens=32, stop_token_ids=(tokenizer.eos_token_id,))
     if seed is not None:
         torch.manual_seed(seed)
-    sources = _reward_sources(reward_model, reward_funcs, reward_weights)
+    sources = _reward_sources(reward_model, reward_funcs, reward_weights, reward_tokenizer)
     if best_of_n > 1 and sources is None:
         raise ValueError("best_of_n > 1 needs a reward model or reward functions to pick the best sample")
     chunks = [_best_of(model, tokenizer, rows[s : s + batch_size], sources, ref_model, sampling, best_of_n, prompt_column)
@@ -94,12 +97,12 @@ def evaluate_policy(
     return _summarise(rows, samples, prompt_column, answer_column, best_of_n)
 
 
-def _reward_sources(reward_model, reward_funcs, reward_weights):
+def _reward_sources(reward_model, reward_funcs, reward_weights, reward_tokenizer=None):
     from ppo.rewards import RewardSources
 
     if reward_model is None and not reward_funcs:
         return None
-    return RewardSources(reward_model, reward_funcs, reward_weights)
+    return RewardSources(reward_model, reward_funcs, reward_weights, reward_tokenizer)
 
 
 def _best_of(model, tokenizer, rows, sources, ref_model, sampling, n, prompt_column) -> _Samples:
@@ -114,7 +117,8 @@ def _best_of(model, tokenizer, rows, sources, ref_model, sampling, n, prompt_col
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     scores, per_source = None, {}
     if sources is not None:
-        per_column = _score_each(sources, ids, mask, batch, texts, completion_ids)
+        # The same scoring path as PPO's: NaN checks, and re-tokenizing for a reward_tokenizer.
+        per_column = sources.score_each(ids, mask, batch.texts, texts, completion_ids, batch.extras)
         per_source = dict(zip(sources.names, per_column.unbind(1)))
         scores = per_column @ torch.tensor(sources.weights)
     kl = None
@@ -129,20 +133,6 @@ def _best_of(model, tokenizer, rows, sources, ref_model, sampling, n, prompt_col
     # Rows i*n .. i*n+n-1 are prompt i's samples (PromptBatch.repeat); argmax keeps the first of ties.
     best = scores.view(len(rows), n).argmax(dim=1) + torch.arange(len(rows)) * n
     return samples.pick(best)
-
-
-def _score_each(sources, ids, mask, batch, texts, completion_ids) -> torch.Tensor:
-    """`[N, sources]` scores, one column per reward source (unweighted)."""
-    from ppo.rewards import call_reward_function
-    from ppo.rewards.model import reward_model_scores
-
-    columns = []
-    if sources.reward_model is not None:
-        columns.append(reward_model_scores(sources.reward_model, ids, mask, batch.texts, texts).float().cpu())
-    for func in sources.funcs:
-        values = call_reward_function(func, batch.texts, texts, completion_ids, batch.extras)
-        columns.append(torch.tensor(values, dtype=torch.float32))
-    return torch.stack(columns, dim=1)
 
 
 def _concat(chunks: list[_Samples]) -> _Samples:
