@@ -49,7 +49,7 @@ class PPOConfig:
     # --- optimisation ---
     learning_rate: float = opt(1e-5, "AdamW learning rate of the policy.")
     value_learning_rate: float | None = opt(None, "AdamW learning rate of the critic; None: learning_rate.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only (not biases or norms).")
     batch_size: int = opt(4, "Prompts per PPO iteration (global, across all ranks).")
     mini_batch_size: int | None = opt(None, "Samples per optimizer step; None: the whole rollout (one step per epoch).")
     gradient_accumulation_steps: int = opt(1, "Micro-batches each mini-batch is split into (memory, not maths).")
@@ -57,7 +57,7 @@ class PPOConfig:
     ppo_epochs: int = opt(4, "Passes of the update over each rollout.")
     lr_scheduler: str = opt("constant", "Learning-rate schedule of policy and critic over the PPO steps: constant, linear or cosine (decaying towards 0).")
     lr_schedule_steps: int | None = opt(None, "Steps the schedule spans; None: the steps train() runs (set it when you call step() yourself).")
-    warmup_steps: int = opt(0, "Steps of linear learning-rate warm-up at the start.")
+    warmup_steps: int = opt(0, "Steps of linear learning-rate warm-up at the start (from 1/(warmup_steps+1) of the rate).")
     max_grad_norm: float | None = opt(1.0, "Gradient-norm clip per model; None disables.")
     seed: int = opt(0, "Seeds sampling, shuffling and initialisation.")
 

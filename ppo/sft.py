@@ -4,7 +4,7 @@ The recipe, top to bottom (`train_sft`):
     1. refuse to overwrite a different run in output_dir (before anything is loaded or written)
     2. load the model, the tokenizer and the rows; hold out `eval_fraction` of them
     3. tokenize: prompt and completion separately, EOS appended, labels -100 on the prompt
-    4. AdamW + a transformers learning-rate schedule
+    4. AdamW + the learning-rate schedule every stage uses (`ppo.optim`)
     5. epochs of shuffled batches; loss = cross-entropy over completion tokens only
     6. eval loss, then output_dir/final (a plain Hugging Face directory), config.yaml, metrics.jsonl
 
@@ -13,8 +13,9 @@ the boundary the policy learns here is exactly the one it samples from later (to
 text can merge the last prompt token with the first completion token). Why append EOS: a policy
 that never saw EOS after a completion does not learn to stop, and PPO then penalises or truncates.
 
-The plumbing shared with the other stages (output-dir check, eval split, optimizer, batches, CLI
-parsing) lives in `ppo.stage`, so each recipe reads as its steps only.
+The plumbing shared with the other stages lives in `ppo.stage` (output-dir check, eval split,
+batches, CLI parsing), `ppo.optim` (optimizer, schedule) and `ppo.collate` (tokens), so each recipe
+reads as its steps only.
 
 Under torchrun the recipe is data-parallel (DDP): an optimizer step's rows (batch_size x
 gradient_accumulation_steps, global) are split over the ranks, gradients are all-reduced, and the
@@ -34,14 +35,12 @@ from ppo import distributed as dist
 from ppo.collate import IGNORE_INDEX, collate, encode_prompt_completion, sft_labels
 from ppo.config import SFTConfig
 from ppo.forward import completion_loss_sum
+from ppo.optim import build_optimizer, check_loss, optimizer_step
 from ppo.stage import (
-    build_optimizer,
-    check_loss,
     check_output_dir,
     finish_outputs,
     given_or_loaded_rows,
     load_causal_lm,
-    optimizer_step,
     rank_micro_batches,
     run_cli,
     split_rows,

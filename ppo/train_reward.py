@@ -6,7 +6,7 @@ The recipe, top to bottom (`train_reward_model`):
        scalar head with `init_from_policy`), the tokenizer and the pairs; hold out `eval_fraction`
     3. tokenize prompt + chosen and prompt + rejected exactly as PPO will score a policy sample:
        the prompt's ids, then the completion's ids ending in EOS
-    4. AdamW + a transformers learning-rate schedule
+    4. AdamW + the learning-rate schedule every stage uses (`ppo.optim`)
     5. pairwise accuracy before training; epochs of the Bradley–Terry loss
        `-logsigmoid(r_chosen - r_rejected - margin)` (+ the optional centering term)
     6. accuracy after training, then output_dir/final (AutoModelForSequenceClassification,
@@ -33,21 +33,13 @@ from tqdm.auto import tqdm
 from ppo import distributed as dist
 from ppo.config import ConfigError, RewardConfig
 from ppo.forward import sequence_scores
-from ppo.preference import (
-    Pair,
-    encode_pairs,
-    evaluate_pairs,
-    pair_scores,
-    pairwise_loss,
-)
+from ppo.optim import build_optimizer, check_loss, optimizer_step
+from ppo.preference import Pair, encode_pairs, evaluate_pairs, pair_scores, pairwise_loss
 from ppo.rewards.model import check_reward_model
 from ppo.stage import (
-    build_optimizer,
-    check_loss,
     check_output_dir,
     finish_outputs,
     given_or_loaded_rows,
-    optimizer_step,
     rank_micro_batches,
     run_cli,
     split_rows,
@@ -86,11 +78,7 @@ def reward_model_from_policy(policy_dir_or_model):
 def load_reward_model(config: RewardConfig, model=None, tokenizer=None):
     """(reward model, tokenizer): the ones given or loaded from `config.model_name_or_path`,
     turned into a fresh-headed classifier with `init_from_policy`, checked to have one label."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     from ppo.data import ensure_pad_token
 
