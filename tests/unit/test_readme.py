@@ -18,3 +18,15 @@ def test_setup_commands_install_torch_first_and_ci_runs_the_test_command():
     tests = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q'
     assert demo in readme and tests in readme
     assert tests in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_stage_has_an_option_table_and_relative_links_resolve():
+    import re
+
+    options = (ROOT / "docs" / "options.md").read_text()
+    for tag in ("ppo", "sft", "reward", "eval", "demo"):
+        assert f"<!-- options:{tag} -->" in options, tag
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
