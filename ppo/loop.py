@@ -8,8 +8,9 @@ the progress bar. Checkpoints are collective: see `save_training_checkpoint`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm

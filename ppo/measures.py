@@ -16,8 +16,9 @@ log(n) - (n - 1)/n (Stiennon et al., 2020; Beirami et al., 2024), reported as `k
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ class _Samples:
     lengths: torch.Tensor  # [N] response tokens, the ending EOS included
     ended: torch.Tensor  # [N] bool, the response ended with EOS
 
-    def pick(self, index: torch.Tensor) -> "_Samples":
+    def pick(self, index: torch.Tensor) -> _Samples:
         scores = None if self.scores is None else self.scores[index]
         kl = None if self.kl is None else self.kl[index]
         return _Samples([self.texts[i] for i in index.tolist()], scores, {k: v[index] for k, v in self.per_source.items()},
