@@ -65,16 +65,3 @@ def test_a_nan_gradient_stops_the_step_before_the_weights_change():
         optimizer_step(model, optimizer, schedule, 1.0, 1, 0)
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, q)
-
-
-def test_ppo_trainer_builds_its_optimizers_with_the_same_builder(tiny_policy, tiny_tokenizer):
-    from ppo import PPOConfig, PPOTrainer
-
-    config = PPOConfig(weight_decay=0.05, max_new_tokens=2, progress_bar=False, precision="fp32", fp32_matmul="mkl")
-    trainer = PPOTrainer(config, tiny_policy, tiny_tokenizer, reward_funcs=lambda completions, **kw: [0.0] * len(completions))
-    for name, module in (("policy", trainer.policy), ("critic", trainer.critic.module)):
-        decay = {id(p): g["weight_decay"] for g in trainer.optimizers[name].param_groups for p in g["params"]}
-        trainable = [p for p in module.parameters() if p.requires_grad]
-        assert len(decay) == len(trainable)
-        assert {decay[id(p)] for p in trainable if p.ndim < 2} == {0.0}  # biases and norm weights
-        assert {decay[id(p)] for p in trainable if p.ndim >= 2} == {0.05}
