@@ -55,7 +55,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         sampling = SamplingParams(config.max_new_tokens, config.temperature, config.top_k, config.top_p,
                                   stop_token_ids=(tokenizer.eos_token_id,))
         result = evaluate_policy(model, tokenizer, rows, reward_model=reward_model, reward_funcs=funcs,
-                                 reward_weights=config.reward_weights, ref_model=ref_model, reward_tokenizer=reward_tokenizer, sampling=sampling,
+                                 reward_weights=config.reward_weights, ref_model=ref_model,
+                                 reward_tokenizer=reward_tokenizer, sampling=sampling,
                                  best_of_n=config.best_of_n, batch_size=config.batch_size,
                                  prompt_column=config.prompt_column, answer_column=config.answer_column, seed=config.seed)
     # 5. perplexity

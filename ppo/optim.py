@@ -17,7 +17,9 @@ from torch import Tensor
 from ppo.lr_schedule import lr_factor, set_learning_rates
 
 
-def build_adamw(module: torch.nn.Module, lr: float, weight_decay: float = 0.0, kind: str = "adamw") -> torch.optim.Optimizer:
+def build_adamw(
+    module: torch.nn.Module, lr: float, weight_decay: float = 0.0, kind: str = "adamw"
+) -> torch.optim.Optimizer:
     """AdamW over `module`'s trainable parameters (`kind="adamw_8bit"`: bitsandbytes', CUDA only)."""
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -37,7 +39,9 @@ def build_adamw(module: torch.nn.Module, lr: float, weight_decay: float = 0.0, k
         return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay)
     # fused: one kernel over all parameters (CPU and CUDA, fp32/bf16 params); the per-tensor
     # foreach path was ~4x slower per step on CPU and issued ~10k small ops per PPO iteration.
-    fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) and p.device.type in ("cpu", "cuda") for p in params)
+    fused = all(
+        p.dtype in (torch.float32, torch.bfloat16, torch.float16) and p.device.type in ("cpu", "cuda") for p in params
+    )
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
@@ -46,7 +50,9 @@ def build_optimizer(model, config, total_steps: int) -> tuple[torch.optim.Optimi
     step `step` (0-based) over `total_steps`, after `config.warmup_ratio` of them warming up."""
     optimizer = build_adamw(model, config.learning_rate, config.weight_decay)
     warmup = min(math.ceil(config.warmup_ratio * total_steps), total_steps)
-    schedule = functools.partial(lr_factor, total_steps=max(total_steps, 1), kind=config.lr_scheduler, warmup_steps=warmup)
+    schedule = functools.partial(
+        lr_factor, total_steps=max(total_steps, 1), kind=config.lr_scheduler, warmup_steps=warmup
+    )
     return optimizer, schedule
 
 
@@ -59,7 +65,9 @@ def check_loss(loss: Tensor, what: str, step: int, epoch: int) -> None:
         )
 
 
-def optimizer_step(model, optimizer, schedule: Callable[[int], float], max_grad_norm: float | None, step: int, epoch: int) -> dict[str, float]:
+def optimizer_step(
+    model, optimizer, schedule: Callable[[int], float], max_grad_norm: float | None, step: int, epoch: int
+) -> dict[str, float]:
     """Clip, set the learning rate of (1-based) optimizer step `step`, step, zero; returns the
     pre-clip gradient norm and the learning rate used."""
     params = [p for p in model.parameters() if p.grad is not None]

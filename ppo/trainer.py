@@ -122,7 +122,9 @@ class PPOTrainer:
         self._distribute(config.strategy)  # before the optimizers: FSDP2 replaces the parameters
         self.optimizers = {
             "policy": build_adamw(self.policy, config.learning_rate, config.weight_decay, config.optimizer),
-            "critic": build_adamw(self.critic.module, config.value_learning_rate or config.learning_rate, config.weight_decay, config.optimizer),
+            "critic": build_adamw(
+                self.critic.module, config.value_learning_rate or config.learning_rate, config.weight_decay, config.optimizer
+            ),
         }
         if config.adap_kl_ctrl:
             self.kl_controller = F.AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)

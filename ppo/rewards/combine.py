@@ -36,12 +36,23 @@ class RewardSources:
     def score(self, input_ids: Tensor, attention_mask: Tensor, prompts: list[str], completions: list[str], completion_ids: list[list[int]], extras: dict[str, list[Any]], rows_per_forward: int | None = None) -> tuple[Tensor, dict[str, float]]:
         """`[B]` weighted scores and each source's mean (for the metrics); the reward model sees
         `rows_per_forward` sequences per forward (None: all at once)."""
-        per_source = self.score_each(input_ids, attention_mask, prompts, completions, completion_ids, extras, rows_per_forward)
+        per_source = self.score_each(
+            input_ids, attention_mask, prompts, completions, completion_ids, extras, rows_per_forward
+        )
         scores = per_source @ torch.tensor(self.weights)
         means = {f"rewards/{name}": per_source[:, i].mean().item() for i, name in enumerate(self.names)}
         return scores.to(input_ids.device), means
 
-    def score_each(self, input_ids: Tensor, attention_mask: Tensor, prompts: list[str], completions: list[str], completion_ids: list[list[int]], extras: dict[str, list[Any]], rows_per_forward: int | None = None) -> Tensor:
+    def score_each(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        prompts: list[str],
+        completions: list[str],
+        completion_ids: list[list[int]],
+        extras: dict[str, list[Any]],
+        rows_per_forward: int | None = None,
+    ) -> Tensor:
         """`[B, sources]` unweighted scores on the CPU, one column per source in `names` order;
         raises on the first NaN/inf, naming the source and the sample."""
         columns: list[Tensor] = []

@@ -1,4 +1,5 @@
-"""`ppo.measures` and the `ppo.evaluate` recipe on tiny models built locally: KL, accuracy, best-of-n, perplexity, and the CLI."""
+"""`ppo.measures` and the `ppo.evaluate` recipe on tiny models built locally: KL, accuracy, best-of-n,
+perplexity, and the CLI."""
 
 from __future__ import annotations
 
@@ -206,4 +207,5 @@ def test_a_nan_reward_model_score_stops_evaluation_naming_the_source(tiny_policy
     with torch.no_grad():
         tiny_reward_model.score.weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="reward_model gave nan for sample 0"):
-        evaluate_policy(tiny_policy, tiny_tokenizer, PROMPTS, reward_model=tiny_reward_model, sampling=sampling(tiny_tokenizer), seed=0)
+        evaluate_policy(tiny_policy, tiny_tokenizer, PROMPTS, reward_model=tiny_reward_model,
+                        sampling=sampling(tiny_tokenizer), seed=0)

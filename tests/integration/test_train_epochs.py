@@ -20,7 +20,9 @@ def trainer_for(tiny_policy, tiny_tokenizer, tmp_path, **overrides):
 
 
 @pytest.mark.parametrize("config_epochs, argument, expected_steps", [(2, None, 6), (2, 1, 3), (1, 2, 6)])
-def test_train_runs_the_config_epochs_unless_told(tiny_policy, tiny_tokenizer, tmp_path, config_epochs, argument, expected_steps):
+def test_train_runs_the_config_epochs_unless_told(
+    tiny_policy, tiny_tokenizer, tmp_path, config_epochs, argument, expected_steps
+):
     trainer = trainer_for(tiny_policy, tiny_tokenizer, tmp_path, num_epochs=config_epochs)
     history = trainer.train(PROMPTS) if argument is None else trainer.train(PROMPTS, num_epochs=argument)
     assert len(history) == expected_steps == trainer.global_step
