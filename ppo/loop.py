@@ -132,8 +132,9 @@ def drop_metrics_after(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-# What `on_step` is called with after each step: the step's statistics and this rank's rows of the
-# batch (dicts with the prompt column and any other columns). What it returns joins the statistics.
+# What `on_step` is called with after each step: the step's statistics and the rows of the global
+# batch (dicts with the prompt column and any other columns; under torchrun every rank gets all of
+# them, in the order of the gathered `generated_texts`). What it returns joins the statistics.
 StepCallback = Callable[[dict[str, Any], list[dict[str, Any]]], "dict[str, Any] | None"]
 
 
@@ -174,7 +175,7 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
                     stats = trainer.step([r[cfg.prompt_column] for r in chunk], extras, row_offset=mine.start)
                     stats["epoch"] = epoch + (b + 1) / len(bounds)
                     if on_step is not None:
-                        stats.update(on_step(stats, chunk) or {})
+                        stats.update(on_step(stats, [rows[i] for i in batch]) or {})
                     history.append({k: v for k, v in stats.items() if k != "generated_texts"})
                     if trainer.global_step % cfg.logging_steps == 0:
                         logger.log(trainer.global_step, stats)
