@@ -235,8 +235,14 @@ class PPOTrainer:
     def reuses_rollout_logprobs(self, rollout: Rollout) -> bool:
         """pi_old from the sampling pass instead of a second policy forward: when configured, when the
         engine gave them, and when no shared value head needs the policy's hidden states anyway."""
-        return (self.config.rollout_logprobs and rollout.logprobs is not None and rollout.entropy is not None
+        return (self.wants_rollout_logprobs() and rollout.logprobs is not None and rollout.entropy is not None
                 and not self.critic.uses_policy_hidden)
+
+    def wants_rollout_logprobs(self) -> bool:
+        """`rollout_logprobs`, with auto resolved: the sampling pass's in fp32 (it agrees with a full
+        forward to ~1e-6), a scoring forward under bf16 or with tis_cap (docs/precision.md)."""
+        choice = self.config.rollout_logprobs
+        return choice is True or (choice == "auto" and self.precision == "fp32" and self.config.tis_cap is None)
 
     def rows_per_scoring_forward(self, rows_on_rank: int) -> int:
         """`forward_batch_size`, or by default the update's micro-batch: a no-grad forward of as
@@ -268,9 +274,11 @@ class PPOTrainer:
             scores, source_means = self.rewards.score(ids, mask, prompts.texts, completions, rollout.completion_ids(), prompts.extras, rows)
         # Inference tensors cannot be saved for backward: clone what enters the losses.
         logprobs, ref_logprobs, values, scores, entropy = (t.clone().float() for t in (logprobs, ref_logprobs, values, scores, entropy))
+        rollout_lp = rollout.logprobs
         # The global batch on every rank (rank order is row order; padding widened to the widest rank).
         rollout, source_means = gather_rollout(rollout, self.tokenizer.pad_token_id), dist.all_reduce_mean(source_means)
         logprobs, ref_logprobs, values, entropy, scores = (dist.all_gather_rows(t) for t in (logprobs, ref_logprobs, values, entropy, scores))
+        sampled = None if rollout_lp is None else dist.all_gather_rows(rollout_lp.clone().float())  # pi_rollout, for the mismatch
         ids, mask = rollout.input_ids, rollout.attention_mask
         response_mask = rollout.response_mask.float()
         if cfg.missing_eos_penalty is not None:
@@ -284,7 +292,7 @@ class PPOTrainer:
         advantages, returns = F.compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = F.masked_whiten(advantages, response_mask) * response_mask
-        batch = ScoredBatch(ids, mask, response_mask, logprobs, ref_logprobs, values, scores, rewards, advantages, returns)
+        batch = ScoredBatch(ids, mask, response_mask, logprobs, ref_logprobs, values, scores, rewards, advantages, returns, sampled)
         lengths = response_mask.sum(dim=1)
         stats = {
             "kl": kl.sum(dim=1).mean().item(),

@@ -37,15 +37,18 @@ class RewardSources:
         `rows_per_forward` sequences per forward (None: all at once)."""
         columns: list[Tensor] = []
         if self.reward_model is not None:
-            columns.append(reward_model_scores(self.reward_model, input_ids, attention_mask, prompts, completions, self.reward_tokenizer, rows_per_forward).cpu())
+            columns.append(reward_model_scores(self.reward_model, input_ids, attention_mask, prompts, completions, self.reward_tokenizer, rows_per_forward).cpu().double())
         for func in self.funcs:
             values = call_reward_function(func, prompts, completions, completion_ids, extras)
-            columns.append(torch.tensor(values, dtype=torch.float32))
-        per_source = torch.stack(columns, dim=1)  # [B, sources]
+            columns.append(torch.tensor(values, dtype=torch.float64))
+        # float64 (the Python floats themselves) and rounded to fp32 once, at the end. Not a matmul:
+        # this runs inside the scoring pass's autocast, where `per_source @ weights` became a bf16
+        # matmul and a reward of 1/9 reached GAE as 0.111328125.
+        per_source = torch.stack(columns, dim=1)  # [B, sources] float64
         bad = (~torch.isfinite(per_source)).nonzero()
         if len(bad):
             row, col = bad[0].tolist()
             raise ValueError(f"{self.names[col]} gave {per_source[row, col].item()} for sample {row} (prompt {prompts[row][:80]!r}); refusing to train on it")
-        scores = per_source @ torch.tensor(self.weights)
+        scores = (per_source * torch.tensor(self.weights, dtype=torch.float64)).sum(dim=1).float()
         means = {f"rewards/{name}": per_source[:, i].mean().item() for i, name in enumerate(self.names)}
         return scores.to(input_ids.device), means
