@@ -34,9 +34,9 @@ MODELS = {  # name: (words in the vocabulary, spec)
     "h256-l4-v2k": (2000, TinyModelSpec(hidden_size=256, num_layers=4)),
 }
 CHOICES = {  # label: config overrides
-    "sampling pass (rollout_logprobs=true)": dict(rollout_logprobs=True),
-    "scoring forward (rollout_logprobs=false)": dict(rollout_logprobs=False),
-    "scoring forward + tis_cap=2": dict(rollout_logprobs=False, tis_cap=2.0),
+    "sampling pass (rollout_logprobs=true)": {"rollout_logprobs": True},
+    "scoring forward (rollout_logprobs=false)": {"rollout_logprobs": False},
+    "scoring forward + tis_cap=2": {"rollout_logprobs": False, "tis_cap": 2.0},
 }
 
 

@@ -123,7 +123,7 @@ def test_bf16_inputs_give_fp32_results_computed_from_their_exact_values(name):
 
 def test_loss_gradients_are_identical_inside_bf16_autocast():
     def grads():
-        lp, old, ref, v, a, m, s = inputs()
+        lp, old, ref, v, a, m, _ = inputs()
         lp, v = lp.requires_grad_(), v.requires_grad_()
         pg, _ = F.clipped_policy_loss(lp, old, a, m, 0.2, F.truncated_importance_weights(old, ref, m, 1.5))
         vf, _ = F.clipped_value_loss(v, v.detach() + 0.3 * a, v.detach() + a, m, 0.2)
