@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "logprobs_from_logits", "entropy_from_logits", "masked_mean", "masked_var", "masked_whiten",
     "compute_gae", "kl_penalty", "clipped_policy_loss", "clipped_value_loss", "token_level_rewards",
-    "explained_variance", "truncated_importance_weights", "mean_abs_diff", "FixedKLController", "AdaptiveKLController",
+    "explained_variance", "FixedKLController", "AdaptiveKLController",
 ]
 
 # Most elements of one fp32 temporary made from logits; tests shrink both to cover the loop.
