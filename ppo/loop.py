@@ -8,6 +8,7 @@ the progress bar. Checkpoints are collective: see `save_training_checkpoint`.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from tqdm.auto import tqdm
 
 from ppo import checkpoint as ckpt
 from ppo import distributed as dist
+from ppo import durable
+from ppo.interrupt import StopOnSignal, TrainingInterrupted
 from ppo.stage import main_logger
 
 
@@ -51,86 +54,6 @@ def batch_bounds(n_rows: int, batch_size: int, world_size: int) -> list[tuple[in
     return [b for b in bounds if b[1] > b[0]]
 
 
-def trainer_state(trainer, epoch: int, next_batch: int, with_optimizers: bool = True) -> dict[str, Any]:
-    state = {
-        "global_step": trainer.global_step,
-        "epoch": epoch,
-        "next_batch": next_batch,
-        "kl_controller": trainer.kl_controller.state_dict(),
-        "rng": ckpt.rng_state(),
-        "shuffle_generator": trainer.shuffle_generator.get_state(),
-    }
-    if with_optimizers:  # sharded checkpoints keep the optimizers in DCP instead
-        state["optimizers"] = {k: opt.state_dict() for k, opt in trainer.optimizers.items()}
-    return state
-
-
-def _sharded_parts(trainer):
-    """(models, optimizers) of a DCP checkpoint: each optimizer with the model that names its
-    parameters (the plain critic module, whose names do not depend on the wrapper)."""
-    models = {"policy": trainer.policy, "critic": trainer.critic.module}
-    return models, {name: (models[name], trainer.optimizers[name]) for name in models}
-
-
-def save_training_checkpoint(trainer, out: Path, epoch: int, next_batch: int) -> Path:
-    """step_N: collective. Sharded (FSDP2) models through DCP by every rank, replicated ones
-    (one process, DDP) as Hugging Face directories by rank 0."""
-    cfg, name = trainer.config, f"step_{trainer.global_step}"
-    if dist.is_sharded(trainer.policy):
-        models, optimizers = _sharded_parts(trainer)
-        state = trainer_state(trainer, epoch, next_batch, with_optimizers=False)
-        return ckpt.save_sharded_checkpoint(out, name, models, optimizers, trainer.policy, trainer.tokenizer, state, cfg.save_total_limit)
-    state = trainer_state(trainer, epoch, next_batch)
-    return ckpt.save_checkpoint(out, name, trainer.policy, trainer.tokenizer, trainer.critic.module, state, cfg.save_total_limit)
-
-
-def restore(trainer, path: Path) -> tuple[int, int]:
-    """Load a checkpoint into the trainer; return (epoch, next batch) to continue from. A sharded
-    (DCP) checkpoint loads on any number of ranks; a Hugging Face one into replicated models."""
-    state = ckpt.load_trainer_state(path)
-    if ckpt.is_sharded_checkpoint(path):
-        ckpt.load_sharded_checkpoint(path, *_sharded_parts(trainer))
-    elif dist.is_sharded(trainer.policy):
-        raise ValueError(f"{path} was written without strategy=fsdp; resume it with strategy=ddp (or in one process)")
-    else:
-        _load_model_dirs(trainer, path)
-        for name, opt in trainer.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-    trainer.kl_controller.load_state_dict(state["kl_controller"])
-    ckpt.restore_rng_state(state["rng"])
-    trainer.shuffle_generator.set_state(state["shuffle_generator"])
-    trainer.global_step = state["global_step"]
-    return state["epoch"], state["next_batch"]
-
-
-def _load_model_dirs(trainer, path: Path) -> None:
-    """Policy (or its LoRA adapter) and critic weights from a Hugging Face-layout checkpoint."""
-    from safetensors.torch import load_file
-
-    if (path / "adapter_model.safetensors").exists():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(trainer.policy, load_file(path / "adapter_model.safetensors"))
-    else:
-        policy_weights = {}
-        for shard in sorted(path.glob("model*.safetensors")):
-            policy_weights.update(load_file(shard))
-        missing, unexpected = trainer.policy.load_state_dict(policy_weights, strict=False)
-        # Tied embeddings are saved once; anything else missing means a different model.
-        if unexpected or [m for m in missing if "lm_head" not in m]:
-            raise ValueError(f"checkpoint {path} does not match the policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    ckpt.load_critic_weights(path / "critic", trainer.critic.module)
-
-
-def drop_metrics_after(path: Path, step: int) -> None:
-    """Forget metric lines of steps the resumed run will redo (logged after the checkpoint)."""
-    if path.exists():
-        import json
-
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
 def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = None) -> list[dict[str, Any]]:
     cfg = trainer.config
     rows = prompt_rows(prompts, cfg.prompt_column)
@@ -139,19 +62,19 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
     if max_length is not None:
         trainer.max_prompt_tokens = trainer._prompt_budget(max_length)
     out = Path(cfg.output_dir)
+    bounds = batch_bounds(len(rows), cfg.batch_size, dist.world_size())
+    # What a checkpoint's data position refers to; resuming under another plan is refused.
+    plan = {"batch_size": cfg.batch_size, "prompts": len(rows), "seed": cfg.seed, "num_epochs": num_epochs, "batches_per_epoch": len(bounds)}
     start_epoch, start_batch = 0, 0
     if cfg.resume_from_checkpoint:
-        start_epoch, start_batch = restore(trainer, ckpt.resolve_checkpoint(out, cfg.resume_from_checkpoint))
-        if dist.is_main():
-            drop_metrics_after(out / "metrics.jsonl", trainer.global_step)
-    bounds = batch_bounds(len(rows), cfg.batch_size, dist.world_size())
+        start_epoch, start_batch = ckpt.resume(trainer, out, cfg.resume_from_checkpoint, plan)
     trainer.planned_steps = num_epochs * len(bounds)  # what an lr schedule spans, unless configured
     logger = main_logger(out, getattr(cfg, "report_to", None))
     bar = tqdm(total=num_epochs * len(bounds), initial=trainer.global_step, desc="ppo",
                disable=not (cfg.progress_bar and dist.is_main()), dynamic_ncols=True)
-    history = []
+    history, saved = [], None
     try:
-        with dist.report_failures("ppo training"):
+        with dist.report_failures("ppo training"), StopOnSignal() as stop:
             for epoch in range(start_epoch, num_epochs):
                 order = epoch_order(len(rows), cfg.seed, epoch)
                 first = start_batch if epoch == start_epoch else 0
@@ -167,12 +90,49 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
                         logger.log(trainer.global_step, stats)
                     bar.update(1)
                     bar.set_postfix(reward=f"{stats['mean_reward']:.3f}", kl=f"{stats['kl']:.3f}")
+                    saved = None
                     if cfg.save_steps and trainer.global_step % cfg.save_steps == 0:
-                        save_training_checkpoint(trainer, out, epoch, b + 1)
-            trainer.save_pretrained(str(out / "final"))
+                        saved = ckpt.save_training_checkpoint(trainer, out, epoch, b + 1, plan)
+                    signum = stop.requested()
+                    if signum is not None:
+                        if saved is None and cfg.save_on_interrupt:
+                            saved = ckpt.save_training_checkpoint(trainer, out, epoch, b + 1, plan)
+                        raise TrainingInterrupted(signum)
+            save_final(trainer, out / "final")
+    except TrainingInterrupted as err:
+        raise err.describe(interrupted_message(err, trainer.global_step, saved, out)) from None
     finally:
         bar.close()
         logger.close()
     if dist.is_main():
         print(f"\nppo-rlhf: {trainer.global_step} steps, final policy in {out / 'final'}\n{trainer.timer.table()}")
     return history
+
+
+def interrupted_message(err: TrainingInterrupted, step: int, saved: Path | None, out: Path) -> str:
+    """One line: which signal, after which step, where the checkpoint is and how to go on."""
+    name = signal.Signals(err.signum).name
+    how = "resume with the same command plus resume_from_checkpoint=latest"
+    if err.abandoned:
+        last = ckpt.last_published(out)
+        where = f"the last checkpoint is {last}; {how}" if last else "no checkpoint was written; a new run starts from the beginning"
+        return f"stopped by a second {name}, abandoning the step in progress (nothing saved for it); {where}"
+    if saved is not None:
+        return f"stopped by {name} after step {step}; checkpoint {saved}; {how}"
+    last = ckpt.last_published(out)
+    where = f"the last checkpoint is {last}; {how}" if last else "no checkpoint was written"
+    return f"stopped by {name} after step {step} without a checkpoint of it (save_on_interrupt=false); {where}"
+
+
+def save_final(trainer, final: Path) -> None:
+    """output_dir/final, written aside and renamed into place: an existing final/ is replaced
+    only by a complete one. Every rank calls (FSDP2 gathers the weights); rank 0 writes."""
+    tmp = final.parent / f"{durable.TMP_PREFIX}{final.name}"
+    if dist.is_main():
+        tmp = durable.fresh_tmp(final.parent, final.name)
+    dist.barrier()
+    trainer.save_pretrained(str(tmp))
+    if dist.is_main():
+        durable.seal(tmp)
+        durable.publish(tmp, final)
+    dist.barrier()
