@@ -57,10 +57,12 @@ def read_legacy_state(path: Path) -> dict[str, Any]:
 
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as err:
-        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # noqa: BLE001 - whatever the reason, the file is not loaded
+        lines = str(err).strip().splitlines()
+        why = f"{type(err).__name__}: {lines[0] if lines else ''}"
+        what = "is a pickle that would run code when loaded" if isinstance(err, pickle.UnpicklingError) else "cannot be read as plain data"
         raise UnsafeCheckpointError(
-            f"{path} is a pickle that would run code when loaded ({why}); refusing to load it. "
+            f"{path} {what} ({why}); refusing to load it. "
             "Checkpoints written by this version hold trainer_state.json + trainer_state.safetensors "
             "instead; resume from one of those, or start the run again."
         ) from None
