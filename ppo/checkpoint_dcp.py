@@ -75,7 +75,9 @@ class SafePlanner(DefaultLoadPlanner):
 def _safe_load(state: dict[str, Any], directory: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(state, storage_reader=SafeReader(directory), planner=SafePlanner())
+    reader = SafeReader(directory)
+    reader.read_metadata()  # raises here: inside dcp.load a refusal would only trigger its fallback
+    dcp.load(state, storage_reader=reader, planner=SafePlanner())
 
 
 def _sharded_state(models: dict[str, torch.nn.Module], optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]) -> dict[str, Any]:
