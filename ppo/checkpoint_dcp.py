@@ -24,7 +24,13 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
 from ppo import distributed as dist
 from ppo import durable
-from ppo.checkpoint import SHARDED_DIR, check_finite_tensors, fresh_tmp, publish_checkpoint, save_model_dir
+from ppo.checkpoint import (
+    SHARDED_DIR,
+    check_finite_tensors,
+    fresh_tmp,
+    publish_checkpoint,
+    save_model_dir,
+)
 from ppo.state_file import UnsafeCheckpointError, write_state
 
 # What DCP's metadata pickles name besides its own classes (torch 2.4-2.13).
@@ -65,7 +71,9 @@ class SafePlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item, value) -> None:
         loaded = torch.load(value, weights_only=True)
         if self.flatten_state_dict:
-            from torch.distributed.checkpoint._traverse import set_element  # as DefaultLoadPlanner does
+            from torch.distributed.checkpoint._traverse import (
+                set_element,  # as DefaultLoadPlanner does
+            )
 
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
         else:
@@ -81,7 +89,10 @@ def _safe_load(state: dict[str, Any], directory: Path) -> None:
 
 
 def _sharded_state(models: dict[str, torch.nn.Module], optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     state = {name: get_model_state_dict(module) for name, module in models.items()}
     state.update({f"optimizer/{name}": get_optimizer_state_dict(module, opt) for name, (module, opt) in optimizers.items()})
@@ -127,7 +138,10 @@ def _nonfinite(owner: str, module: torch.nn.Module) -> list[str]:
 
 def load_sharded_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]) -> None:
     """Load a DCP checkpoint into sharded or plain models on any number of ranks (DCP reshards)."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = _sharded_state(models, optimizers)
     _safe_load(state, Path(path) / SHARDED_DIR)

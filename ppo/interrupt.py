@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from typing import Self
 
 from ppo import distributed as dist
 
@@ -34,7 +35,7 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.abandoned = abandoned  # a second signal: the step in progress was not finished
         self.exit_code = 128 + signum
 
-    def describe(self, message: str) -> "TrainingInterrupted":
+    def describe(self, message: str) -> TrainingInterrupted:
         self.args = (message,)
         return self
 
@@ -47,7 +48,7 @@ class StopOnSignal:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)

@@ -30,15 +30,20 @@ import torch
 
 torch.set_num_threads(1)
 
-import transformers  # noqa: E402
+import transformers
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
-import ppo.train  # noqa: E402
-from ppo import PPOConfig, PPOTrainer, durable  # noqa: E402
-from ppo.demo.tiny import TinyModelSpec, build_policy, build_reward_model, build_tokenizer  # noqa: E402
-from ppo.metrics import MetricsLogger  # noqa: E402
+import ppo.train
+from ppo import PPOConfig, PPOTrainer, durable
+from ppo.demo.tiny import (
+    TinyModelSpec,
+    build_policy,
+    build_reward_model,
+    build_tokenizer,
+)
+from ppo.metrics import MetricsLogger
 
 PROMPTS = [" ".join(f"w{(i * 5 + j) % 29}" for j in range(1 + i % 3)) for i in range(9)]
 
@@ -106,7 +111,7 @@ def instrument(events: Events) -> None:
     def log(self, step, metrics):
         def torn():
             with self.path.open("a", encoding="utf-8") as f:
-                f.write('{"step": %d, "mean_rew' % step)
+                f.write(f'{{"step": {step}, "mean_rew')
 
         events.hit(f"metrics step {step}", torn)
         real_log(self, step, metrics)
@@ -146,7 +151,7 @@ def child(job: dict, log_path: Path) -> None:
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives until os._exit
     events = Events(job.get("kill_at", 0), job.get("out"))
     instrument(events)
     try:

@@ -159,10 +159,16 @@ def last_line(log: str) -> str:
     return log.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("sig, code", [("TERM", 143), ("INT", 130)])
-def test_signal_saves_a_checkpoint_and_says_how_to_resume(driver, cli_files, tmp_path, sig, code):
-    full = driver.run(kind="cli", argv=cli_argv(cli_files, tmp_path / "full"))
+@pytest.fixture(scope="module")
+def cli_reference(driver, cli_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-reference") / "run"
+    full = driver.run(kind="cli", argv=cli_argv(cli_files, out))
     assert full["code"] == 0, full["log"]
+    return out
+
+
+@pytest.mark.parametrize("sig, code", [("TERM", 143), ("INT", 130)])
+def test_signal_saves_a_checkpoint_and_says_how_to_resume(driver, cli_files, cli_reference, tmp_path, sig, code):
     out = tmp_path / "stopped"
     stopped = driver.run(kind="cli", argv=cli_argv(cli_files, out), env={"FAULT_SIGNALS": f"3:{sig}"})  # during step 3
     assert stopped["code"] == code, stopped["log"]
@@ -172,9 +178,9 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(driver, cli_files, tmp
     assert durable.problem(out / "step_3") is None and not (out / "final").exists()
     resumed = driver.run(kind="cli", argv=cli_argv(cli_files, out, "resume_from_checkpoint=latest"))
     assert resumed["code"] == 0, resumed["log"]
-    want, got = load_file(tmp_path / "full" / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
-    assert all(torch.equal(want[k], got[k]) for k in want)
-    assert metrics(out) == metrics(tmp_path / "full")
+    want, got = load_file(cli_reference / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert metrics(out) == metrics(cli_reference)
 
 
 def test_second_signal_abandons_the_step(driver, cli_files, tmp_path):
@@ -213,8 +219,8 @@ PROMPTS = ["w3 w4", "w5", "w6 w7 w8", "w9", "w10 w11"]
 
 
 def tiny_run(policy, tokenizer, out: Path, **overrides) -> PPOTrainer:
-    config = dict(batch_size=2, max_new_tokens=3, ppo_epochs=1, save_steps=1, output_dir=str(out), progress_bar=False,
-                  precision="fp32", fp32_matmul="mkl", seed=3)
+    config = {"batch_size": 2, "max_new_tokens": 3, "ppo_epochs": 1, "save_steps": 1, "output_dir": str(out),
+              "progress_bar": False, "precision": "fp32", "fp32_matmul": "mkl", "seed": 3}
     trainer = PPOTrainer(PPOConfig(**{**config, **overrides}), policy, tokenizer, reward_funcs=words)
     trainer.train(PROMPTS[:4], num_epochs=1)
     return trainer

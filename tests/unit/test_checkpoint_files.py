@@ -15,7 +15,13 @@ import torch
 
 from ppo import durable
 from ppo.interrupt import StopOnSignal, TrainingInterrupted
-from ppo.state_file import LEGACY_STATE, STATE_JSON, UnsafeCheckpointError, read_state, write_state
+from ppo.state_file import (
+    LEGACY_STATE,
+    STATE_JSON,
+    UnsafeCheckpointError,
+    read_state,
+    write_state,
+)
 
 
 def test_trainer_state_round_trips_exactly_without_pickle(tmp_path):
@@ -99,7 +105,10 @@ def test_publish_replaces_a_directory_whole_and_leaves_nothing_behind(tmp_path):
 
 def test_dcp_metadata_is_read_through_an_allow_list(tmp_path):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     from ppo.checkpoint_dcp import _safe_load
 
