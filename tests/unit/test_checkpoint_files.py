@@ -146,3 +146,19 @@ def test_first_signal_asks_to_stop_second_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
         assert err.value.abandoned and err.value.exit_code == 130
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_metrics_write_error_names_the_file(tmp_path, monkeypatch):
+    import errno
+    import pathlib
+
+    from ppo.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path)
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "open", full_disk)
+    with pytest.raises(OSError, match=rf"could not append step 3 to {re.escape(str(tmp_path / 'metrics.jsonl'))}: No space left"):
+        logger.log(3, {"kl": 0.1})
