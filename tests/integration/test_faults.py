@@ -315,3 +315,12 @@ def test_a_pickle_planted_as_trainer_state_is_never_run(one_thread, tiny_policy,
     (tmp_path / "run" / "step_1" / LEGACY_STATE).write_bytes(evil)
     assert ckpt.load_trainer_state(tmp_path / "run" / "step_1")["global_step"] == 1
     assert not marker.exists()
+
+
+def test_signal_without_save_on_interrupt_names_the_last_checkpoint(driver, cli_files, tmp_path):
+    out = tmp_path / "run"
+    stopped = driver.run(kind="cli", argv=cli_argv(cli_files, out, "save_on_interrupt=false"), env={"FAULT_SIGNALS": "3:TERM"})
+    assert stopped["code"] == 143, stopped["log"]
+    assert last_line(stopped["log"]) == (f"ppo-rlhf train: stopped by SIGTERM after step 3 without a checkpoint of it (save_on_interrupt=false); "
+                                         f"the last checkpoint is {out / 'step_2'}; resume with the same command plus resume_from_checkpoint=latest")
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_2"]
