@@ -134,14 +134,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(output_dir: str | Path, name: str, policy, tokenizer, critic_module, trainer_state: dict[str, Any], total_limit: int | None = None) -> Path:
     """Write output_dir/name atomically; return its path. Prunes old step_N beyond total_limit.
-    Under torchrun rank 0 writes (the models are replicated) while the other ranks wait."""
+    Under torchrun rank 0 writes (the models are replicated) while the other ranks wait.
+    `critic_module` None (a critic-free estimator): no critic/ directory."""
     output_dir = Path(output_dir)
     if dist.is_main():
-        check_finite({"policy": policy, "critic": critic_module})
+        check_finite({"policy": policy, **({"critic": critic_module} if critic_module is not None else {})})
 
         def write(tmp: Path) -> None:
             save_model_dir(tmp, policy, tokenizer)
-            save_critic(tmp / "critic", critic_module)
+            if critic_module is not None:
+                save_critic(tmp / "critic", critic_module)
             write_state(tmp, trainer_state)
 
         publish_checkpoint(output_dir, name, write, total_limit)
@@ -289,7 +291,7 @@ def trainer_state(trainer, epoch: int, next_batch: int, with_optimizers: bool = 
 def _sharded_parts(trainer):
     """(models, optimizers) of a DCP checkpoint: each optimizer with the model that names its
     parameters (the plain critic module, whose names do not depend on the wrapper)."""
-    models = {"policy": trainer.policy, "critic": trainer.critic.module}
+    models = {"policy": trainer.policy, **({"critic": trainer.critic.module} if trainer.critic else {})}
     return models, {name: (models[name], trainer.optimizers[name]) for name in models}
 
 
@@ -307,7 +309,8 @@ def save_training_checkpoint(trainer, out: Path, epoch: int, next_batch: int, pl
         state = trainer_state(trainer, epoch, next_batch, with_optimizers=False, plan=plan)
         return save_sharded_checkpoint(out, name, models, optimizers, trainer.policy, trainer.tokenizer, state, cfg.save_total_limit)
     state = trainer_state(trainer, epoch, next_batch, plan=plan)
-    return save_checkpoint(out, name, trainer.policy, trainer.tokenizer, trainer.critic.module, state, cfg.save_total_limit)
+    critic = trainer.critic.module if trainer.critic else None  # a critic-free estimator has none to save
+    return save_checkpoint(out, name, trainer.policy, trainer.tokenizer, critic, state, cfg.save_total_limit)
 
 
 def check_resumable(state: dict[str, Any], path: Path, plan: dict | None, out: Path) -> None:
@@ -367,7 +370,8 @@ def _load_model_dirs(trainer, path: Path) -> None:
         # Tied embeddings are saved once; anything else missing means a different model.
         if unexpected or [m for m in missing if "lm_head" not in m]:
             raise ValueError(f"checkpoint {path} does not match the policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    load_critic_weights(path / "critic", trainer.critic.module)
+    if trainer.critic is not None:
+        load_critic_weights(path / "critic", trainer.critic.module)
 
 
 def resume(trainer, out: Path, spec: str, plan: dict | None) -> tuple[int, int]:

@@ -60,7 +60,7 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
     if not rows:
         raise ValueError("no prompts given: the prompt list is empty")
     if max_length is not None:
-        trainer.max_prompt_tokens = trainer._prompt_budget(max_length)
+        trainer.max_prompt_tokens = trainer.prompt_budget(max_length)
     out = Path(cfg.output_dir)
     bounds = batch_bounds(len(rows), cfg.batch_size, dist.world_size())
     # What a checkpoint's data position refers to; resuming under another plan is refused.

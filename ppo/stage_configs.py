@@ -216,6 +216,8 @@ class DemoConfig:
     missing_eos_penalty: float | None = opt(1.0, "Subtracted from the score of responses that never ended.")
     vf_coef: float = opt(0.1, "Weight of the value loss.")
     value_head: str = opt("separate", "'separate': critic copied from the reward model; 'shared': a head on the policy.")
+    advantage_estimator: str = opt("gae", "gae (PPO with a critic), grpo, rloo (both need num_generations >= 2) or reinforce_pp; see docs/estimators.md.")
+    kl_in_loss: bool = opt(False, "Put the KL to the reference in the policy loss instead of the reward (as the GRPO family does).")
     precision: str = opt("fp32", "PPO's precision. fp32: these tiny models are bound by per-op overhead, not matmuls, so bf16 buys no time (with bf16 autocast one run reached +23 gold, not +26); bf16 or auto as in PPOConfig.")
 
     # --- evaluation and report ---
@@ -232,5 +234,8 @@ class DemoConfig:
         if not 0 <= self.refresh_at < 1:
             raise ConfigError(f"DemoConfig.refresh_at must be in [0, 1), got {self.refresh_at}")
         check_choice("value_head", self.value_head, ("separate", "shared"))
+        check_choice("advantage_estimator", self.advantage_estimator, ("gae", "grpo", "rloo", "reinforce_pp"))
+        if self.advantage_estimator in ("grpo", "rloo") and self.num_generations < 2:
+            raise ConfigError(f"DemoConfig: advantage_estimator={self.advantage_estimator} needs num_generations >= 2, got {self.num_generations}")
         check_choice("precision", self.precision, ("fp32", "bf16", "auto"))
         check_choice("ppo_lr_scheduler", self.ppo_lr_scheduler, SCHEDULES)  # the PPO trainer's own
