@@ -1,9 +1,11 @@
 """The training loop around `PPOTrainer.step`: epochs over shuffled prompts, metrics, progress,
-periodic checkpoints, exact resume, the final model and the timing table.
+periodic checkpoints, exact resume, the final model and the timing table. What a checkpoint holds
+and how a resume puts it back live in ppo.checkpoint; SIGINT / SIGTERM stop the loop between two
+steps (ppo.interrupt), after a checkpoint.
 
 Under torchrun every rank runs this loop over the same batches (the order is a pure function of the
 seed) and passes its contiguous share of each batch to `step`; rank 0 alone logs, prints and shows
-the progress bar. Checkpoints are collective: see `save_training_checkpoint`.
+the progress bar. Checkpoints are collective: see `ppo.checkpoint.save_training_checkpoint`.
 """
 
 from __future__ import annotations
