@@ -326,6 +326,8 @@ def check_resumable(state: dict[str, Any], path: Path, plan: dict | None, out: P
             f"cannot resume from {path}: the batch plan changed since it was written ({', '.join(changed)}), so its "
             "data position would point at other prompts; resume with the values it was written with, or start a new run")
     left = (plan["num_epochs"] - state["epoch"]) * plan["batches_per_epoch"] - state["next_batch"]
+    if plan.get("max_steps") is not None:
+        left = min(left, plan["max_steps"] - state["global_step"])
     if left <= 0 and (Path(out) / "final").exists():
         raise CheckpointError(
             f"nothing to train: {path} is already at the end of this run (epoch {state['epoch']} of num_epochs="

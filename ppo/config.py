@@ -49,7 +49,7 @@ class PPOConfig:
     # --- optimisation ---
     learning_rate: float = opt(1e-5, "AdamW learning rate of the policy.")
     value_learning_rate: float | None = opt(None, "AdamW learning rate of the critic; None: learning_rate.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only (not biases or norms).")
     batch_size: int = opt(4, "Prompts per PPO iteration (global, across all ranks).")
     mini_batch_size: int | None = opt(None, "Samples per optimizer step; None: the whole rollout (one step per epoch).")
     gradient_accumulation_steps: int = opt(1, "Micro-batches each mini-batch is split into (memory, not maths).")
@@ -57,7 +57,7 @@ class PPOConfig:
     ppo_epochs: int = opt(4, "Passes of the update over each rollout.")
     lr_scheduler: str = opt("constant", "Learning-rate schedule of policy and critic over the PPO steps: constant, linear or cosine (decaying towards 0).")
     lr_schedule_steps: int | None = opt(None, "Steps the schedule spans; None: the steps train() runs (set it when you call step() yourself).")
-    warmup_steps: int = opt(0, "Steps of linear learning-rate warm-up at the start.")
+    warmup_steps: int = opt(0, "Steps of linear learning-rate warm-up at the start (from 1/(warmup_steps+1) of the rate).")
     max_grad_norm: float | None = opt(1.0, "Gradient-norm clip per model; None disables.")
     seed: int = opt(0, "Seeds sampling, shuffling and initialisation.")
 
@@ -71,7 +71,7 @@ class PPOConfig:
     whiten_advantages: bool = opt(True, "Normalise advantages over the batch's real tokens.")
     whiten_rewards: bool = opt(False, "Normalise per-token rewards (mean kept) before GAE.")
     reward_clip: float | None = opt(None, "Clip scores to [-reward_clip, reward_clip] before the KL penalty.")
-    approx_kl_stop: float | None = opt(None, "Stop the epochs early when a mini-batch's approx-KL exceeds this.")
+    approx_kl_stop: float | None = opt(None, "Skip a rollout's remaining update epochs when an epoch's mean approx-KL (over its mini-batches, all ranks) exceeds this.")
     advantage_estimator: str = opt("gae", "gae (PPO with a critic), grpo (group-normalised outcome reward), rloo (leave-one-out baseline) or reinforce_pp (REINFORCE++: batch-normalised discounted returns); the last three train no critic. See docs/estimators.md.")
     grpo_scale_rewards: bool = opt(True, "grpo: divide each group's centred rewards by the group's std (False: Dr. GRPO).")
     critic_warmup_steps: int = opt(0, "gae: the first N iterations train only the critic on their rollouts (the policy and the KL coefficient stay put).")
@@ -100,9 +100,9 @@ class PPOConfig:
     fp32_matmul: str = opt("auto", "CPU kernel of fp32 linear layers: auto (times both on the model's layer shapes at start and takes oneDNN if >= 25% faster, as on AMD CPUs with AVX-512 where MKL runs only AVX2 kernels), mkl, onednn. Same fp32 arithmetic; results differ by float rounding only.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     rollout_logprobs: bool = opt(True, "Take pi_old's log-probs from the sampling pass, not a second policy forward (same maths; differs only by float rounding).")
-    prune_last_layer: bool = opt(True, "Run the models' last decoder layer only at the positions that are read (the states before response tokens; a reward model's last token): keys and values everywhere, queries and MLP there only. Same maths, float rounding apart; Qwen3/Qwen2/Llama without gradient checkpointing. W1 update ~10% fewer matmul FLOPs.")
-    lean_decode: bool = opt(True, "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same maths, float rounding apart; W3 sampling ~30% faster on CPU). Other models, and adapters, always use their forward.")
-    host_release_memory: bool = opt(False, "CPU runs: hand freed heap memory back to the OS (glibc malloc_trim) before and after sampling, after scoring and after each model's pass of the update. W2 benchmark: peak RSS 2078 -> 1971-1985 MiB (-5%), time +9-15% (pages fault back in). glibc only.")
+    prune_last_layer: bool = opt(True, "Run the models' last decoder layer only at the positions that are read (the states before response tokens; a reward model's last token): keys and values everywhere, queries and MLP there only. Same maths, float rounding apart; Qwen3/Qwen2/Llama without gradient checkpointing.")
+    lean_decode: bool = opt(True, "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same maths, float rounding apart; faster sampling on CPU, see docs/performance.md). Other models, and adapters, always use their forward.")
+    host_release_memory: bool = opt(False, "CPU runs: hand freed heap memory back to the OS (glibc malloc_trim) before and after sampling, after scoring and after each model's pass of the update: a lower peak RSS for some time (pages fault back in; see docs/performance.md). glibc only.")
 
     # --- LoRA (peft) ---
     lora_r: int = opt(0, "LoRA rank of the policy's adapter (0: full fine-tuning).")
@@ -110,7 +110,7 @@ class PPOConfig:
     lora_dropout: float = opt(0.0, "Dropout inside the adapter (kept 0 in rollout/update by design).")
     lora_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get adapters ('all-linear' works too).")
     lora_critic: bool = opt(False, "Give the separate critic its own LoRA adapter instead of full weights.")
-    save_merged: bool = opt(False, "With LoRA, also write output_dir/final-merged: the adapter merged into the base.")
+    save_merged: bool = opt(False, "With LoRA, also write merged/ inside each saved model directory (output_dir/final/merged): the adapter merged into the base.")
     optimizer: str = opt("adamw", "adamw, or adamw_8bit (bitsandbytes, CUDA only).")
 
     # --- output ---

@@ -11,6 +11,7 @@ the progress bar. Checkpoints are collective: see `ppo.checkpoint.save_training_
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from ppo import checkpoint as ckpt
 from ppo import distributed as dist
 from ppo import durable
 from ppo.interrupt import StopOnSignal, TrainingInterrupted
-from ppo.stage import main_logger
+from ppo.metrics import main_logger
 
 
 def prompt_rows(prompts, prompt_column: str = "prompt") -> list[dict[str, Any]]:
@@ -56,7 +57,17 @@ def batch_bounds(n_rows: int, batch_size: int, world_size: int) -> list[tuple[in
     return [b for b in bounds if b[1] > b[0]]
 
 
-def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = None) -> list[dict[str, Any]]:
+# What `on_step` is called with after each step: the step's statistics and the rows of the global
+# batch (dicts with the prompt column and any other columns; under torchrun every rank gets all of
+# them, in the order of the gathered `generated_texts`). What it returns joins the statistics.
+StepCallback = Callable[[dict[str, Any], list[dict[str, Any]]], "dict[str, Any] | None"]
+
+
+def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = None,
+               on_step: StepCallback | None = None, max_steps: int | None = None) -> list[dict[str, Any]]:
+    """`num_epochs` passes over `prompts` (stopping early once `trainer.global_step` reaches
+    `max_steps`); returns every step's statistics without the generated texts. `on_step(stats,
+    rows)` runs after each step, before logging: the metrics it returns are logged with the step's."""
     cfg = trainer.config
     rows = prompt_rows(prompts, cfg.prompt_column)
     if not rows:
@@ -66,13 +77,15 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
     out = Path(cfg.output_dir)
     bounds = batch_bounds(len(rows), cfg.batch_size, dist.world_size())
     # What a checkpoint's data position refers to; resuming under another plan is refused.
-    plan = {"batch_size": cfg.batch_size, "prompts": len(rows), "seed": cfg.seed, "num_epochs": num_epochs, "batches_per_epoch": len(bounds)}
+    plan = {"batch_size": cfg.batch_size, "prompts": len(rows), "seed": cfg.seed, "num_epochs": num_epochs,
+            "batches_per_epoch": len(bounds), "max_steps": max_steps}
     start_epoch, start_batch = 0, 0
     if cfg.resume_from_checkpoint:
         start_epoch, start_batch = ckpt.resume(trainer, out, cfg.resume_from_checkpoint, plan)
-    trainer.planned_steps = num_epochs * len(bounds)  # what an lr schedule spans, unless configured
+    planned = num_epochs * len(bounds) if max_steps is None else min(num_epochs * len(bounds), max_steps)
+    trainer.planned_steps = planned  # what an lr schedule spans, unless configured
     logger = main_logger(out, getattr(cfg, "report_to", None))
-    bar = tqdm(total=num_epochs * len(bounds), initial=trainer.global_step, desc="ppo",
+    bar = tqdm(total=planned, initial=trainer.global_step, desc="ppo",
                disable=not (cfg.progress_bar and dist.is_main()), dynamic_ncols=True)
     history, saved = [], None
     try:
@@ -87,6 +100,8 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
                     extras = {k: [r[k] for r in chunk] for k in chunk[0] if k != cfg.prompt_column}
                     stats = trainer.step([r[cfg.prompt_column] for r in chunk], extras, row_offset=mine.start)
                     stats["epoch"] = epoch + (b + 1) / len(bounds)
+                    if on_step is not None:
+                        stats.update(on_step(stats, [rows[i] for i in batch]) or {})
                     history.append({k: v for k, v in stats.items() if k != "generated_texts"})
                     if trainer.global_step % cfg.logging_steps == 0:
                         logger.log(trainer.global_step, stats)
@@ -95,11 +110,14 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
                     saved = None
                     if cfg.save_steps and trainer.global_step % cfg.save_steps == 0:
                         saved = ckpt.save_training_checkpoint(trainer, out, epoch, b + 1, plan)
-                    signum = stop.requested()
-                    if signum is not None:
+                    if (signum := stop.requested()) is not None:  # SIGINT/SIGTERM: stop after this step
                         if saved is None and cfg.save_on_interrupt:
                             saved = ckpt.save_training_checkpoint(trainer, out, epoch, b + 1, plan)
                         raise TrainingInterrupted(signum)
+                    if max_steps is not None and trainer.global_step >= max_steps:
+                        break
+                if max_steps is not None and trainer.global_step >= max_steps:
+                    break
             save_final(trainer, out / "final")
     except TrainingInterrupted as err:
         raise err.describe(interrupted_message(err, trainer.global_step, saved, out)) from None

@@ -30,20 +30,15 @@ import torch
 
 torch.set_num_threads(1)
 
-import transformers
+import transformers  # noqa: E402 - after torch.set_num_threads
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
-import ppo.train
-from ppo import PPOConfig, PPOTrainer, durable
-from ppo.demo.tiny import (
-    TinyModelSpec,
-    build_policy,
-    build_reward_model,
-    build_tokenizer,
-)
-from ppo.metrics import MetricsLogger
+import ppo.train  # noqa: E402 - after torch.set_num_threads
+from ppo import PPOConfig, PPOTrainer, durable  # noqa: E402 - after torch.set_num_threads
+from ppo.demo.tiny import TinyModelSpec, build_policy, build_reward_model, build_tokenizer  # noqa: E402
+from ppo.metrics import MetricsLogger  # noqa: E402 - after torch.set_num_threads
 
 PROMPTS = [" ".join(f"w{(i * 5 + j) % 29}" for j in range(1 + i % 3)) for i in range(9)]
 
