@@ -118,6 +118,7 @@ class PPOConfig:
     output_dir: str = opt("ppo_output", "Where metrics, checkpoints and the final model go.")
     save_steps: int = opt(0, "Checkpoint every N steps (0: only the final model).")
     save_total_limit: int | None = opt(None, "Keep at most this many step_N checkpoints.")
+    save_on_interrupt: bool = opt(True, "On SIGINT/SIGTERM, finish the step in progress and save a checkpoint before stopping.")
     logging_steps: int = opt(1, "Write a metrics line every N steps.")
     progress_bar: bool = opt(True, "Show a progress bar during train().")
     resume_from_checkpoint: str | None = opt(None, "A step_N directory or 'latest' in output_dir.")

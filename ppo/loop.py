@@ -1,13 +1,16 @@
 """The training loop around `PPOTrainer.step`: epochs over shuffled prompts, metrics, progress,
-periodic checkpoints, exact resume, the final model and the timing table.
+periodic checkpoints, exact resume, the final model and the timing table. What a checkpoint holds
+and how a resume puts it back live in ppo.checkpoint; SIGINT / SIGTERM stop the loop between two
+steps (ppo.interrupt), after a checkpoint.
 
 Under torchrun every rank runs this loop over the same batches (the order is a pure function of the
 seed) and passes its contiguous share of each batch to `step`; rank 0 alone logs, prints and shows
-the progress bar. Checkpoints are collective: see `save_training_checkpoint`.
+the progress bar. Checkpoints are collective: see `ppo.checkpoint.save_training_checkpoint`.
 """
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,8 @@ from tqdm.auto import tqdm
 
 from ppo import checkpoint as ckpt
 from ppo import distributed as dist
+from ppo import durable
+from ppo.interrupt import StopOnSignal, TrainingInterrupted
 from ppo.metrics import main_logger
 
 
@@ -52,88 +57,6 @@ def batch_bounds(n_rows: int, batch_size: int, world_size: int) -> list[tuple[in
     return [b for b in bounds if b[1] > b[0]]
 
 
-def trainer_state(trainer, epoch: int, next_batch: int, with_optimizers: bool = True) -> dict[str, Any]:
-    state = {
-        "global_step": trainer.global_step,
-        "epoch": epoch,
-        "next_batch": next_batch,
-        "kl_controller": trainer.kl_controller.state_dict(),
-        "rng": ckpt.rng_state(),
-        "shuffle_generator": trainer.shuffle_generator.get_state(),
-    }
-    if with_optimizers:  # sharded checkpoints keep the optimizers in DCP instead
-        state["optimizers"] = {k: opt.state_dict() for k, opt in trainer.optimizers.items()}
-    return state
-
-
-def _sharded_parts(trainer):
-    """(models, optimizers) of a DCP checkpoint: each optimizer with the model that names its
-    parameters (the plain critic module, whose names do not depend on the wrapper)."""
-    models = {"policy": trainer.policy, **({"critic": trainer.critic.module} if trainer.critic else {})}
-    return models, {name: (models[name], trainer.optimizers[name]) for name in models}
-
-
-def save_training_checkpoint(trainer, out: Path, epoch: int, next_batch: int) -> Path:
-    """step_N: collective. Sharded (FSDP2) models through DCP by every rank, replicated ones
-    (one process, DDP) as Hugging Face directories by rank 0."""
-    cfg, name = trainer.config, f"step_{trainer.global_step}"
-    if dist.is_sharded(trainer.policy):
-        models, optimizers = _sharded_parts(trainer)
-        state = trainer_state(trainer, epoch, next_batch, with_optimizers=False)
-        return ckpt.save_sharded_checkpoint(out, name, models, optimizers, trainer.policy, trainer.tokenizer, state, cfg.save_total_limit)
-    state = trainer_state(trainer, epoch, next_batch)
-    critic = trainer.critic.module if trainer.critic else None  # a critic-free estimator has none to save
-    return ckpt.save_checkpoint(out, name, trainer.policy, trainer.tokenizer, critic, state, cfg.save_total_limit)
-
-
-def restore(trainer, path: Path) -> tuple[int, int]:
-    """Load a checkpoint into the trainer; return (epoch, next batch) to continue from. A sharded
-    (DCP) checkpoint loads on any number of ranks; a Hugging Face one into replicated models."""
-    state = ckpt.load_trainer_state(path)
-    if ckpt.is_sharded_checkpoint(path):
-        ckpt.load_sharded_checkpoint(path, *_sharded_parts(trainer))
-    elif dist.is_sharded(trainer.policy):
-        raise ValueError(f"{path} was written without strategy=fsdp; resume it with strategy=ddp (or in one process)")
-    else:
-        _load_model_dirs(trainer, path)
-        for name, opt in trainer.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-    trainer.kl_controller.load_state_dict(state["kl_controller"])
-    ckpt.restore_rng_state(state["rng"])
-    trainer.shuffle_generator.set_state(state["shuffle_generator"])
-    trainer.global_step = state["global_step"]
-    return state["epoch"], state["next_batch"]
-
-
-def _load_model_dirs(trainer, path: Path) -> None:
-    """Policy (or its LoRA adapter) and critic weights from a Hugging Face-layout checkpoint."""
-    from safetensors.torch import load_file
-
-    if (path / "adapter_model.safetensors").exists():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(trainer.policy, load_file(path / "adapter_model.safetensors"))
-    else:
-        policy_weights = {}
-        for shard in sorted(path.glob("model*.safetensors")):
-            policy_weights.update(load_file(shard))
-        missing, unexpected = trainer.policy.load_state_dict(policy_weights, strict=False)
-        # Tied embeddings are saved once; anything else missing means a different model.
-        if unexpected or [m for m in missing if "lm_head" not in m]:
-            raise ValueError(f"checkpoint {path} does not match the policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if trainer.critic is not None:
-        ckpt.load_critic_weights(path / "critic", trainer.critic.module)
-
-
-def drop_metrics_after(path: Path, step: int) -> None:
-    """Forget metric lines of steps the resumed run will redo (logged after the checkpoint)."""
-    if path.exists():
-        import json
-
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
 # What `on_step` is called with after each step: the step's statistics and the rows of the global
 # batch (dicts with the prompt column and any other columns; under torchrun every rank gets all of
 # them, in the order of the gathered `generated_texts`). What it returns joins the statistics.
@@ -152,20 +75,21 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
     if max_length is not None:
         trainer.max_prompt_tokens = trainer.prompt_budget(max_length)
     out = Path(cfg.output_dir)
+    bounds = batch_bounds(len(rows), cfg.batch_size, dist.world_size())
+    # What a checkpoint's data position refers to; resuming under another plan is refused.
+    plan = {"batch_size": cfg.batch_size, "prompts": len(rows), "seed": cfg.seed, "num_epochs": num_epochs,
+            "batches_per_epoch": len(bounds), "max_steps": max_steps}
     start_epoch, start_batch = 0, 0
     if cfg.resume_from_checkpoint:
-        start_epoch, start_batch = restore(trainer, ckpt.resolve_checkpoint(out, cfg.resume_from_checkpoint))
-        if dist.is_main():
-            drop_metrics_after(out / "metrics.jsonl", trainer.global_step)
-    bounds = batch_bounds(len(rows), cfg.batch_size, dist.world_size())
+        start_epoch, start_batch = ckpt.resume(trainer, out, cfg.resume_from_checkpoint, plan)
     planned = num_epochs * len(bounds) if max_steps is None else min(num_epochs * len(bounds), max_steps)
     trainer.planned_steps = planned  # what an lr schedule spans, unless configured
     logger = main_logger(out, getattr(cfg, "report_to", None))
     bar = tqdm(total=planned, initial=trainer.global_step, desc="ppo",
                disable=not (cfg.progress_bar and dist.is_main()), dynamic_ncols=True)
-    history = []
+    history, saved = [], None
     try:
-        with dist.report_failures("ppo training"):
+        with dist.report_failures("ppo training"), StopOnSignal() as stop:
             for epoch in range(start_epoch, num_epochs):
                 order = epoch_order(len(rows), cfg.seed, epoch)
                 first = start_batch if epoch == start_epoch else 0
@@ -183,16 +107,52 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
                         logger.log(trainer.global_step, stats)
                     bar.update(1)
                     bar.set_postfix(reward=f"{stats['mean_reward']:.3f}", kl=f"{stats['kl']:.3f}")
+                    saved = None
                     if cfg.save_steps and trainer.global_step % cfg.save_steps == 0:
-                        save_training_checkpoint(trainer, out, epoch, b + 1)
+                        saved = ckpt.save_training_checkpoint(trainer, out, epoch, b + 1, plan)
+                    if (signum := stop.requested()) is not None:  # SIGINT/SIGTERM: stop after this step
+                        if saved is None and cfg.save_on_interrupt:
+                            saved = ckpt.save_training_checkpoint(trainer, out, epoch, b + 1, plan)
+                        raise TrainingInterrupted(signum)
                     if max_steps is not None and trainer.global_step >= max_steps:
                         break
                 if max_steps is not None and trainer.global_step >= max_steps:
                     break
-            trainer.save_pretrained(str(out / "final"))
+            save_final(trainer, out / "final")
+    except TrainingInterrupted as err:
+        raise err.describe(interrupted_message(err, trainer.global_step, saved, out)) from None
     finally:
         bar.close()
         logger.close()
     if dist.is_main():
         print(f"\nppo-rlhf: {trainer.global_step} steps, final policy in {out / 'final'}\n{trainer.timer.table()}")
     return history
+
+
+def interrupted_message(err: TrainingInterrupted, step: int, saved: Path | None, out: Path) -> str:
+    """One line: which signal, after which step, where the checkpoint is and how to go on."""
+    name = signal.Signals(err.signum).name
+    how = "resume with the same command plus resume_from_checkpoint=latest"
+    if err.abandoned:
+        last = ckpt.last_published(out)
+        where = f"the last checkpoint is {last}; {how}" if last else "no checkpoint was written; a new run starts from the beginning"
+        return f"stopped by a second {name}, abandoning the step in progress (nothing saved for it); {where}"
+    if saved is not None:
+        return f"stopped by {name} after step {step}; checkpoint {saved}; {how}"
+    last = ckpt.last_published(out)
+    where = f"the last checkpoint is {last}; {how}" if last else "no checkpoint was written"
+    return f"stopped by {name} after step {step} without a checkpoint of it (save_on_interrupt=false); {where}"
+
+
+def save_final(trainer, final: Path) -> None:
+    """output_dir/final, written aside and renamed into place: an existing final/ is replaced
+    only by a complete one. Every rank calls (FSDP2 gathers the weights); rank 0 writes."""
+    tmp = final.parent / f"{durable.TMP_PREFIX}{final.name}"
+    if dist.is_main():
+        tmp = durable.fresh_tmp(final.parent, final.name)
+    dist.barrier()
+    trainer.save_pretrained(str(tmp))
+    if dist.is_main():
+        durable.seal(tmp)
+        durable.publish(tmp, final)
+    dist.barrier()

@@ -83,8 +83,11 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **{k: _jsonable(v) for k, v in scalars.items()}}) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **{k: _jsonable(v) for k, v in scalars.items()}}) + "\n")
+        except OSError as err:  # a full disk: say which file (a torn last line is repaired on resume)
+            raise OSError(err.errno, f"could not append step {step} to {self.path}: {err.strerror}") from err
         for kind, backend in self.backends:
             if kind == "tensorboard":
                 for key, value in scalars.items():

@@ -122,8 +122,11 @@ def run_ppo(config: PPOConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ppo.interrupt import exit_on_signals
+
     argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
-    return run_cli("train", PPOConfig, run_ppo, argv, lambda m: f"last mean reward {m['mean_reward']}, kl {m['kl']}")
+    # SIGINT / SIGTERM: one line and exit status 130 / 143, after a checkpoint (ppo.interrupt).
+    return exit_on_signals("train", lambda: run_cli("train", PPOConfig, run_ppo, argv, lambda m: f"last mean reward {m['mean_reward']}, kl {m['kl']}"))
 
 
 if __name__ == "__main__":

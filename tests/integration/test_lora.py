@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from ppo import PPOConfig, PPOTrainer
 from ppo.checkpoint import save_checkpoint
 from ppo.forward import policy_logprobs
-from ppo.loop import restore, trainer_state
+from ppo.checkpoint import restore, trainer_state
 
 peft = pytest.importorskip("peft")
 

@@ -41,7 +41,7 @@ def test_train_flags_end_to_end_then_refuse_rerun(run_dirs, capsys):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2]  # 4 prompts, batch 2
     assert "rewards/has_w1" in lines[0] and "rewards/reward_model" in lines[0]
-    assert (out / "final" / "config.json").exists() and (out / "step_2" / "trainer_state.pt").exists()
+    assert (out / "final" / "config.json").exists() and (out / "step_2" / "trainer_state.json").exists()
     assert (out / "config.yaml").exists()
     # A different run into the same directory is refused, and nothing there changes.
     before = (out / "metrics.jsonl").read_text()
