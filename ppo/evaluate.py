@@ -233,10 +233,11 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> 
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """`ppo-rlhf eval`: everything in the module docstring, from a config; returns eval.json's dict."""
-    from ppo.stage import check_output_dir, load_causal_lm
+    from ppo.stage import EVAL_OUTPUTS, check_output_dir, load_causal_lm
 
-    # 1. refuse to clobber another run before anything is loaded or written
-    out = check_output_dir(config)
+    # 1. refuse to clobber another run before anything is loaded or written (the same command again
+    #    may run: an evaluation replaces only its own eval.json, with the same numbers)
+    out = check_output_dir(config, EVAL_OUTPUTS, finished=None)
     # 2. models and reward sources
     model, tokenizer = load_causal_lm(config)
     model.eval()

@@ -144,6 +144,8 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
         start_epoch, start_batch = restore(trainer, ckpt.resolve_checkpoint(out, cfg.resume_from_checkpoint))
         if dist.is_main():
             drop_metrics_after(out / "metrics.jsonl", trainer.global_step)
+    for hook in getattr(trainer, "on_train_start", ()):  # e.g. the CLI's config.yaml: written once a resume has succeeded
+        hook()
     bounds = batch_bounds(len(rows), cfg.batch_size, dist.world_size())
     trainer.planned_steps = num_epochs * len(bounds)  # what an lr schedule spans, unless configured
     logger = main_logger(out, getattr(cfg, "report_to", None))

@@ -139,7 +139,7 @@ def prepare_output_dir(config: DemoConfig) -> Path:
     previous outputs so no stage refuses its own sub-directory and nothing stale survives."""
     from ppo.stage import check_output_dir, remove_outputs
 
-    out = check_output_dir(config)
+    out = check_output_dir(config, DEMO_OUTPUTS, finished="summary.json")
     remove_outputs(out, DEMO_OUTPUTS)
     save_config(config, out / "config.yaml")
     return out
