@@ -125,7 +125,7 @@ class PPOConfig:
     logging_steps: int = opt(1, "Write a metrics line every N steps.")
     progress_bar: bool = opt(True, "Show a progress bar during train().")
     resume_from_checkpoint: str | None = opt(None, "A step_N directory or 'latest' in output_dir.")
-    overwrite: bool = opt(False, "Replace an output_dir that holds another run (otherwise refuse).")
+    overwrite: bool = opt(False, "Start again in an output_dir that holds another run or a finished one (otherwise refused): its outputs (config.yaml, metrics.jsonl, step_N/, latest, final/) are removed once the new run has loaded; other files there stay.")
     report_to: list = opt([], "Extra metric backends: tensorboard, wandb (metrics.jsonl is always written).")
     skip_bad_rows: bool = opt(False, "Log and skip malformed dataset rows instead of stopping.")
     torch_dtype: str = opt("float32", "dtype the models are loaded in: float32, bfloat16, float16 or auto.")

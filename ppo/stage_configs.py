@@ -55,7 +55,7 @@ class SFTConfig:
     logging_steps: int = opt(10, "Write a metrics.jsonl line every N optimizer steps.")
     progress_bar: bool = opt(True, "Show a progress bar.")
     save_final: bool = opt(True, "Save the fine-tuned model and tokenizer to output_dir/final.")
-    overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
+    overwrite: bool = opt(False, "Replace the outputs of another run or a finished one in output_dir (otherwise refused), once the new run has loaded; other files there stay.")
     dist_timeout_s: float = opt(1800.0, "Under torchrun: seconds a collective waits for the other ranks before the run fails.")
 
     def __post_init__(self) -> None:
@@ -102,7 +102,7 @@ class RewardConfig:
     logging_steps: int = opt(10, "Write a metrics.jsonl line every N optimizer steps.")
     progress_bar: bool = opt(True, "Show a progress bar.")
     save_final: bool = opt(True, "Save the reward model and tokenizer to output_dir/final.")
-    overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
+    overwrite: bool = opt(False, "Replace the outputs of another run or a finished one in output_dir (otherwise refused), once the new run has loaded; other files there stay.")
     dist_timeout_s: float = opt(1800.0, "Under torchrun: seconds a collective waits for the other ranks before the run fails.")
 
     def __post_init__(self) -> None:
@@ -149,7 +149,7 @@ class EvalConfig:
 
     # --- output ---
     output_dir: str = opt("eval_output", "Where eval.json and config.yaml go.")
-    overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
+    overwrite: bool = opt(False, "Replace the outputs of another run in output_dir (otherwise refused; the same config may run again); other files there stay.")
 
     def __post_init__(self) -> None:
         validate(self, EVAL_RULES)
@@ -170,7 +170,7 @@ class DemoConfig:
     # --- run ---
     output_dir: str = opt("demo_output", "Where every stage's model, the report and summary.json go.")
     seed: int = opt(0, "Seeds the task data, the models and every stage: the same seed gives the same run on CPU.")
-    overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
+    overwrite: bool = opt(False, "Replace the outputs of another run or a finished one in output_dir (otherwise refused), once the new run has loaded; other files there stay.")
     quick: bool = opt(False, "A fast smoke run (tiny data, few steps) that checks the stages chain; not tuned to learn.")
     threads: int = opt(2, "CPU threads for torch; 1 and 2 give bit-identical results on these model sizes.")
     progress_bar: bool = opt(True, "Show a progress bar per stage.")
