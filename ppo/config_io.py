@@ -42,7 +42,7 @@ def opt(default: Any, help: str) -> Any:
 
 def check_range(cfg: Any, name: str, value: int, low: int) -> None:
     if not _is_number(value) or value < low:
-        raise ConfigError(f"{type(cfg).__name__}.{name} must be a number >= {low}, got {value!r}", key=name)
+        raise ConfigError(f"{type(cfg).__name__}.{name} must be >= {low}, got {value!r}", key=name)
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
