@@ -14,9 +14,10 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 

@@ -7,9 +7,18 @@ config written as output_dir/config.yaml.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from ppo.config_io import FINITE, ConfigError, above, at_least, between, check_list_items, one_of, opt, validate
+from ppo.config_io import (
+    FINITE,
+    ConfigError,
+    above,
+    at_least,
+    between,
+    check_list_items,
+    one_of,
+    opt,
+    validate,
+)
 from ppo.lr_schedule import SCHEDULES
 
 _SCHEDULERS = ("constant", "linear", "cosine")

@@ -93,7 +93,7 @@ def _call(func: RewardFunction, name: str, timeout_s: float | None, kwargs: dict
         try:
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 box["values"] = _guarded(func, name, kwargs)
-        except BaseException as err:  # handed to the caller's thread, whatever it is
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread, whatever it is
             box["error"] = err
 
     worker = threading.Thread(target=work, name=f"reward function {name}", daemon=True)

@@ -18,7 +18,12 @@ import torch
 from ppo import PPOConfig, PPOTrainer
 from ppo.cli import main as cli_main
 from ppo.config import ConfigError, RewardConfig, SFTConfig, load_config, save_config
-from ppo.demo.tiny import TinyModelSpec, build_policy, build_reward_model, build_tokenizer
+from ppo.demo.tiny import (
+    TinyModelSpec,
+    build_policy,
+    build_reward_model,
+    build_tokenizer,
+)
 from ppo.formats import DataFormatError, load_preference_rows
 from ppo.rewards import RewardFunctionError
 from ppo.stage import OutputDirError

@@ -10,9 +10,16 @@ import typing
 
 import pytest
 
-from ppo.config import DemoConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig, load_config
+from ppo.config import (
+    PPO_RULES,
+    DemoConfig,
+    EvalConfig,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    load_config,
+)
 from ppo.config_io import ConfigError
-from ppo.config import PPO_RULES
 from ppo.stage_configs import DEMO_RULES, EVAL_RULES, REWARD_RULES, SFT_RULES
 
 RULES = {PPOConfig: PPO_RULES, SFTConfig: SFT_RULES, RewardConfig: REWARD_RULES, EvalConfig: EVAL_RULES, DemoConfig: DEMO_RULES}
