@@ -27,7 +27,7 @@ class OutputDirError(FileExistsError):
 # What a stage writes in output_dir (names or glob patterns). `overwrite` removes these and nothing
 # else: a user's own files there (a prompts file, notes) are never touched.
 OUTPUTS = ("config.yaml", "metrics.jsonl", "final")  # sft, reward
-PPO_OUTPUTS = OUTPUTS + ("step_*", ".tmp-step_*", "latest", "latest.tmp", "tensorboard")
+PPO_OUTPUTS = OUTPUTS + ("final-merged", "step_*", ".tmp-step_*", "latest", "latest.tmp", "tensorboard")
 EVAL_OUTPUTS = ("config.yaml", "eval.json")
 # Config keys that name a run's inputs (files or directories it reads).
 INPUT_KEYS = ("model_name_or_path", "reward_model_path", "value_model_path", "ref_model_path", "prompts_file",
@@ -45,6 +45,8 @@ def check_output_dir(config, outputs: tuple[str, ...] = OUTPUTS, finished: str |
     The same config with nothing finished may run again (a run that stopped before any output).
     """
     out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output_dir {str(out)!r} is a file, not a directory; choose another output_dir")
     _check_inputs_outside(out, config, outputs)
     if config.overwrite or getattr(config, "resume_from_checkpoint", None) or not out.exists() or not any(out.iterdir()):
         return out
