@@ -113,6 +113,7 @@ CASES = [
     ("overwrite_broken_data", "train", ["output_dir={root}/done", "overwrite=true", "prompts_file={root}/broken.jsonl"], 1, ["broken.jsonl", "row 3"]),
     ("overwrite_bad_reward_file", "train", ["output_dir={root}/done", "overwrite=true", "reward_funcs=[{root}/rewards_bad.py:broken]"], 1,
      ["rewards_bad.py", "failed to load", "SyntaxError"]),
+    ("output_is_a_file", "train", ["output_dir={root}/prompts.txt", "overwrite=true"], 1, ["prompts.txt", "is a file"]),
     ("output_is_policy", "train", ["output_dir={root}/policy", "overwrite=true"], 1, ["is this run's model_name_or_path"]),
     ("input_in_output", "train", ["output_dir={root}/done", "overwrite=true", "model_name_or_path={root}/done/final"], 1, ["lies in", "final"]),
     ("failed_resume", "train", ["output_dir={root}/done", "resume_from_checkpoint={root}/done/step_9", "max_new_tokens=3"], 1, ["step_9"]),
