@@ -17,6 +17,7 @@ from dataclasses import dataclass
 # from here (`from ppo.config import SFTConfig, load_config`).
 from ppo.config_io import (  # noqa: F401
     FINITE,
+    TEXT,
     ConfigError,
     above,
     at_least,
@@ -159,6 +160,7 @@ PPO_RULES = {
     "save_steps": at_least(0), "save_total_limit": at_least(1), "logging_steps": at_least(1),
     "torch_dtype": one_of("float32", "bfloat16", "float16", "auto"), "strategy": one_of("ddp", "fsdp"),
     "dist_timeout_s": above(0), "reward_timeout_s": at_least(0), "reward_max_abs": above(0),
+    "output_dir": TEXT, "prompt_column": TEXT,
 }
 
 

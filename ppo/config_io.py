@@ -72,8 +72,11 @@ class Rule:
     low_open: bool = False
     high_open: bool = False
     choices: tuple = ()
+    text: bool = False  # a non-empty string instead of a number (an empty output_dir means ".")
 
     def allows(self, value: Any) -> bool:
+        if self.text:
+            return isinstance(value, str) and value.strip() != ""
         if self.choices:
             return value in self.choices
         if not _is_number(value) or not math.isfinite(value):  # NaN passes every `<` test
@@ -83,6 +86,8 @@ class Rule:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def __str__(self) -> str:
+        if self.text:
+            return "a non-empty string"
         if self.choices:
             return "one of " + ", ".join(map(str, self.choices))
         if self.low is not None and self.high is not None:
@@ -109,6 +114,7 @@ def one_of(*choices: Any) -> Rule:
 
 
 FINITE = Rule()  # any finite number
+TEXT = Rule(text=True)  # a non-empty string
 
 
 def validate(cfg: Any, rules: dict[str, Rule]) -> None:

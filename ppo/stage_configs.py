@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ppo.config_io import (
     FINITE,
+    TEXT,
     ConfigError,
     above,
     at_least,
@@ -30,7 +31,7 @@ _STAGE_RULES = {
     "gradient_accumulation_steps": at_least(1), "num_epochs": at_least(1), "weight_decay": at_least(0),
     "warmup_ratio": between(0, 1), "lr_scheduler": one_of(*_SCHEDULERS), "max_grad_norm": above(0),
     "seed": at_least(0), "eval_fraction": between(0, 1, high_open=True), "logging_steps": at_least(1),
-    "dist_timeout_s": above(0),
+    "dist_timeout_s": above(0), "output_dir": TEXT, "prompt_column": TEXT,
 }
 
 
@@ -71,7 +72,7 @@ class SFTConfig:
         validate(self, SFT_RULES)
 
 
-SFT_RULES = dict(_STAGE_RULES)
+SFT_RULES = {**_STAGE_RULES, "completion_column": TEXT, "messages_column": TEXT}
 
 
 @dataclass
@@ -118,7 +119,7 @@ class RewardConfig:
         validate(self, REWARD_RULES)
 
 
-REWARD_RULES = {**_STAGE_RULES, "margin": at_least(0), "center_rewards_coefficient": at_least(0)}
+REWARD_RULES = {**_STAGE_RULES, "margin": at_least(0), "center_rewards_coefficient": at_least(0), "chosen_column": TEXT, "rejected_column": TEXT}
 
 
 # ---- stage configs: evaluation and demo ----
@@ -162,13 +163,14 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         validate(self, EVAL_RULES)
+        check_list_items(self, "reward_funcs", lambda f: callable(f) or TEXT.allows(f), "a built-in name, `module:function` or `file.py:function`")
         check_list_items(self, "reward_weights", lambda w: FINITE.allows(w), "a finite number")
 
 
 EVAL_RULES = {
     "num_samples": at_least(1), "batch_size": at_least(1), "max_new_tokens": at_least(1), "temperature": above(0),
     "top_k": at_least(0), "top_p": between(0, 1, low_open=True), "best_of_n": at_least(1), "seed": at_least(0),
-    "reward_timeout_s": at_least(0), "reward_max_abs": above(0),
+    "reward_timeout_s": at_least(0), "reward_max_abs": above(0), "output_dir": TEXT, "prompt_column": TEXT, "answer_column": TEXT,
 }
 
 
@@ -259,4 +261,5 @@ DEMO_RULES = {
     "refresh_at": between(0, 1, high_open=True), "kl_coef": at_least(0), "target_kl": above(0), "vf_coef": at_least(0),
     "missing_eos_penalty": at_least(0), "value_head": one_of("separate", "shared"), "precision": one_of("fp32", "bf16", "auto"),
     "ppo_lr_scheduler": one_of(*SCHEDULES),  # the PPO trainer's own
+    "output_dir": TEXT,
 }
