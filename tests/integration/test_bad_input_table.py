@@ -105,6 +105,7 @@ CASES = [
     ("batch_size_word", "train", ["batch_size=four"], 2, ["batch_size", "four", "int"]),
     ("yaml_file", "train", ["--config", "{root}/bad.yaml"], 2, ["bad.yaml", "top_p", "1.5"]),
     ("unknown_stage", "trian", [], 2, ["'trian'", "demo, sft, reward, train, eval", "Did you mean 'train'"]),
+    ("stage_not_first", "--config", ["{root}/bad.yaml", "train"], 2, ["'--config'", "Put the stage first: ppo-rlhf train --config"]),
     # output directories: nothing of the finished run, the user's notes or the inputs is touched
     ("rerun_finished", "train", ["output_dir={root}/done"], 1, ["finished run", "overwrite=true", "resume_from_checkpoint"]),
     ("other_run", "train", ["output_dir={root}/done", "kl_coef=0.5"], 1, ["different run", "overwrite=true"]),
