@@ -83,6 +83,9 @@ class PPOConfig:
     whiten_rewards: bool = opt(False, "Normalise per-token rewards (mean kept) before GAE.")
     reward_clip: float | None = opt(None, "Clip scores to [-reward_clip, reward_clip] before the KL penalty.")
     approx_kl_stop: float | None = opt(None, "Stop the epochs early when a mini-batch's approx-KL exceeds this.")
+    advantage_estimator: str = opt("gae", "gae (PPO with a critic), grpo (group-normalised outcome reward), rloo (leave-one-out baseline) or reinforce_pp (REINFORCE++: batch-normalised discounted returns); the last three train no critic. See docs/estimators.md.")
+    grpo_scale_rewards: bool = opt(True, "grpo: divide each group's centred rewards by the group's std (False: Dr. GRPO).")
+    critic_warmup_steps: int = opt(0, "gae: the first N iterations train only the critic on their rollouts (the policy and the KL coefficient stay put).")
 
     # --- KL to the reference ---
     kl_coef: float = opt(0.1, "Initial KL penalty coefficient.")
@@ -90,6 +93,8 @@ class PPOConfig:
     target_kl: float = opt(0.01, "Target of the adaptive controller (summed KL per response).")
     kl_horizon: int = opt(10000, "Horizon of the adaptive controller.")
     kl_estimator: str = opt("k1", "Per-token KL estimator in the reward: k1, k2 or k3.")
+    kl_in_loss: bool = opt(False, "Put the KL to the reference in the policy loss (coefficient: the KL controller's value) instead of the reward, as the GRPO family does.")
+    kl_loss_estimator: str = opt("k3", "KL estimator of kl_in_loss: k1, k2 or k3 (k1's gradient is 0 in expectation).")
 
     # --- sampling ---
     max_new_tokens: int = opt(32, "Longest response in tokens.")
@@ -138,6 +143,31 @@ class PPOConfig:
     def __post_init__(self) -> None:
         validate(self, PPO_RULES)  # every field's type, then each key's rule (the table below)
         _check_ppo_relations(self)
+        self._check_estimator()
+
+    @property
+    def uses_critic(self) -> bool:
+        """Only GAE learns a value function; the other estimators' baselines come from the rewards."""
+        return self.advantage_estimator == "gae"
+
+    def _check_estimator(self) -> None:
+        check_choice("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        check_choice("kl_loss_estimator", self.kl_loss_estimator, ("k1", "k2", "k3"))
+        check_range(self, "critic_warmup_steps", self.critic_warmup_steps, 0)
+        name = self.advantage_estimator
+        if name in GROUP_ESTIMATORS and self.num_generations < 2:
+            raise ConfigError(f"advantage_estimator={name} compares the samples of each prompt: it needs num_generations >= 2, "
+                              f"got num_generations={self.num_generations}")
+        if name in GROUP_ESTIMATORS and self.whiten_rewards:
+            raise ConfigError(f"whiten_rewards would mix the groups of advantage_estimator={name}; it applies to gae and reinforce_pp only")
+        if not self.uses_critic and self.critic_warmup_steps:
+            raise ConfigError(f"critic_warmup_steps={self.critic_warmup_steps}: advantage_estimator={name} trains no critic")
+        if not self.uses_critic and self.value_model_path:
+            raise ConfigError(f"value_model_path={self.value_model_path!r}: advantage_estimator={name} trains no critic")
+
+
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+GROUP_ESTIMATORS = ("grpo", "rloo")  # a baseline from the other samples of the same prompt
 
 
 # What each key of PPOConfig must be (its type comes from the annotation; None passes where the type
@@ -159,6 +189,8 @@ PPO_RULES = {
     "optimizer": one_of("adamw", "adamw_8bit"),
     "save_steps": at_least(0), "save_total_limit": at_least(1), "logging_steps": at_least(1),
     "torch_dtype": one_of("float32", "bfloat16", "float16", "auto"), "strategy": one_of("ddp", "fsdp"),
+    "advantage_estimator": one_of(*ADVANTAGE_ESTIMATORS), "kl_loss_estimator": one_of("k1", "k2", "k3"),
+    "critic_warmup_steps": at_least(0),
     "dist_timeout_s": above(0), "reward_timeout_s": at_least(0), "reward_max_abs": above(0),
     "output_dir": TEXT, "prompt_column": TEXT,
 }

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ppo import functional as F
-from ppo.last_layer import last_layer_rows
+from ppo.fastpath.last_layer import last_layer_rows
 from ppo.rollout.hf import position_ids_from_mask
 
 

@@ -68,7 +68,7 @@ def trainer_state(trainer, epoch: int, next_batch: int, with_optimizers: bool = 
 def _sharded_parts(trainer):
     """(models, optimizers) of a DCP checkpoint: each optimizer with the model that names its
     parameters (the plain critic module, whose names do not depend on the wrapper)."""
-    models = {"policy": trainer.policy, "critic": trainer.critic.module}
+    models = {"policy": trainer.policy, **({"critic": trainer.critic.module} if trainer.critic else {})}
     return models, {name: (models[name], trainer.optimizers[name]) for name in models}
 
 
@@ -81,7 +81,8 @@ def save_training_checkpoint(trainer, out: Path, epoch: int, next_batch: int) ->
         state = trainer_state(trainer, epoch, next_batch, with_optimizers=False)
         return ckpt.save_sharded_checkpoint(out, name, models, optimizers, trainer.policy, trainer.tokenizer, state, cfg.save_total_limit)
     state = trainer_state(trainer, epoch, next_batch)
-    return ckpt.save_checkpoint(out, name, trainer.policy, trainer.tokenizer, trainer.critic.module, state, cfg.save_total_limit)
+    critic = trainer.critic.module if trainer.critic else None  # a critic-free estimator has none to save
+    return ckpt.save_checkpoint(out, name, trainer.policy, trainer.tokenizer, critic, state, cfg.save_total_limit)
 
 
 def restore(trainer, path: Path) -> tuple[int, int]:
@@ -119,7 +120,8 @@ def _load_model_dirs(trainer, path: Path) -> None:
         # Tied embeddings are saved once; anything else missing means a different model.
         if unexpected or [m for m in missing if "lm_head" not in m]:
             raise ValueError(f"checkpoint {path} does not match the policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    ckpt.load_critic_weights(path / "critic", trainer.critic.module)
+    if trainer.critic is not None:
+        ckpt.load_critic_weights(path / "critic", trainer.critic.module)
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
@@ -137,7 +139,7 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
     if not rows:
         raise ValueError("no prompts given: the prompt list is empty")
     if max_length is not None:
-        trainer.max_prompt_tokens = trainer._prompt_budget(max_length)
+        trainer.max_prompt_tokens = trainer.prompt_budget(max_length)
     out = Path(cfg.output_dir)
     start_epoch, start_batch = 0, 0
     if cfg.resume_from_checkpoint:

@@ -234,6 +234,8 @@ class DemoConfig:
     missing_eos_penalty: float | None = opt(1.0, "Subtracted from the score of responses that never ended.")
     vf_coef: float = opt(0.1, "Weight of the value loss.")
     value_head: str = opt("separate", "'separate': critic copied from the reward model; 'shared': a head on the policy.")
+    advantage_estimator: str = opt("gae", "gae (PPO with a critic), grpo, rloo (both need num_generations >= 2) or reinforce_pp; see docs/estimators.md.")
+    kl_in_loss: bool = opt(False, "Put the KL to the reference in the policy loss instead of the reward (as the GRPO family does).")
     precision: str = opt("fp32", "PPO's precision. fp32: these tiny models are bound by per-op overhead, not matmuls, so bf16 buys no time (with bf16 autocast one run reached +23 gold, not +26); bf16 or auto as in PPOConfig.")
 
     # --- evaluation and report ---
@@ -249,6 +251,9 @@ class DemoConfig:
         if self.policy_pairs_per_prompt and self.pair_samples < 2:
             raise ConfigError(f"DemoConfig.pair_samples must be >= 2 to make pairs (policy_pairs_per_prompt is "
                               f"{self.policy_pairs_per_prompt}), got {self.pair_samples}", key="pair_samples")
+        if self.advantage_estimator in ("grpo", "rloo") and self.num_generations < 2:
+            raise ConfigError(f"DemoConfig: advantage_estimator={self.advantage_estimator} needs num_generations >= 2, "
+                              f"got {self.num_generations}", key="num_generations")
 
 
 _COUNTS = ("threads", "hidden_size", "num_layers", "intermediate_multiple", "n_sft", "n_pref", "n_ppo", "n_eval", "sft_epochs",
@@ -261,5 +266,6 @@ DEMO_RULES = {
     "refresh_at": between(0, 1, high_open=True), "kl_coef": at_least(0), "target_kl": above(0), "vf_coef": at_least(0),
     "missing_eos_penalty": at_least(0), "value_head": one_of("separate", "shared"), "precision": one_of("fp32", "bf16", "auto"),
     "ppo_lr_scheduler": one_of(*SCHEDULES),  # the PPO trainer's own
+    "advantage_estimator": one_of("gae", "grpo", "rloo", "reinforce_pp"),
     "output_dir": TEXT,
 }

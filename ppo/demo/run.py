@@ -243,6 +243,7 @@ def ppo_config(config: DemoConfig, plan: DemoPlan, out: Path) -> PPOConfig:
         kl_coef=config.kl_coef, adap_kl_ctrl=config.adap_kl_ctrl, target_kl=config.target_kl,
         temperature=config.temperature, max_new_tokens=config.max_new_tokens, whiten_rewards=config.whiten_rewards,
         missing_eos_penalty=config.missing_eos_penalty, vf_coef=config.vf_coef, value_head=config.value_head, precision=config.precision,
+        advantage_estimator=config.advantage_estimator, kl_in_loss=config.kl_in_loss,
         # torch's default kernel whatever the CPU: a step of these tiny models is per-op overhead,
         # which oneDNN's autograd detour would add to, and the README's numbers come from this one.
         fp32_matmul="mkl", progress_bar=config.progress_bar,
@@ -293,7 +294,7 @@ def run_ppo(config: DemoConfig, plan: DemoPlan, sft_policy, tokenizer, reward_mo
         gold = gold_reward(repeated, stats["generated_texts"])
         record = {"step": step + 1, "proxy": stats["rewards/reward_model"], "gold": sum(gold) / len(gold),
                   **{k: stats[k] for k in ("mean_reward", "kl", "kl_coef", "entropy", "response_length", "eos_fraction",
-                                           "clipfrac", "explained_variance")}}
+                                           "clipfrac", "explained_variance") if k in stats}}  # no critic: no explained variance
         history.append(record)
         logger.log(step + 1, record)
         bar.set_postfix(proxy=f"{record['proxy']:.2f}", gold=f"{record['gold']:.1f}", kl=f"{record['kl']:.2f}")
