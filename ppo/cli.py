@@ -29,6 +29,19 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def unknown_stage_message(argv: list[str]) -> str:
+    """Which word was taken for the stage, why it is not one, and the likely fix."""
+    import difflib
+
+    stage = argv[0]
+    message = f"ppo-rlhf: unknown stage {stage!r}: the first word must be one of {', '.join(STAGES)}."
+    later = [word for word in argv[1:] if word in STAGES]
+    if later:  # `ppo-rlhf --config x.yaml train`
+        return f"{message} Put the stage first: ppo-rlhf {later[0]} {' '.join(w for w in argv if w != later[0])}"
+    close = difflib.get_close_matches(stage.lower(), STAGES, n=1, cutoff=0.5)
+    return f"{message} Did you mean {close[0]!r}?" if close else message
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -41,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:
-        import difflib
-
-        close = difflib.get_close_matches(stage, STAGES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        print(f"ppo-rlhf: unknown stage {stage!r}.{hint}\n\n{usage()}", file=sys.stderr)
+        print(f"{unknown_stage_message(argv)}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(STAGES[stage][0])
     return module.main(rest)

@@ -10,20 +10,29 @@ config the user gave us.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 # The loading machinery and the stage configs live beside this module; their names stay importable
 # from here (`from ppo.config import SFTConfig, load_config`).
 from ppo.config_io import (  # noqa: F401
+    FINITE,
+    TEXT,
     ConfigError,
+    above,
+    at_least,
+    between,
     build_config,
     check_choice,
+    check_list_items,
     check_range,
     config_help,
     config_to_dict,
     load_config,
+    one_of,
     opt,
     save_config,
+    validate,
 )
 from ppo.lr_schedule import SCHEDULES
 from ppo.stage_configs import DemoConfig, EvalConfig, RewardConfig, SFTConfig  # noqa: F401
@@ -43,6 +52,8 @@ class PPOConfig:
     prompt_column: str = opt("prompt", "Dataset column holding the prompt (a string or chat messages).")
     reward_funcs: list = opt([], "Reward functions: built-in names or `module:function` / `file.py:function`.")
     reward_weights: list | None = opt(None, "One weight per reward source: the reward model first, then each function.")
+    reward_timeout_s: float | None = opt(300.0, "Seconds one call of a reward function may take before the run stops with an error naming it (0 or None: no limit). The call runs in a worker thread, which Python cannot kill: a function that never returns keeps that thread until the process ends.")
+    reward_max_abs: float | None = opt(1e4, "Largest |value| a reward function may return; a larger one is refused as a bug, naming the function and the sample (None: no bound).")
     num_epochs: int = opt(1, "Passes over the prompt set.")
     max_length: int | None = opt(None, "Cap on prompt + response tokens; longer prompts are cut from the left.")
 
@@ -122,7 +133,7 @@ class PPOConfig:
     logging_steps: int = opt(1, "Write a metrics line every N steps.")
     progress_bar: bool = opt(True, "Show a progress bar during train().")
     resume_from_checkpoint: str | None = opt(None, "A step_N directory or 'latest' in output_dir.")
-    overwrite: bool = opt(False, "Replace an output_dir that holds another run (otherwise refuse).")
+    overwrite: bool = opt(False, "Start again in an output_dir that holds another run or a finished one (otherwise refused): its outputs (config.yaml, metrics.jsonl, step_N/, latest, final/) are removed once the new run has loaded; other files there stay.")
     report_to: list = opt([], "Extra metric backends: tensorboard, wandb (metrics.jsonl is always written).")
     skip_bad_rows: bool = opt(False, "Log and skip malformed dataset rows instead of stopping.")
     torch_dtype: str = opt("float32", "dtype the models are loaded in: float32, bfloat16, float16 or auto.")
@@ -132,36 +143,9 @@ class PPOConfig:
     dist_timeout_s: float = opt(1800.0, "Seconds a collective waits for the other ranks before the run fails (a crashed or hung rank).")
 
     def __post_init__(self) -> None:
-        check_range(self, "batch_size", self.batch_size, 1)
-        check_range(self, "ppo_epochs", self.ppo_epochs, 1)
-        check_range(self, "gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
-        check_range(self, "num_generations", self.num_generations, 1)
-        if self.forward_batch_size is not None:
-            check_range(self, "forward_batch_size", self.forward_batch_size, 1)
-        check_range(self, "max_new_tokens", self.max_new_tokens, 1)
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        check_choice("value_head", self.value_head, ("separate", "shared"))
-        check_choice("precision", self.precision, ("fp32", "bf16", "auto"))
-        if not (isinstance(self.rollout_logprobs, bool) or self.rollout_logprobs == "auto"):
-            raise ConfigError(f"rollout_logprobs must be true, false or auto; got {self.rollout_logprobs!r}")
-        if self.tis_cap is not None and not self.tis_cap >= 1.0:
-            raise ConfigError(f"tis_cap must be >= 1 (a weight cap; None turns it off), got {self.tis_cap}")
-        if self.tis_cap is not None and self.rollout_logprobs is True:
-            raise ConfigError("tis_cap weights pi_old (a scoring forward) against the sampling pass; with rollout_logprobs=true "
-                              "they are the same numbers and every weight is 1: set rollout_logprobs=auto or false")
-        check_choice("fp32_matmul", self.fp32_matmul, ("auto", "mkl", "onednn"))
-        check_choice("lr_scheduler", self.lr_scheduler, SCHEDULES)
-        check_range(self, "warmup_steps", self.warmup_steps, 0)
-        if self.lr_schedule_steps is not None:
-            check_range(self, "lr_schedule_steps", self.lr_schedule_steps, 1)
-        check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
-        check_choice("optimizer", self.optimizer, ("adamw", "adamw_8bit"))
-        check_choice("strategy", self.strategy, ("ddp", "fsdp"))
+        validate(self, PPO_RULES)  # every field's type, then each key's rule (the table below)
+        _check_ppo_relations(self)
         self._check_estimator()
-        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
-            raise ConfigError(f"missing_eos_penalty must be positive (it is subtracted), got {self.missing_eos_penalty}")
-
 
     @property
     def uses_critic(self) -> bool:
@@ -186,6 +170,65 @@ class PPOConfig:
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 GROUP_ESTIMATORS = ("grpo", "rloo")  # a baseline from the other samples of the same prompt
+
+
+# What each key of PPOConfig must be (its type comes from the annotation; None passes where the type
+# allows it). Keys without a rule are flags, paths, names or lists, checked in `_check_ppo_relations`.
+PPO_RULES = {
+    "num_epochs": at_least(1), "max_length": at_least(2),
+    "learning_rate": above(0), "value_learning_rate": above(0), "weight_decay": at_least(0),
+    "batch_size": at_least(1), "mini_batch_size": at_least(1), "gradient_accumulation_steps": at_least(1),
+    "forward_batch_size": at_least(1), "ppo_epochs": at_least(1), "lr_scheduler": one_of(*SCHEDULES),
+    "lr_schedule_steps": at_least(1), "warmup_steps": at_least(0), "max_grad_norm": above(0), "seed": at_least(0),
+    "gamma": between(0, 1), "lam": between(0, 1), "clip_range": above(0), "clip_range_value": above(0),
+    "vf_coef": at_least(0), "entropy_coef": FINITE, "reward_clip": above(0), "approx_kl_stop": above(0),
+    "kl_coef": at_least(0), "target_kl": above(0), "kl_horizon": at_least(1), "kl_estimator": one_of("k1", "k2", "k3"),
+    "max_new_tokens": at_least(1), "temperature": above(0), "top_k": at_least(0), "top_p": between(0, 1, low_open=True),
+    "num_generations": at_least(1), "missing_eos_penalty": at_least(0),
+    "value_head": one_of("separate", "shared"), "precision": one_of("fp32", "bf16", "auto"),
+    "fp32_matmul": one_of("auto", "mkl", "onednn"),
+    "lora_r": at_least(0), "lora_alpha": above(0), "lora_dropout": between(0, 1, high_open=True),
+    "optimizer": one_of("adamw", "adamw_8bit"),
+    "save_steps": at_least(0), "save_total_limit": at_least(1), "logging_steps": at_least(1),
+    "torch_dtype": one_of("float32", "bfloat16", "float16", "auto"), "strategy": one_of("ddp", "fsdp"),
+    "advantage_estimator": one_of(*ADVANTAGE_ESTIMATORS), "kl_loss_estimator": one_of("k1", "k2", "k3"),
+    "critic_warmup_steps": at_least(0), "tis_cap": at_least(1),
+    "dist_timeout_s": above(0), "reward_timeout_s": at_least(0), "reward_max_abs": above(0),
+    "output_dir": TEXT, "prompt_column": TEXT,
+}
+
+
+def _check_ppo_relations(cfg: PPOConfig) -> None:
+    """The rules that involve two keys, and the items of list keys."""
+    check_list_items(cfg, "reward_funcs", lambda f: callable(f) or (isinstance(f, str) and f.strip() != ""),
+                     "a built-in name, `module:function`, `file.py:function` or a callable")
+    check_list_items(cfg, "reward_weights", lambda w: FINITE.allows(w), "a finite number")
+    check_list_items(cfg, "stop_strings", lambda x: isinstance(x, str) and x != "", "a non-empty string")
+    check_list_items(cfg, "lora_target_modules", lambda x: isinstance(x, str) and x != "", "a module name")
+    check_list_items(cfg, "report_to", lambda x: x in ("tensorboard", "wandb", "none", "jsonl"), "one of tensorboard, wandb, none")
+    rollout = cfg.batch_size * cfg.num_generations
+    if cfg.mini_batch_size is not None and cfg.mini_batch_size > rollout:
+        raise ConfigError(f"PPOConfig.mini_batch_size must be <= the {rollout} samples of one rollout (batch_size {cfg.batch_size} "
+                          f"x num_generations {cfg.num_generations}), got {cfg.mini_batch_size}", key="mini_batch_size")
+    mini = cfg.mini_batch_size or rollout
+    if rollout % mini:
+        warnings.warn(f"mini_batch_size {mini} does not divide the rollout of {rollout} samples: each epoch's last "
+                      f"mini-batch has {rollout % mini}", stacklevel=3)
+    if cfg.gradient_accumulation_steps > mini:
+        raise ConfigError(f"PPOConfig.gradient_accumulation_steps must be <= the mini-batch's {mini} samples (it splits each "
+                          f"mini-batch into that many micro-batches), got {cfg.gradient_accumulation_steps}", key="gradient_accumulation_steps")
+    if cfg.lr_schedule_steps is not None and cfg.warmup_steps > cfg.lr_schedule_steps:
+        raise ConfigError(f"PPOConfig.warmup_steps must be <= lr_schedule_steps ({cfg.lr_schedule_steps}), got {cfg.warmup_steps}", key="warmup_steps")
+    if not (isinstance(cfg.rollout_logprobs, bool) or cfg.rollout_logprobs == "auto"):
+        raise ConfigError(f"PPOConfig.rollout_logprobs must be true, false or auto; got {cfg.rollout_logprobs!r}",
+                          key="rollout_logprobs")
+    if cfg.tis_cap is not None and cfg.rollout_logprobs is True:
+        raise ConfigError("PPOConfig.tis_cap weights pi_old (a scoring forward) against the sampling pass; with "
+                          "rollout_logprobs=true they are the same numbers and every weight is 1: set rollout_logprobs=auto "
+                          "or false", key="tis_cap")
+    if cfg.resume_from_checkpoint and cfg.overwrite:
+        raise ConfigError("PPOConfig: resume_from_checkpoint and overwrite=true contradict each other (overwrite would delete "
+                          "the run being resumed); set only one", key="overwrite")
 
 
 @dataclass(frozen=True)

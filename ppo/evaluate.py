@@ -33,10 +33,11 @@ from ppo.rollout import SamplingParams
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """`ppo-rlhf eval`: everything in the module docstring, from a config; returns eval.json's dict."""
-    from ppo.stage import check_output_dir, load_causal_lm
+    from ppo.stage import EVAL_OUTPUTS, check_output_dir, load_causal_lm
 
-    # 1. refuse to clobber another run before anything is loaded or written
-    out = check_output_dir(config)
+    # 1. refuse to clobber another run before anything is loaded or written (the same command again
+    #    may run: an evaluation replaces only its own eval.json, with the same numbers)
+    out = check_output_dir(config, EVAL_OUTPUTS, finished=None)
     # 2. models and reward sources
     model, tokenizer = load_causal_lm(config)
     model.eval()
@@ -58,7 +59,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                                  reward_weights=config.reward_weights, ref_model=ref_model,
                                  reward_tokenizer=reward_tokenizer, sampling=sampling,
                                  best_of_n=config.best_of_n, batch_size=config.batch_size,
-                                 prompt_column=config.prompt_column, answer_column=config.answer_column, seed=config.seed)
+                                 prompt_column=config.prompt_column, answer_column=config.answer_column, seed=config.seed,
+                                 reward_timeout_s=config.reward_timeout_s, reward_max_abs=config.reward_max_abs)
     # 5. perplexity
     if config.text_file:
         from ppo.formats import read_prompts_file

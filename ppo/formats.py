@@ -51,6 +51,12 @@ HH_MARKER = "\n\nAssistant:"
 _SHOWN_ROWS = 10  # how many row numbers the skip warning lists
 
 
+class _SamePair(Exception):
+    """A preference row whose chosen and rejected replies are the same text: it teaches nothing
+    (the Bradley-Terry loss is log 2 whatever the model does). A few are dropped with a warning;
+    data where every row is one is refused - the columns are probably mixed up."""
+
+
 class _BadField(Exception):
     """One row's field is unusable. `fatal` problems (no chat template, a template that is not
     prefix-consistent) concern the whole source, so `skip_bad_rows` does not hide them."""
@@ -217,6 +223,12 @@ def load_preference_rows(source, tokenizer=None, prompt_column="prompt", chosen_
         has_prompt = prompt_column in columns
 
         def convert(row: dict) -> dict:
+            pair = _pair(row)
+            if pair["chosen"].strip() == pair["rejected"].strip():
+                raise _SamePair()
+            return pair
+
+        def _pair(row: dict) -> dict:
             chosen = _text_or_messages(row, chosen_column)
             rejected = _text_or_messages(row, rejected_column)
             if isinstance(chosen, list) != isinstance(rejected, list):
@@ -263,7 +275,7 @@ def load_preference_rows(source, tokenizer=None, prompt_column="prompt", chosen_
 
 def _collect(source, split: str, plan: Callable, skip_bad_rows: bool) -> list[dict]:
     """Convert every row; a bad row raises (or is counted and skipped with `skip_bad_rows`)."""
-    rows, skipped, total, names = [], [], 0, []
+    rows, skipped, same, total, names = [], [], [], 0, []
     # Lists are used as given, not through arrow, which would fill absent keys with None.
     if isinstance(source, list):
         parts = [("<list>", source, list_columns(source))]
@@ -278,6 +290,8 @@ def _collect(source, split: str, plan: Callable, skip_bad_rows: bool) -> list[di
             total += 1
             try:
                 rows.append(convert(row))
+            except _SamePair:
+                same.append((name, number))
             except _BadField as bad:
                 error = DataFormatError(f"{name} row {number}: field {bad.field!r} {bad.reason}; got {preview(bad.value)}",
                                         source=name, row=number, field=bad.field)
@@ -285,6 +299,13 @@ def _collect(source, split: str, plan: Callable, skip_bad_rows: bool) -> list[di
                     raise error from bad.__cause__
                 skipped.append((name, number, error))
     where = names[0] if len(names) == 1 else f"{len(names)} files"
+    if same:
+        shown = ", ".join(f"{n} row {r}" if len(names) > 1 else str(r) for n, r in same[:_SHOWN_ROWS]) + (", ..." if len(same) > _SHOWN_ROWS else "")
+        if not rows:
+            raise DataFormatError(f"{where}: chosen equals rejected in all {len(same)} usable rows (rows {shown}): such pairs teach "
+                                  "nothing; check chosen_column / rejected_column", source=where, row=same[0][1], field="rejected")
+        warnings.warn(f"dropped {len(same)} of {total} rows of {where} whose chosen equals rejected (rows {shown}): they teach nothing",
+                      stacklevel=3)
     if skipped:
         shown = ", ".join(f"{n} row {r}" if len(names) > 1 else str(r) for n, r, _ in skipped[:_SHOWN_ROWS])
         more = ", ..." if len(skipped) > _SHOWN_ROWS else ""

@@ -82,6 +82,8 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
     start_epoch, start_batch = 0, 0
     if cfg.resume_from_checkpoint:
         start_epoch, start_batch = ckpt.resume(trainer, out, cfg.resume_from_checkpoint, plan)
+    for hook in getattr(trainer, "on_train_start", ()):  # e.g. the CLI's config.yaml: written once a resume has succeeded
+        hook()
     planned = num_epochs * len(bounds) if max_steps is None else min(num_epochs * len(bounds), max_steps)
     trainer.planned_steps = planned  # what an lr schedule spans, unless configured
     logger = main_logger(out, getattr(cfg, "report_to", None))

@@ -67,8 +67,12 @@ def evaluate_policy(
     prompt_column: str = "prompt",
     answer_column: str = "answer",
     seed: int | None = None,
+    reward_timeout_s: float | None = None,
+    reward_max_abs: float | None = None,
 ) -> dict[str, Any]:
     """Sample one response per prompt (the best of `best_of_n` by the reward sources) and measure it.
+    `reward_timeout_s` / `reward_max_abs`: limits of each reward-function call (None: none; see
+    `ppo.rewards.call_reward_function`).
 
     `rows`: prompts, or dicts with `prompt_column` and optionally `answer_column` and any columns the
     reward functions read. `reward_tokenizer`: the reward model's, when it differs from the policy's
@@ -89,7 +93,7 @@ def evaluate_policy(
         sampling = SamplingParams(max_new_tokens=32, stop_token_ids=(tokenizer.eos_token_id,))
     if seed is not None:
         torch.manual_seed(seed)
-    sources = _reward_sources(reward_model, reward_funcs, reward_weights, reward_tokenizer)
+    sources = _reward_sources(reward_model, reward_funcs, reward_weights, reward_tokenizer, reward_timeout_s, reward_max_abs)
     if best_of_n > 1 and sources is None:
         raise ValueError("best_of_n > 1 needs a reward model or reward functions to pick the best sample")
     chunks = [_best_of(model, tokenizer, rows[s : s + batch_size], sources, ref_model, sampling, best_of_n, prompt_column)
@@ -98,12 +102,12 @@ def evaluate_policy(
     return _summarise(rows, samples, prompt_column, answer_column, best_of_n)
 
 
-def _reward_sources(reward_model, reward_funcs, reward_weights, reward_tokenizer=None):
+def _reward_sources(reward_model, reward_funcs, reward_weights, reward_tokenizer=None, timeout_s=None, max_abs=None):
     from ppo.rewards import RewardSources
 
     if reward_model is None and not reward_funcs:
         return None
-    return RewardSources(reward_model, reward_funcs, reward_weights, reward_tokenizer)
+    return RewardSources(reward_model, reward_funcs, reward_weights, reward_tokenizer, timeout_s=timeout_s, max_abs=max_abs)
 
 
 def _best_of(model, tokenizer, rows, sources, ref_model, sampling, n, prompt_column) -> _Samples:

@@ -9,6 +9,8 @@ wait at a barrier) and split each optimizer step's rows over the ranks (`rank_mi
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import math
 import sys
 from pathlib import Path
 
@@ -20,38 +22,93 @@ from ppo.metrics import main_logger
 
 
 class OutputDirError(FileExistsError):
-    """output_dir already holds the outputs of a different run and `overwrite` is off."""
+    """output_dir holds another run, a finished one, or this run's own inputs (unless `overwrite`)."""
 
 
-OUTPUTS = ("config.yaml", "metrics.jsonl", "final")  # what a stage run writes in output_dir
+# What a stage writes in output_dir (names or glob patterns). `overwrite` removes these and nothing
+# else: a user's own files there (a prompts file, notes) are never touched.
+OUTPUTS = ("config.yaml", "metrics.jsonl", "final")  # sft, reward
+PPO_OUTPUTS = OUTPUTS + ("final-merged", "step_*", ".tmp-step_*", "latest", "latest.tmp", "tensorboard")
+EVAL_OUTPUTS = ("config.yaml", "eval.json")
+# Config keys that name a run's inputs (files or directories it reads).
+INPUT_KEYS = ("model_name_or_path", "reward_model_path", "value_model_path", "ref_model_path", "prompts_file",
+              "dataset_name", "data", "text_file")
 
 
-def check_output_dir(config) -> Path:
-    """output_dir as a Path, after refusing one that holds a different run (unless `overwrite`).
+def check_output_dir(config, outputs: tuple[str, ...] = OUTPUTS, finished: str | None = "final") -> Path:
+    """output_dir as a Path, after refusing (OutputDirError) what this run must not write into.
+    Reads only: nothing is removed here (`remove_outputs` does that once the run has loaded).
 
-    "The same run" means its config.yaml equals this config (so re-running a command is allowed);
-    a non-empty directory without a config.yaml could be anything and is refused too.
+    Refused: an output_dir that is one of the run's inputs, or whose outputs hold one (`overwrite`
+    would delete it); unless `overwrite` (or, for PPO, `resume_from_checkpoint`): a directory
+    holding a different run (its config.yaml differs or is missing), a finished run of the same
+    config (`finished` exists: running again would replace it), or checkpoints of an unfinished one.
+    The same config with nothing finished may run again (a run that stopped before any output).
     """
     out = Path(config.output_dir)
-    if config.overwrite or not out.exists() or not any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output_dir {str(out)!r} is a file, not a directory; choose another output_dir")
+    _check_inputs_outside(out, config, outputs)
+    if config.overwrite or getattr(config, "resume_from_checkpoint", None) or not out.exists() or not any(out.iterdir()):
         return out
-    previous = out / "config.yaml"
-    if previous.is_file():
-        import yaml
+    if not _same_config(out / "config.yaml", config):
+        raise OutputDirError(
+            f"output_dir {str(out)!r} is not empty and holds a different run (its config.yaml differs or is missing); "
+            f"choose another output_dir or set overwrite=true to replace its outputs ({', '.join(outputs)}; other files stay)"
+        )
+    resume = " or resume_from_checkpoint=latest to continue it," if hasattr(config, "resume_from_checkpoint") else ""
+    if finished and (out / finished).exists():
+        raise OutputDirError(f"output_dir {str(out)!r} holds a finished run of this same config ({finished} exists); set "
+                             f"overwrite=true to run it again (its outputs are replaced),{resume} or choose another output_dir")
+    if any(out.glob("step_*")):
+        raise OutputDirError(f"output_dir {str(out)!r} holds checkpoints of an unfinished run of this config; set "
+                             f"resume_from_checkpoint=latest to continue it, or overwrite=true to start again")
+    return out
 
-        old = yaml.safe_load(previous.read_text(encoding="utf-8")) or {}
-        new = config_to_dict(config)
-        if {k: v for k, v in old.items() if k != "overwrite"} == {k: v for k, v in new.items() if k != "overwrite"}:
-            return out
-    raise OutputDirError(
-        f"output_dir {str(out)!r} is not empty and holds a different run (its config.yaml differs or is missing); "
-        "choose another output_dir or set overwrite=true to replace its outputs"
-    )
+
+def _same_config(path: Path, config) -> bool:
+    if not path.is_file():
+        return False
+    import yaml
+
+    try:
+        old = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False
+    ignored = ("overwrite", "resume_from_checkpoint")  # how a run was started, not what it is
+    new = config_to_dict(config)
+    return isinstance(old, dict) and {k: v for k, v in old.items() if k not in ignored} == {k: v for k, v in new.items() if k not in ignored}
+
+
+def input_paths(config) -> dict[str, Path]:
+    """The local files and directories `config` reads, by key (hub names and absent paths left out)."""
+    found = {key: getattr(config, key, None) for key in INPUT_KEYS}
+    for i, spec in enumerate(getattr(config, "reward_funcs", None) or []):
+        if isinstance(spec, str) and ".py:" in spec:
+            found[f"reward_funcs[{i}]"] = spec.rpartition(":")[0]
+    return {key: Path(value) for key, value in found.items() if isinstance(value, str) and value and Path(value).exists()}
+
+
+def _check_inputs_outside(out: Path, config, outputs: tuple[str, ...]) -> None:
+    """Refuse an output_dir that is an input itself, or whose outputs (which `overwrite` deletes and
+    the run replaces) contain one - e.g. output_dir = the policy's own directory, or a PPO run into
+    the directory whose final/ is its policy. Inputs elsewhere in output_dir are fine."""
+    root = out.resolve()
+    for key, path in input_paths(config).items():
+        path = path.resolve()
+        if path == root:
+            raise OutputDirError(f"output_dir {str(out)!r} is this run's {key} ({path}); choose another output_dir")
+        if root in path.parents:
+            top = path.relative_to(root).parts[0]
+            if any(fnmatch.fnmatch(top, pattern) for pattern in outputs):
+                raise OutputDirError(f"{key} {str(path)!r} lies in {str(out / top)!r}, an output this run replaces; "
+                                     "choose another output_dir (or move the input)")
 
 
 def start_outputs(out: Path, config):
     """Remove this recipe's previous outputs, write config.yaml, open metrics.jsonl (rank 0; the
-    barrier first lets every rank finish `check_output_dir` before anything is removed)."""
+    barrier first lets every rank finish `check_output_dir` before anything is removed). Recipes
+    call it once the model and data have loaded: a run that cannot start removes nothing."""
     dist.barrier()
     if dist.is_main():
         remove_outputs(out, OUTPUTS)
@@ -60,15 +117,18 @@ def start_outputs(out: Path, config):
 
 
 def remove_outputs(out: Path, names) -> None:
-    """Delete the files and directories `names` under `out` (those that exist)."""
+    """Delete what matches `names` (file or directory names, or glob patterns) directly under
+    `out`; nothing else. A symbolic link is removed, never what it points to."""
     import shutil
 
-    for name in names:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    if not out.is_dir():
+        return
+    for pattern in names:
+        for path in sorted(out.glob(pattern)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def finish_outputs(out: Path, config, model, tokenizer, logger, metrics: dict) -> None:

@@ -7,24 +7,30 @@ config written as output_dir/config.yaml.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from ppo.config_io import ConfigError, check_choice, check_range, opt
+from ppo.config_io import (
+    FINITE,
+    TEXT,
+    ConfigError,
+    above,
+    at_least,
+    between,
+    check_list_items,
+    one_of,
+    opt,
+    validate,
+)
 from ppo.lr_schedule import SCHEDULES
 
-
-def _check_stage_common(cfg: Any) -> None:
-    """The checks of StageConfig's fields (SFTConfig, RewardConfig)."""
-    for name in ("batch_size", "num_epochs", "gradient_accumulation_steps", "logging_steps"):
-        check_range(cfg, name, getattr(cfg, name), 1)
-    check_range(cfg, "max_length", cfg.max_length, 2)
-    check_choice("lr_scheduler", cfg.lr_scheduler, SCHEDULES)
-    if not 0.0 <= cfg.eval_fraction < 1.0:
-        raise ConfigError(f"{type(cfg).__name__}.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
-    if not 0.0 <= cfg.warmup_ratio <= 1.0:
-        raise ConfigError(f"{type(cfg).__name__}.warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
-    if cfg.learning_rate <= 0:
-        raise ConfigError(f"{type(cfg).__name__}.learning_rate must be > 0, got {cfg.learning_rate}")
+# What each key must be (types come from the annotations; None passes where the type allows it).
+# The keys SFTConfig and RewardConfig share:
+_STAGE_RULES = {
+    "max_length": at_least(2), "learning_rate": above(0), "batch_size": at_least(1),
+    "gradient_accumulation_steps": at_least(1), "num_epochs": at_least(1), "weight_decay": at_least(0),
+    "warmup_ratio": between(0, 1), "lr_scheduler": one_of(*SCHEDULES), "max_grad_norm": above(0),
+    "seed": at_least(0), "eval_fraction": between(0, 1, high_open=True), "logging_steps": at_least(1),
+    "dist_timeout_s": above(0), "output_dir": TEXT, "prompt_column": TEXT,
+}
 
 
 @dataclass
@@ -56,11 +62,14 @@ class StageConfig:
     logging_steps: int = opt(10, "Write a metrics.jsonl line every N optimizer steps.")
     progress_bar: bool = opt(True, "Show a progress bar.")
     save_final: bool = opt(True, "Save the trained model and tokenizer to output_dir/final.")
-    overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
+    overwrite: bool = opt(False, "Replace the outputs of another run or a finished one in output_dir (otherwise refused), once the new run has loaded; other files there stay.")
     dist_timeout_s: float = opt(1800.0, "Under torchrun: seconds a collective waits for the other ranks before the run fails.")
 
     def __post_init__(self) -> None:
-        _check_stage_common(self)
+        validate(self, _STAGE_RULES)
+
+
+SFT_RULES = {**_STAGE_RULES, "completion_column": TEXT, "messages_column": TEXT}
 
 
 @dataclass
@@ -74,6 +83,9 @@ class SFTConfig(StageConfig):
     # --- data (SFT's own columns) ---
     completion_column: str = opt("completion", "Column holding the target completion.")
     messages_column: str = opt("messages", "Column holding a whole conversation; the last assistant turn is the completion.")
+
+    def __post_init__(self) -> None:
+        validate(self, SFT_RULES)
 
 
 @dataclass
@@ -99,6 +111,12 @@ class RewardConfig(StageConfig):
     margin: float = opt(0.0, "Bradley–Terry margin: the chosen score must beat the rejected one by this much.")
     group_by_prompt: bool = opt(True, "Shuffle whole prompts, not pairs, so a prompt's pairs share a step and each distinct response is scored once (same loss, less compute when prompts have several pairs).")
     center_rewards_coefficient: float = opt(0.0, "Weight of the auxiliary loss (r_chosen + r_rejected)^2 that keeps scores near 0 (TRL suggests 0.01).")
+
+    def __post_init__(self) -> None:
+        validate(self, REWARD_RULES)
+
+
+REWARD_RULES = {**_STAGE_RULES, "margin": at_least(0), "center_rewards_coefficient": at_least(0), "chosen_column": TEXT, "rejected_column": TEXT}
 
 
 # ---- stage configs: evaluation and demo ----
@@ -133,18 +151,24 @@ class EvalConfig:
     top_p: float | None = opt(None, "Nucleus sampling mass (None/1.0: off).")
     best_of_n: int = opt(1, "Sample N responses per prompt and keep the best by the reward sources (1: plain sampling).")
     seed: int = opt(0, "Seeds sampling.")
+    reward_timeout_s: float | None = opt(300.0, "Seconds one call of a reward function may take before the run stops with an error naming it (0 or None: no limit; the worker thread cannot be killed).")
+    reward_max_abs: float | None = opt(1e4, "Largest |value| a reward function may return; a larger one is refused as a bug (None: no bound).")
 
     # --- output ---
     output_dir: str = opt("eval_output", "Where eval.json and config.yaml go.")
-    overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
+    overwrite: bool = opt(False, "Replace the outputs of another run in output_dir (otherwise refused; the same config may run again); other files there stay.")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_new_tokens", "best_of_n"):
-            check_range(self, name, getattr(self, name), 1)
-        if self.num_samples is not None:
-            check_range(self, "num_samples", self.num_samples, 1)
-        if self.temperature <= 0:
-            raise ConfigError(f"EvalConfig.temperature must be > 0, got {self.temperature}")
+        validate(self, EVAL_RULES)
+        check_list_items(self, "reward_funcs", lambda f: callable(f) or TEXT.allows(f), "a built-in name, `module:function` or `file.py:function`")
+        check_list_items(self, "reward_weights", lambda w: FINITE.allows(w), "a finite number")
+
+
+EVAL_RULES = {
+    "num_samples": at_least(1), "batch_size": at_least(1), "max_new_tokens": at_least(1), "temperature": above(0),
+    "top_k": at_least(0), "top_p": between(0, 1, low_open=True), "best_of_n": at_least(1), "seed": at_least(0),
+    "reward_timeout_s": at_least(0), "reward_max_abs": above(0), "output_dir": TEXT, "prompt_column": TEXT, "answer_column": TEXT,
+}
 
 
 @dataclass
@@ -154,7 +178,7 @@ class DemoConfig:
     # --- run ---
     output_dir: str = opt("demo_output", "Where every stage's model, the report and summary.json go.")
     seed: int = opt(0, "Seeds the task data, the models and every stage: the same seed gives the same run on CPU.")
-    overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
+    overwrite: bool = opt(False, "Replace the outputs of another run or a finished one in output_dir (otherwise refused), once the new run has loaded; other files there stay.")
     quick: bool = opt(False, "A fast smoke run (tiny data, few steps) that checks the stages chain; not tuned to learn.")
     threads: int = opt(2, "CPU threads for torch; 1 and 2 give bit-identical results on these model sizes.")
     progress_bar: bool = opt(True, "Show a progress bar per stage.")
@@ -216,17 +240,29 @@ class DemoConfig:
     report_samples: int = opt(6, "Sample generations shown before/after in report.md.")
 
     def __post_init__(self) -> None:
-        for name in ("threads", "hidden_size", "num_layers", "intermediate_multiple", "n_sft", "n_pref", "n_ppo", "n_eval", "sft_epochs",
-                     "sft_batch_size", "reward_epochs", "reward_batch_size", "ppo_steps", "ppo_batch_size",
-                     "ppo_epochs", "num_generations", "max_new_tokens", "best_of_n"):
-            check_range(self, name, getattr(self, name), 1)
-        if self.temperature <= 0:
-            raise ConfigError(f"DemoConfig.temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.refresh_at < 1:
-            raise ConfigError(f"DemoConfig.refresh_at must be in [0, 1), got {self.refresh_at}")
-        check_choice("value_head", self.value_head, ("separate", "shared"))
-        check_choice("advantage_estimator", self.advantage_estimator, ("gae", "grpo", "rloo", "reinforce_pp"))
+        validate(self, DEMO_RULES)
+        rollout = self.ppo_batch_size * self.num_generations
+        if self.ppo_mini_batch_size is not None and self.ppo_mini_batch_size > rollout:
+            raise ConfigError(f"DemoConfig.ppo_mini_batch_size must be <= the {rollout} samples of one rollout (ppo_batch_size "
+                              f"x num_generations), got {self.ppo_mini_batch_size}", key="ppo_mini_batch_size")
+        if self.policy_pairs_per_prompt and self.pair_samples < 2:
+            raise ConfigError(f"DemoConfig.pair_samples must be >= 2 to make pairs (policy_pairs_per_prompt is "
+                              f"{self.policy_pairs_per_prompt}), got {self.pair_samples}", key="pair_samples")
         if self.advantage_estimator in ("grpo", "rloo") and self.num_generations < 2:
-            raise ConfigError(f"DemoConfig: advantage_estimator={self.advantage_estimator} needs num_generations >= 2, got {self.num_generations}")
-        check_choice("precision", self.precision, ("fp32", "bf16", "auto"))
-        check_choice("ppo_lr_scheduler", self.ppo_lr_scheduler, SCHEDULES)  # the PPO trainer's own
+            raise ConfigError(f"DemoConfig: advantage_estimator={self.advantage_estimator} needs num_generations >= 2, "
+                              f"got {self.num_generations}", key="num_generations")
+
+
+_COUNTS = ("threads", "hidden_size", "num_layers", "intermediate_multiple", "n_sft", "n_pref", "n_ppo", "n_eval", "sft_epochs",
+           "sft_batch_size", "reward_epochs", "reward_batch_size", "pair_samples", "refresh_prompts", "refresh_epochs",
+           "ppo_steps", "ppo_batch_size", "ppo_mini_batch_size", "ppo_epochs", "num_generations", "max_new_tokens", "best_of_n")
+DEMO_RULES = {
+    **dict.fromkeys(_COUNTS, at_least(1)), "seed": at_least(0), "policy_pairs_per_prompt": at_least(0), "report_samples": at_least(0),
+    **dict.fromkeys(("sft_learning_rate", "reward_learning_rate", "ppo_learning_rate", "value_learning_rate"), above(0)),
+    "reward_eval_fraction": between(0, 1, high_open=True), "pair_temperature": above(0), "temperature": above(0),
+    "refresh_at": between(0, 1, high_open=True), "kl_coef": at_least(0), "target_kl": above(0), "vf_coef": at_least(0),
+    "missing_eos_penalty": at_least(0), "value_head": one_of("separate", "shared"), "precision": one_of("fp32", "bf16", "auto"),
+    "ppo_lr_scheduler": one_of(*SCHEDULES),  # the PPO trainer's own
+    "advantage_estimator": one_of("gae", "grpo", "rloo", "reinforce_pp"),
+    "output_dir": TEXT,
+}

@@ -82,6 +82,8 @@ def _load_file(path: Path, split: str) -> datasets.Dataset:
         raise DataFormatError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_BUILDERS)}", source=str(path))
     if builder == "txt":
         return datasets.Dataset.from_dict({"prompt": read_prompts_file(path)})
+    if _is_blank(path):  # datasets would say StopIteration or "corresponds to no data"
+        raise DataFormatError(f"{path} is empty: it holds no rows", source=str(path))
     try:
         table = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
         table.data.validate(full=True)  # pyarrow's JSON reader lets invalid UTF-8 through to row reads
@@ -89,7 +91,45 @@ def _load_file(path: Path, split: str) -> datasets.Dataset:
     except Exception as error:
         if any(isinstance(e, UnicodeDecodeError) or "Invalid UTF8" in str(e) for e in _chain(error)):
             raise DataFormatError(f"{path} is not UTF-8 text; save it as UTF-8", source=str(path)) from error
+        bad_line = _first_bad_json_line(path) if builder == "json" else None
+        if bad_line is not None:  # pyarrow names a byte position; people look for a line
+            row, reason, text = bad_line
+            raise DataFormatError(f"{path} {reason}; got {preview(text)}", source=str(path), row=row) from error
         raise DataFormatError(f"could not read {path} as {builder}: {root_message(error)}", source=str(path)) from error
+
+
+def _is_blank(path: Path, sniff: int = 1 << 16) -> bool:
+    """True for a file of zero bytes or (if small) only whitespace."""
+    size = path.stat().st_size
+    return size == 0 or (size <= sniff and not path.read_bytes().strip())
+
+
+def _first_bad_json_line(path: Path) -> tuple[int, str, str] | None:
+    """(1-based row, where and what is wrong, the line) of the first line of a JSON-lines file that
+    is not a JSON object; None when every line is one, or when the file is one JSON document (an
+    array: then the error is its own, and the decoder's line and column are reported)."""
+    import json
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return err.lineno, f"line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})", text.split("\n")[err.lineno - 1]
+        return None
+    row = 0
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue  # blank lines are no rows
+        row += 1
+        where = f"row {row}" + (f" (line {number})" if row != number else "")
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            return row, f"{where}: not valid JSON ({err.msg}, column {err.colno}); each line must be one JSON object", line
+        if not isinstance(value, dict):
+            return row, f"{where}: a JSON {type(value).__name__}, not an object; each line must be one JSON object", line
+    return None
 
 
 def _data_files(directory: Path) -> list[Path]:

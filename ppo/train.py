@@ -6,10 +6,12 @@
 
 Steps:
     1. the config: YAML + overrides (`key=value`, `--key value` or `--key=value`)
-    2. refuse an output_dir holding another run (unless overwrite or resuming)
+    2. refuse an output_dir holding another run or a finished one (unless overwrite or resuming),
+       or one of this run's inputs; nothing is removed yet
     3. load the policy, tokenizer, reward model / functions, optional reference and critic
     4. load the prompts (text file, JSONL/CSV/Parquet/..., or a datasets name)
-    5. PPOTrainer(...).train(...): metrics.jsonl, step_N/ checkpoints, final/
+    5. PPOTrainer(...); only then remove the previous run's outputs (overwrite), and train:
+       config.yaml, metrics.jsonl, step_N/ checkpoints, final/
 
 Scaling out: the same command under torchrun (`torchrun --nproc_per_node=8 -m ppo.train ...`)
 runs data-parallel; `strategy=fsdp` shards the models (docs/scaling.md).
@@ -24,7 +26,7 @@ import torch
 
 from ppo import distributed as dist
 from ppo.config import ConfigError, PPOConfig, save_config
-from ppo.stage import check_output_dir, run_cli
+from ppo.stage import PPO_OUTPUTS, check_output_dir, remove_outputs, run_cli
 
 # The flag names users of other PPO scripts type, mapped to our config keys.
 ALIASES = {"model_name": "model_name_or_path", "model": "model_name_or_path", "reward_model": "reward_model_path"}
@@ -105,17 +107,22 @@ def run_ppo(config: PPOConfig) -> dict[str, Any]:
     from ppo.trainer import PPOTrainer
 
     dist.init_from_env(config.dist_timeout_s)  # under torchrun; before loading, so "cuda" is this rank's GPU
-    out = check_output_dir(config) if not config.resume_from_checkpoint else None
-    dist.barrier()  # every rank has checked before rank 0 removes anything
-    if out is not None and config.overwrite and out.exists() and dist.is_main():
-        import shutil
-
-        shutil.rmtree(out)
+    out = check_output_dir(config, PPO_OUTPUTS)  # reads only: nothing is removed before the run can start
     models = load_models(config)
     rows = load_prompts(config, models["tokenizer"])
     trainer = PPOTrainer(config=config, **models)
-    if dist.is_main():
-        save_config(config, f"{config.output_dir}/config.yaml")
+    # Everything loaded and checked: now a new run may replace the previous one's outputs (only
+    # those: other files in output_dir stay). A resumed run keeps them.
+    dist.barrier()  # every rank has loaded before rank 0 removes anything
+    if not config.resume_from_checkpoint and dist.is_main():
+        remove_outputs(out, PPO_OUTPUTS)
+    # config.yaml once the run has started (after a resume has restored its checkpoint), so a run
+    # that fails to resume leaves the previous one's config.yaml as it was.
+    def write_config() -> None:
+        if dist.is_main():
+            save_config(config, out / "config.yaml")
+
+    trainer.on_train_start = [write_config]
     history = trainer.train(rows, num_epochs=config.num_epochs, max_length=config.max_length)
     last = history[-1] if history else {}
     return {"steps": trainer.global_step, "output_dir": config.output_dir, "mean_reward": last.get("mean_reward"), "kl": last.get("kl")}

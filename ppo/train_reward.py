@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +227,21 @@ def preference_rows(config: RewardConfig, tokenizer, rows) -> list[dict[str, str
         return load_preference_rows(source, tokenizer, prompt_column=config.prompt_column, chosen_column=config.chosen_column,
                                     rejected_column=config.rejected_column, skip_bad_rows=config.skip_bad_rows)
 
-    return given_or_loaded_rows(rows, config.data, ("prompt", "chosen", "rejected"), load, "preference data")
+    return without_same_pairs(given_or_loaded_rows(rows, config.data, ("prompt", "chosen", "rejected"), load, "preference data"))
+
+
+def without_same_pairs(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`rows` less those whose chosen equals rejected (a warning lists them; the loaders of
+    `ppo.formats` do the same for files); all of them such: refused, the columns are likely mixed up."""
+    same = [i for i, r in enumerate(rows, start=1) if r["chosen"].strip() == r["rejected"].strip()]
+    if not same:
+        return rows
+    shown = ", ".join(map(str, same[:10])) + (", ..." if len(same) > 10 else "")
+    if len(same) == len(rows):
+        raise ValueError(f"preference rows: chosen equals rejected in all {len(rows)} rows (rows {shown}): such pairs teach nothing")
+    warnings.warn(f"dropped {len(same)} of {len(rows)} preference rows whose chosen equals rejected (rows {shown}): they teach nothing")
+    dropped = set(same)
+    return [r for i, r in enumerate(rows, start=1) if i not in dropped]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,8 @@ class PPOTrainer:
         ensure_pad_token(tokenizer)
         if reward_model is not None:
             freeze(reward_model)
-        self.rewards = RewardSources(reward_model, reward_funcs, reward_weights or config.reward_weights, reward_tokenizer)
+        self.rewards = RewardSources(reward_model, reward_funcs, reward_weights or config.reward_weights, reward_tokenizer,
+                                     config.reward_timeout_s, config.reward_max_abs)
         torch.manual_seed(config.seed)
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device

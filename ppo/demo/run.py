@@ -139,7 +139,7 @@ def prepare_output_dir(config: DemoConfig) -> Path:
     previous outputs so no stage refuses its own sub-directory and nothing stale survives."""
     from ppo.stage import check_output_dir, remove_outputs
 
-    out = check_output_dir(config)
+    out = check_output_dir(config, DEMO_OUTPUTS, finished="summary.json")
     remove_outputs(out, DEMO_OUTPUTS)
     save_config(config, out / "config.yaml")
     return out
@@ -235,10 +235,12 @@ def run_reward(config: DemoConfig, plan: DemoPlan, policy, tokenizer, task, rows
 
 
 def ppo_config(config: DemoConfig, plan: DemoPlan, out: Path) -> PPOConfig:
+    rollout = plan.ppo_batch_size * config.num_generations  # `quick` shrinks the batch below the mini-batch
+    mini_batch = None if config.ppo_mini_batch_size is None else min(config.ppo_mini_batch_size, rollout)
     return PPOConfig(
         output_dir=str(out / "ppo"), seed=config.seed, learning_rate=config.ppo_learning_rate,
         value_learning_rate=config.value_learning_rate, batch_size=plan.ppo_batch_size,
-        mini_batch_size=config.ppo_mini_batch_size, ppo_epochs=config.ppo_epochs, num_generations=config.num_generations,
+        mini_batch_size=mini_batch, ppo_epochs=config.ppo_epochs, num_generations=config.num_generations,
         kl_coef=config.kl_coef, adap_kl_ctrl=config.adap_kl_ctrl, target_kl=config.target_kl,
         temperature=config.temperature, max_new_tokens=config.max_new_tokens, whiten_rewards=config.whiten_rewards,
         missing_eos_penalty=config.missing_eos_penalty, vf_coef=config.vf_coef, value_head=config.value_head, precision=config.precision,

@@ -15,12 +15,14 @@ from ppo.rewards.model import reward_model_scores
 class RewardSources:
     """A reward model and/or reward functions with one weight each (the model's first)."""
 
-    def __init__(self, reward_model=None, reward_funcs: Callable | Sequence[Callable] | None = None, weights: Sequence[float] | None = None, reward_tokenizer=None):
+    def __init__(self, reward_model=None, reward_funcs: Callable | Sequence[Callable] | None = None, weights: Sequence[float] | None = None, reward_tokenizer=None,
+                 timeout_s: float | None = None, max_abs: float | None = None):
         if callable(reward_funcs) and not isinstance(reward_funcs, torch.nn.Module):
             reward_funcs = [reward_funcs]
         self.reward_model = reward_model
         self.funcs = list(reward_funcs or [])
         self.reward_tokenizer = reward_tokenizer
+        self.timeout_s, self.max_abs = timeout_s, max_abs  # per reward-function call (see call_reward_function)
         if reward_model is None and not self.funcs:
             raise ValueError("PPO needs a reward: pass reward_model and/or reward_funcs")
         self.names = (["reward_model"] if reward_model is not None else []) + [function_name(f) for f in self.funcs]
@@ -62,7 +64,7 @@ class RewardSources:
         if self.reward_model is not None:
             columns.append(reward_model_scores(self.reward_model, input_ids, attention_mask, prompts, completions, self.reward_tokenizer, rows_per_forward).cpu().double())
         for func in self.funcs:
-            values = call_reward_function(func, prompts, completions, completion_ids, extras)
+            values = call_reward_function(func, prompts, completions, completion_ids, extras, self.timeout_s, self.max_abs)
             columns.append(torch.tensor(values, dtype=torch.float64))
         per_source = torch.stack(columns, dim=1)  # [B, sources] float64: each source's own values
         bad = (~torch.isfinite(per_source)).nonzero()

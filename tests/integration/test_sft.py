@@ -159,7 +159,8 @@ def test_refuses_a_different_run_in_output_dir(tiny_tokenizer, tmp_path):
 
     run()
     saved = (tmp_path / "out" / "config.yaml").read_text()
-    run()  # the same config again: the same run, allowed
+    with pytest.raises(OutputDirError, match="finished run of this same config.*overwrite=true"):
+        run()  # the same config again: a finished run is not retrained over silently
     with pytest.raises(OutputDirError, match="overwrite=true"):
         run(learning_rate=1e-3)
     assert (tmp_path / "out" / "config.yaml").read_text() == saved  # nothing written
