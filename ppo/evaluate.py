@@ -34,6 +34,7 @@ import torch
 from ppo.config import EvalConfig, save_config
 from ppo.data import collate_prompts, ensure_pad_token
 from ppo.forward import policy_logprobs
+from ppo.models import end_of_turn_ids
 from ppo.rollout import HFRolloutEngine, SamplingParams
 
 
@@ -98,7 +99,7 @@ def evaluate_policy(
         raise ValueError("no prompts to evaluate: the list is empty")
     ensure_pad_token(tokenizer)
     if sampling is None:
-        sampling = SamplingParams(max_new_tokens=32, stop_token_ids=(tokenizer.eos_token_id,))
+        sampling = SamplingParams(max_new_tokens=32, stop_token_ids=end_of_turn_ids(tokenizer, model))
     if seed is not None:
         torch.manual_seed(seed)
     sources = _reward_sources(reward_model, reward_funcs, reward_weights)
@@ -247,7 +248,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     # 4. samples and their measures
     if rows:
         sampling = SamplingParams(config.max_new_tokens, config.temperature, config.top_k, config.top_p,
-                                  stop_token_ids=(tokenizer.eos_token_id,))
+                                  stop_token_ids=end_of_turn_ids(tokenizer, model))
         result = evaluate_policy(model, tokenizer, rows, reward_model=reward_model, reward_funcs=funcs,
                                  reward_weights=config.reward_weights, ref_model=ref_model, sampling=sampling,
                                  best_of_n=config.best_of_n, batch_size=config.batch_size,
@@ -268,18 +269,17 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
 
 
 def _load_ref(path: str, like):
-    from transformers import AutoModelForCausalLM
+    from ppo.models import load_causal_lm
 
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=next(like.parameters()).dtype)
+    ref = load_causal_lm(path, dtype=next(like.parameters()).dtype)
     return ref.to(next(like.parameters()).device).eval()
 
 
 def _load_reward_model(path: str, like):
-    from transformers import AutoModelForSequenceClassification
-
+    from ppo.models import load_sequence_classifier
     from ppo.train_reward import check_reward_model
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    model = load_sequence_classifier(path, num_labels=None, dtype=torch.float32)
     check_reward_model(model, path)
     return model.to(next(like.parameters()).device).eval()
 
