@@ -227,7 +227,7 @@ def diagnose_gguf(source: ModelSource, what: str) -> str | None:
     architecture = bytes(field.parts[field.data[0]]).decode() if field is not None else None
     if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
         return (f"its architecture {architecture!r} is not one transformers can load from GGUF "
-                f"(supported: {', '.join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}))}); convert the model to a Hugging Face directory first")
+                f"(supported: {', '.join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {'general', 'tokenizer'}))}); convert the model to a Hugging Face directory first")
     if what == "tokenizer" and "tokenizer.ggml.model" not in reader.fields:
         return ("it holds no tokenizer (no tokenizer.ggml.* metadata); put the model's tokenizer files "
                 "(tokenizer.json, tokenizer_config.json) in the directory next to the .gguf file")
