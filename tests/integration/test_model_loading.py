@@ -216,3 +216,16 @@ def test_gguf_policy_trains_a_ppo_step_and_saves_plainly(tiny_gguf_file, tmp_pat
     ids = tokenizer("hi 3", return_tensors="pt")
     out_ids = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert out_ids.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_convert_cli_writes_a_plain_directory_once(tiny_gguf_file, tmp_path, capsys):
+    path, reference = tiny_gguf_file
+    out = tmp_path / "converted"
+    assert models.main(["convert", str(path), str(out)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(plain(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(out).chat_template is not None
+    before = sorted(p.name for p in out.iterdir())
+    assert models.main(["convert", str(path), str(out)]) == 1  # never over a non-empty directory
+    assert "is not empty" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == before
