@@ -229,3 +229,27 @@ def test_convert_cli_writes_a_plain_directory_once(tiny_gguf_file, tmp_path, cap
     before = sorted(p.name for p in out.iterdir())
     assert models.main(["convert", str(path), str(out)]) == 1  # never over a non-empty directory
     assert "is not empty" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == before
+
+
+def test_self_pairs_from_a_policys_own_samples(policy_dir, tmp_path, monkeypatch):
+    """The recipe's pair builder: every pair's chosen response scores higher by the rule."""
+    import json
+
+    from ppo.data_tasks.self_pairs import main as self_pairs
+
+    def has_w1(completions, **kwargs):
+        return [float("w1" in c.split()) for c in completions]
+
+    rows = "".join(json.dumps({"prompt": [{"role": "user", "content": f"w{i} w{i + 1}"}], "answer": "1"}) + "\n" for i in range(6))
+    (tmp_path / "p.jsonl").write_text(rows)
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "_pairs_rule", types.SimpleNamespace(has_w1=has_w1))  # a `module:function` spec
+    out = tmp_path / "pairs.jsonl"
+    code = self_pairs(["--model", str(policy_dir), "--prompts", str(tmp_path / "p.jsonl"), "--out", str(out), "--reward", "_pairs_rule:has_w1",
+                       "--samples", "8", "--max-new-tokens", "6", "--pairs-per-prompt", "3"])
+    assert code == 0
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert pairs and all(has_w1([p["chosen"]]) == [1.0] and has_w1([p["rejected"]]) == [0.0] for p in pairs)
+    assert all(isinstance(p["prompt"], list) and p["prompt"][0]["role"] == "user" for p in pairs)
