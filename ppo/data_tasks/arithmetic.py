@@ -2,7 +2,8 @@
 
     python -m ppo.data_tasks.arithmetic --out data/arithmetic --train 2000 --eval 200 --seed 0
 
-writes `train.jsonl` and `eval.jsonl`, one problem a line, as chat messages so that the policy's
+writes `train.jsonl` and `eval.jsonl`, one problem a line (and `eval.txt`, each held-out question
+followed by its answer, a text set for `ppo-rlhf eval`'s perplexity), as chat messages so that the policy's
 chat template renders them:
 
     {"prompt": [{"role": "user", "content": "Tom has 7 apples. He buys 5 more. How many apples
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     write_jsonl(train, out / "train.jsonl")
     write_jsonl(held_out, out / "eval.jsonl")
+    (out / "eval.txt").write_text("".join(f"{r['question']} {r['answer']}\n" for r in held_out), encoding="utf-8")
     print(f"wrote {len(train)} training and {len(held_out)} held-out problems to {out}/(train|eval).jsonl")
     return 0
 

@@ -52,3 +52,6 @@ def test_cli_writes_prompt_rows(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and set(rows[0]) == {"prompt", "answer"}
     assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 5
+    held = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    texts = (tmp_path / "eval.txt").read_text().splitlines()
+    assert [t.rsplit(" ", 1)[1] for t in texts] == [r["answer"] for r in held]
