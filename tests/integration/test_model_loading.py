@@ -12,11 +12,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ppo import models
 from ppo.config import PPOConfig, RewardConfig
-from ppo.demo.tiny import TinyModelSpec, build_policy, build_reward_model, build_tokenizer
+from ppo.demo.tiny import (
+    TinyModelSpec,
+    build_policy,
+    build_reward_model,
+    build_tokenizer,
+)
 from ppo.models import ModelLoadError
 
 gguf = pytest.importorskip("gguf")
-from tiny_gguf import write_tiny_gguf  # noqa: E402  (after the skip: it imports gguf)
+from tiny_gguf import write_tiny_gguf  # after the skip: it imports gguf
 
 WORDS = [f"w{i}" for i in range(29)] + ["user", "assistant", ":"]
 

@@ -18,7 +18,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ppo import PPOConfig, PPOTrainer
 from ppo.data import collate_prompts
 from ppo.data_tasks.arithmetic import make_split
-from ppo.models import convert, end_of_turn_ids, load_causal_lm, load_tokenizer, smollm2_gguf
+from ppo.models import (
+    convert,
+    end_of_turn_ids,
+    load_causal_lm,
+    load_tokenizer,
+    smollm2_gguf,
+)
 from ppo.rollout import SamplingParams
 
 pytestmark = [
