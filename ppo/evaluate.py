@@ -24,6 +24,7 @@ import torch
 from ppo.config import EvalConfig, save_config
 from ppo.data import ensure_pad_token
 from ppo.measures import evaluate_policy, perplexity
+from ppo.models import end_of_turn_ids
 from ppo.rollout import SamplingParams
 
 # ----------------------------------------------------------------------------------------------
@@ -54,7 +55,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     # 4. samples and their measures
     if rows:
         sampling = SamplingParams(config.max_new_tokens, config.temperature, config.top_k, config.top_p,
-                                  stop_token_ids=(tokenizer.eos_token_id,))
+                                  stop_token_ids=end_of_turn_ids(tokenizer, model))
         result = evaluate_policy(model, tokenizer, rows, reward_model=reward_model, reward_funcs=funcs,
                                  reward_weights=config.reward_weights, ref_model=ref_model,
                                  reward_tokenizer=reward_tokenizer, sampling=sampling,
@@ -77,20 +78,21 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
 
 
 def _load_ref(path: str, like):
-    from transformers import AutoModelForCausalLM
+    from ppo.models import load_causal_lm
 
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=next(like.parameters()).dtype)
+    ref = load_causal_lm(path, dtype=next(like.parameters()).dtype)
     return ref.to(next(like.parameters()).device).eval()
 
 
 def _load_reward_model(path: str, like, policy_tokenizer):
     """(reward model, its tokenizer when it differs from the policy's, else None). A directory
     without tokenizer files is taken to share the policy's tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from ppo.models import load_sequence_classifier
     from ppo.rewards.model import check_reward_model
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    model = load_sequence_classifier(path, num_labels=None, dtype=torch.float32)
     check_reward_model(model, path)
     model = model.to(next(like.parameters()).device).eval()
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

@@ -24,6 +24,7 @@ import torch
 
 from ppo.data import collate_prompts, ensure_pad_token
 from ppo.forward import policy_logprobs
+from ppo.models import end_of_turn_ids
 from ppo.rollout import HFRolloutEngine, SamplingParams
 
 
@@ -90,7 +91,7 @@ def evaluate_policy(
         raise ValueError("no prompts to evaluate: the list is empty")
     ensure_pad_token(tokenizer)
     if sampling is None:
-        sampling = SamplingParams(max_new_tokens=32, stop_token_ids=(tokenizer.eos_token_id,))
+        sampling = SamplingParams(max_new_tokens=32, stop_token_ids=end_of_turn_ids(tokenizer, model))
     if seed is not None:
         torch.manual_seed(seed)
     sources = _reward_sources(reward_model, reward_funcs, reward_weights, reward_tokenizer, reward_timeout_s, reward_max_abs)

@@ -64,8 +64,7 @@ def _dtype(name: str):
 
 def load_models(config: PPOConfig) -> dict[str, Any]:
     """Step 3: every model the trainer needs, loaded from the config's paths."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
+    from ppo.models import check_vocab_covers, load_causal_lm, load_sequence_classifier, load_tokenizer
     from ppo.rewards import resolve_reward_function
     from ppo.train_reward import RewardConfig, load_reward_model
 
@@ -74,9 +73,9 @@ def load_models(config: PPOConfig) -> dict[str, Any]:
     dist.init_from_env(config.dist_timeout_s)  # under torchrun "cuda" is then this rank's GPU
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = _dtype(config.torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
+    tokenizer = load_tokenizer(config.model_name_or_path)
     models: dict[str, Any] = {
-        "model": AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=dtype).to(device),
+        "model": load_causal_lm(config.model_name_or_path, dtype=dtype).to(device),
         "tokenizer": tokenizer,
         "reward_funcs": [resolve_reward_function(spec) for spec in config.reward_funcs] or None,
     }
@@ -86,9 +85,10 @@ def load_models(config: PPOConfig) -> dict[str, Any]:
         if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
             models["reward_tokenizer"] = reward_tokenizer  # completions are re-tokenized for it
     if config.ref_model_path:
-        models["ref_model"] = AutoModelForCausalLM.from_pretrained(config.ref_model_path, dtype=dtype).to(device)
+        models["ref_model"] = load_causal_lm(config.ref_model_path, dtype=dtype).to(device)
     if config.value_model_path:
-        models["value_model"] = AutoModelForSequenceClassification.from_pretrained(config.value_model_path, num_labels=1, dtype=dtype).to(device)
+        models["value_model"] = load_sequence_classifier(config.value_model_path, num_labels=1, dtype=dtype).to(device)
+        check_vocab_covers(models["value_model"], tokenizer, "the value model", config.value_model_path)  # it reads the policy's tokens
     return models
 
 

@@ -62,8 +62,10 @@ def reward_model_from_policy(policy_dir_or_model):
     """
     from transformers import AutoModelForSequenceClassification
 
-    if isinstance(policy_dir_or_model, (str, Path)):
-        return AutoModelForSequenceClassification.from_pretrained(str(policy_dir_or_model), num_labels=1, dtype=torch.float32)
+    from ppo.models import load_sequence_classifier
+
+    if isinstance(policy_dir_or_model, (str, Path)):  # a directory, hub name or GGUF file
+        return load_sequence_classifier(str(policy_dir_or_model), num_labels=1, dtype=torch.float32)
     policy = policy_dir_or_model
     config = copy.deepcopy(policy.config)
     config.num_labels = 1
@@ -79,9 +81,8 @@ def reward_model_from_policy(policy_dir_or_model):
 def load_reward_model(config: RewardConfig, model=None, tokenizer=None):
     """(reward model, tokenizer): the ones given or loaded from `config.model_name_or_path`,
     turned into a fresh-headed classifier with `init_from_policy`, checked to have one label."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
     from ppo.data import ensure_pad_token
+    from ppo.models import check_vocab_covers, load_config, load_sequence_classifier, load_tokenizer
 
     path = config.model_name_or_path
     if model is None and not path:
@@ -93,23 +94,24 @@ def load_reward_model(config: RewardConfig, model=None, tokenizer=None):
     elif not given:
         # Check before loading: transformers would happily load a causal LM into a classifier with a
         # random head, and the user would train from a head they did not mean to reset.
-        architectures = AutoConfig.from_pretrained(path).architectures or []
+        architectures = load_config(path).architectures or []
         if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
             raise ValueError(
                 f"{path} holds a {', '.join(architectures)}, not a sequence classifier with one label; "
                 "to start a reward model from a causal LM set init_from_policy=true"
             )
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        model = load_sequence_classifier(path, num_labels=None, dtype=torch.float32)
     if not given:
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     check_reward_model(model, source)
     if tokenizer is None:
         if not tokenizer_source:
             raise ConfigError("no tokenizer: set model_name_or_path= or pass tokenizer=")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        tokenizer = load_tokenizer(tokenizer_source)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token: completions end with one, as PPO samples do")
     ensure_pad_token(tokenizer)
+    check_vocab_covers(model, tokenizer, "the reward model", None if given else path)
     # Standalone users call model(**batch); transformers' pooling needs the pad id for batches.
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -46,6 +46,7 @@ from ppo.rollout import HFRolloutEngine, RolloutEngine, SamplingParams
 from ppo.scoring import Scorer
 from ppo.update import ppo_update
 from ppo.metrics import PhaseTimer
+from ppo.models import end_of_turn_ids
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -133,7 +134,8 @@ class PPOTrainer:
         else:
             self.kl_controller = F.FixedKLController(config.kl_coef)
         self.engine = rollout_engine or HFRolloutEngine(model, tokenizer, self.autocast, lean_decode=config.lean_decode)
-        stop_ids = tuple(i for i in [tokenizer.eos_token_id] if i is not None)
+        # Every end-of-turn token ends a response (chat models list several in generation_config).
+        stop_ids = end_of_turn_ids(tokenizer, model)
         self.sampling = SamplingParams(
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
             top_p=config.top_p, stop_token_ids=stop_ids, stop_strings=tuple(config.stop_strings),
