@@ -42,7 +42,9 @@ def child(out: Path, overrides: list[str]) -> None:
         record["step_end_s"].append(time.perf_counter() - record["start"])
         record.setdefault("sampled_tokens", 0)
         record["sampled_tokens"] += int(stats["response_length"] * len(stats["generated_texts"]))
-        record["trainable_params"] = sum(p.numel() for o in self.optimizers.values() for g in o.param_groups for p in g["params"])
+        record["trainable_params"] = sum(
+            p.numel() for o in self.optimizers.values() for g in o.param_groups for p in g["params"]
+        )
         return stats
 
     def measured_ppo(*args, **kwargs):
@@ -50,7 +52,9 @@ def child(out: Path, overrides: list[str]) -> None:
         record["start"] = time.perf_counter()
         history = run_ppo(*args, **kwargs)
         record["ppo_s"] = time.perf_counter() - record["start"]
-        record["peak_rss_mib"] = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM"))) / 1024
+        record["peak_rss_mib"] = (
+            int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM"))) / 1024
+        )
         return history
 
     PPOTrainer.step, demo.run_ppo = timed_step, measured_ppo
@@ -63,20 +67,35 @@ def row(name: str, prompts: int, gens: int, out: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     run = json.loads((out / "estimator_run.json").read_text())
     ev = summary["eval"]
-    return {"estimator": name, "samples": f"{prompts} x {gens}", "steps": summary["ppo"]["steps"],
-            "sampled_tokens": run["sampled_tokens"], "gold_sft": ev["sft"]["rewards/gold_reward"],
-            "gold_ppo": ev["ppo"]["rewards/gold_reward"], "proxy_ppo": ev["ppo"]["rewards/reward_model"],
-            "kl": ev["ppo"]["kl"], "ppo_s": run["ppo_s"], "peak_rss_mib": run["peak_rss_mib"],
-            "trainable_params": run["trainable_params"],
-            "curve": list(zip(run["step_end_s"], [h["gold"] for h in summary["ppo"]["history"]]))}
+    return {
+        "estimator": name,
+        "samples": f"{prompts} x {gens}",
+        "steps": summary["ppo"]["steps"],
+        "sampled_tokens": run["sampled_tokens"],
+        "gold_sft": ev["sft"]["rewards/gold_reward"],
+        "gold_ppo": ev["ppo"]["rewards/gold_reward"],
+        "proxy_ppo": ev["ppo"]["rewards/reward_model"],
+        "kl": ev["ppo"]["kl"],
+        "ppo_s": run["ppo_s"],
+        "peak_rss_mib": run["peak_rss_mib"],
+        "trainable_params": run["trainable_params"],
+        "curve": list(zip(run["step_end_s"], [h["gold"] for h in summary["ppo"]["history"]])),
+    }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| estimator | prompts x samples | sampled tokens | held-out gold: SFT -> after | proxy (RM) | KL to SFT | PPO wall s | PPO peak RSS MiB | trained params |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| estimator | prompts x samples | sampled tokens | held-out gold: SFT -> after | proxy (RM) | KL to SFT "
+        "| PPO wall s | PPO peak RSS MiB | trained params |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['estimator']} | {r['samples']} | {r['sampled_tokens']} | {r['gold_sft']:.1f} -> **{r['gold_ppo']:.1f}** | "
-                     f"{r['proxy_ppo']:.2f} | {r['kl']:.2f} | {r['ppo_s']:.0f} | {r['peak_rss_mib']:.0f} | {r['trainable_params']:,} |")
+        lines.append(
+            f"| {r['estimator']} | {r['samples']} | {r['sampled_tokens']} | {r['gold_sft']:.1f} -> "
+            f"**{r['gold_ppo']:.1f}** | "
+            f"{r['proxy_ppo']:.2f} | {r['kl']:.2f} | {r['ppo_s']:.0f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['trainable_params']:,} |"
+        )
     return "\n".join(lines)
 
 
@@ -101,9 +120,13 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--quick", action="store_true", help="the demo's smoke sizes (checks the pipeline, not tuned to learn)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the demo's smoke sizes (checks the pipeline, not tuned to learn)"
+    )
     parser.add_argument("--estimators", default="gae,grpo,rloo,reinforce_pp")
-    parser.add_argument("--kl-in-loss", action="store_true", help="KL in the policy loss instead of the reward (every row)")
+    parser.add_argument(
+        "--kl-in-loss", action="store_true", help="KL in the policy loss instead of the reward (every row)"
+    )
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()  # extra: demo overrides (key=value) for every run
     if args.child is not None:
@@ -112,8 +135,14 @@ def main() -> int:
     rows = []
     for name, prompts, gens in [r for r in (QUICK_RUNS if args.quick else RUNS) if r[0] in wanted]:
         out = args.out / name
-        overrides = [f"advantage_estimator={name}", f"ppo_batch_size={prompts}", f"num_generations={gens}",
-                     f"quick={str(args.quick).lower()}", f"kl_in_loss={str(args.kl_in_loss).lower()}", *extra]
+        overrides = [
+            f"advantage_estimator={name}",
+            f"ppo_batch_size={prompts}",
+            f"num_generations={gens}",
+            f"quick={str(args.quick).lower()}",
+            f"kl_in_loss={str(args.kl_in_loss).lower()}",
+            *extra,
+        ]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         print(f"== {name}: {' '.join(overrides)}", flush=True)
         subprocess.run([sys.executable, __file__, "--out", str(out), "--child", *overrides], check=True, env=env)

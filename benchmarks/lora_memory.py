@@ -41,9 +41,18 @@ def child(workload_name: str, lora_r: int, iters: int) -> dict:
         models["ref_model"] = reference  # LoRA: the adapter-disabled policy is the reference
     del reference
     config = PPOConfig(
-        batch_size=w.batch, mini_batch_size=w.mini_batch_size, ppo_epochs=w.ppo_epochs, learning_rate=3e-6,
-        temperature=0.7, kl_coef=0.05, adap_kl_ctrl=False, max_new_tokens=w.response_len, progress_bar=False,
-        lora_r=lora_r, lora_alpha=2 * max(lora_r, 1), lora_critic=bool(lora_r),
+        batch_size=w.batch,
+        mini_batch_size=w.mini_batch_size,
+        ppo_epochs=w.ppo_epochs,
+        learning_rate=3e-6,
+        temperature=0.7,
+        kl_coef=0.05,
+        adap_kl_ctrl=False,
+        max_new_tokens=w.response_len,
+        progress_bar=False,
+        lora_r=lora_r,
+        lora_alpha=2 * max(lora_r, 1),
+        lora_critic=bool(lora_r),
         lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         output_dir="/tmp/lora_memory",
     )
@@ -53,8 +62,19 @@ def child(workload_name: str, lora_r: int, iters: int) -> dict:
         trainer.step(prompts)
     modules = [trainer.policy, trainer.critic.module]
     trainable = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
-    optim_bytes = sum(t.numel() * t.element_size() for opt in trainer.optimizers.values() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-    weights = {id(p): p.numel() * p.element_size() for m in [*modules, trainer.ref_model, models.get("reward_model")] if m is not None for p in m.parameters()}
+    optim_bytes = sum(
+        t.numel() * t.element_size()
+        for opt in trainer.optimizers.values()
+        for s in opt.state.values()
+        for t in s.values()
+        if torch.is_tensor(t)
+    )
+    weights = {
+        id(p): p.numel() * p.element_size()
+        for m in [*modules, trainer.ref_model, models.get("reward_model")]
+        if m is not None
+        for p in m.parameters()
+    }
     return {
         "variant": f"LoRA r={lora_r}" if lora_r else "full",
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -86,8 +106,10 @@ def main() -> int:
     print(f"| {args.workload} | peak RSS MiB | trainable params | optimizer state MiB | weights held MiB |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['variant']} | {row['peak_rss_mib']:.0f} ({row['peak_rss_mib'] / full['peak_rss_mib']:.2f}x) | "
-              f"{row['trainable_params']:,} | {row['optimizer_state_mib']:.1f} | {row['weights_mib']:.1f} |")
+        print(
+            f"| {row['variant']} | {row['peak_rss_mib']:.0f} ({row['peak_rss_mib'] / full['peak_rss_mib']:.2f}x) | "
+            f"{row['trainable_params']:,} | {row['optimizer_state_mib']:.1f} | {row['weights_mib']:.1f} |"
+        )
     return 0
 
 

@@ -88,4 +88,10 @@ def matmul_peak(dtype_name: str, seconds: float = 2.0) -> dict:
         start = time.perf_counter()
         product(a, b, out=out)
         samples.append(2.0 * size**3 / (time.perf_counter() - start) / 1e9)
-    return {"dtype": dtype_name, "n": size, "samples": len(samples), "gflops_median": statistics.median(samples), "gflops_best": max(samples)}
+    return {
+        "dtype": dtype_name,
+        "n": size,
+        "samples": len(samples),
+        "gflops_median": statistics.median(samples),
+        "gflops_best": max(samples),
+    }

@@ -47,16 +47,32 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="warm-up iterations (not measured)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--fp32-matmul", choices=["auto", "mkl", "onednn"], default="auto", help="PPOConfig.fp32_matmul")
-    p.add_argument("--release-memory", action="store_true", help="PPOConfig.host_release_memory: less peak RSS, more time")
-    p.add_argument("--micro-batches", type=int, default=1,
-                   help="PPOConfig.gradient_accumulation_steps: each mini-batch's forward/backward in N pieces (less activation memory; same optimizer steps)")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="PPOConfig.gradient_checkpointing: activations recomputed in backward (less memory, more time)")
+    p.add_argument(
+        "--release-memory", action="store_true", help="PPOConfig.host_release_memory: less peak RSS, more time"
+    )
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="PPOConfig.gradient_accumulation_steps: each mini-batch's forward/backward in N pieces (less activation "
+        "memory; same optimizer steps)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="PPOConfig.gradient_checkpointing: activations recomputed in backward (less memory, more time)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peak-seconds", type=float, default=2.0, help="seconds per dtype for the matmul-peak timing (0: skip)")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help="after the measured iterations, profile one more with torch.profiler: DIR/phases.txt, ops.txt, trace.json")
+    p.add_argument(
+        "--peak-seconds", type=float, default=2.0, help="seconds per dtype for the matmul-peak timing (0: skip)"
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after the measured iterations, profile one more with torch.profiler: DIR/phases.txt, ops.txt, trace.json",
+    )
     return p.parse_args(argv)
 
 
@@ -67,8 +83,16 @@ def system_label(micro_batches: int, gradient_checkpointing: bool) -> str:
     return ", ".join(["ppo-rlhf", *switches])
 
 
-def build_trainer(w, precision: str, seed: int, output_dir: str, fp32_matmul: str = "auto", release_memory: bool = False, micro_batches: int = 1,
-                  gradient_checkpointing: bool = False):
+def build_trainer(
+    w,
+    precision: str,
+    seed: int,
+    output_dir: str,
+    fp32_matmul: str = "auto",
+    release_memory: bool = False,
+    micro_batches: int = 1,
+    gradient_checkpointing: bool = False,
+):
     """The trainer on workload `w`, sampling exactly R tokens per response (no stop token)."""
     from ppo import PPOConfig, PPOTrainer
 
@@ -94,7 +118,14 @@ def build_trainer(w, precision: str, seed: int, output_dir: str, fp32_matmul: st
         seed=seed,
         output_dir=output_dir,
     )
-    trainer = PPOTrainer(config, model=policy, tokenizer=tokenizer, ref_model=reference, reward_model=reward_model, value_model=value_model)
+    trainer = PPOTrainer(
+        config,
+        model=policy,
+        tokenizer=tokenizer,
+        ref_model=reference,
+        reward_model=reward_model,
+        value_model=value_model,
+    )
     # The anchor has no stop token: every response runs to exactly R tokens.
     trainer.sampling = dataclasses.replace(trainer.sampling, stop_token_ids=())
     return trainer, tokenizer, flop_params(policy, value_model, w)
@@ -107,7 +138,9 @@ def run_iteration(trainer, prompts, response_len: int) -> dict:
     busy1, own1 = machine.machine_busy_s(), machine.own_cpu_s()
     lengths = {len(text.split()) for text in stats["generated_texts"]}
     if stats["response_length"] != response_len:
-        raise RuntimeError(f"responses did not run to {response_len} tokens: mean length {stats['response_length']} ({lengths})")
+        raise RuntimeError(
+            f"responses did not run to {response_len} tokens: mean length {stats['response_length']} ({lengths})"
+        )
     record = {"total_s": total, **{f"{name}_s": stats[f"time/{name}_s"] for name in PHASES}}
     record["rollout_s"] = record["generate_s"] + record["score_s"]
     record["own_cpu_s"] = own1 - own0
@@ -129,12 +162,24 @@ def main(argv=None) -> None:
     transformers.utils.logging.set_verbosity_error()
     w = SMOKE if args.workload == "smoke" else WORKLOADS[args.workload]
     # The machine's matmul peak, measured here with the same thread pinning as the run.
-    peaks = {d: machine.matmul_peak(d, args.peak_seconds) for d in ("float32", "float32-onednn", "bfloat16")} if args.peak_seconds > 0 else {}
+    peaks = (
+        {d: machine.matmul_peak(d, args.peak_seconds) for d in ("float32", "float32-onednn", "bfloat16")}
+        if args.peak_seconds > 0
+        else {}
+    )
 
     t_setup = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ppo_bench_") as output_dir:
-        trainer, tokenizer, (n_lm, n_cls) = build_trainer(w, args.precision, args.seed, output_dir, args.fp32_matmul, args.release_memory, args.micro_batches,
-                                                         args.gradient_checkpointing)
+        trainer, tokenizer, (n_lm, n_cls) = build_trainer(
+            w,
+            args.precision,
+            args.seed,
+            output_dir,
+            args.fp32_matmul,
+            args.release_memory,
+            args.micro_batches,
+            args.gradient_checkpointing,
+        )
         batches = build_prompts(w, tokenizer, args.warmup + args.iters + (1 if args.profile else 0), args.seed)
         setup_s = time.perf_counter() - t_setup
         records = [run_iteration(trainer, prompts, w.response_len) for prompts in batches[: args.warmup + args.iters]]

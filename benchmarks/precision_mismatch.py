@@ -51,8 +51,17 @@ def run(model_name: str, precision: str, overrides: dict, sharpness: float, step
     with torch.no_grad():
         policy.model.norm.weight.mul_(sharpness)
     config = PPOConfig(
-        batch_size=16, mini_batch_size=8, gradient_accumulation_steps=2, ppo_epochs=2, max_new_tokens=24,
-        learning_rate=1e-4, temperature=1.0, progress_bar=False, seed=0, precision=precision, fp32_matmul="mkl",
+        batch_size=16,
+        mini_batch_size=8,
+        gradient_accumulation_steps=2,
+        ppo_epochs=2,
+        max_new_tokens=24,
+        learning_rate=1e-4,
+        temperature=1.0,
+        progress_bar=False,
+        seed=0,
+        precision=precision,
+        fp32_matmul="mkl",
         **overrides,
     )
     trainer = PPOTrainer(config, policy, tokenizer, reward_funcs=word_reward)
@@ -60,9 +69,20 @@ def run(model_name: str, precision: str, overrides: dict, sharpness: float, step
     out = []
     for _ in range(steps):
         stats = trainer.step(prompts)
-        out.append({k: stats[k] for k in ("mismatch/logprob_abs_diff", "mismatch/first_ratio_mean", "mismatch/first_clipfrac",
-                                           "mismatch/first_approx_kl", "kl", "entropy")}
-                   | {"tis_weight_mean": stats.get("tis_weight_mean", float("nan"))})
+        out.append(
+            {
+                k: stats[k]
+                for k in (
+                    "mismatch/logprob_abs_diff",
+                    "mismatch/first_ratio_mean",
+                    "mismatch/first_clipfrac",
+                    "mismatch/first_approx_kl",
+                    "kl",
+                    "entropy",
+                )
+            }
+            | {"tis_weight_mean": stats.get("tis_weight_mean", float("nan"))}
+        )
     return out
 
 
@@ -76,7 +96,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    print("| model | sharpness | precision | pi_old from | step | entropy | logprob_abs_diff | first_ratio_mean - 1 | first_approx_kl | first_clipfrac | KL to ref | tis weight |")
+    print(
+        "| model | sharpness | precision | pi_old from | step | entropy | logprob_abs_diff | first_ratio_mean - "
+        "1 | first_approx_kl | first_clipfrac | KL to ref | tis weight |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model_name in args.models.split(","):
         for sharpness in (float(s) for s in args.sharpness.split(",")):
@@ -84,9 +107,13 @@ def main() -> None:
                 for label, overrides in CHOICES.items():
                     start = time.time()
                     for step, s in enumerate(run(model_name, precision, overrides, sharpness, args.steps)):
-                        print(f"| {model_name} | {sharpness:g} | {precision} | {label} | {step} | {s['entropy']:.2f} "
-                              f"| {s['mismatch/logprob_abs_diff']:.2e} | {s['mismatch/first_ratio_mean'] - 1:+.1e} | {s['mismatch/first_approx_kl']:.1e} "
-                              f"| {s['mismatch/first_clipfrac']:.4f} | {s['kl']:+.2e} | {s['tis_weight_mean']:.5f} |", flush=True)
+                        print(
+                            f"| {model_name} | {sharpness:g} | {precision} | {label} | {step} | {s['entropy']:.2f} "
+                            f"| {s['mismatch/logprob_abs_diff']:.2e} | {s['mismatch/first_ratio_mean'] - 1:+.1e} "
+                            f"| {s['mismatch/first_approx_kl']:.1e} "
+                            f"| {s['mismatch/first_clipfrac']:.4f} | {s['kl']:+.2e} | {s['tis_weight_mean']:.5f} |",
+                            flush=True,
+                        )
                     print(f"<!-- {time.time() - start:.1f} s -->", file=sys.stderr)
 
 

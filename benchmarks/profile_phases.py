@@ -37,7 +37,9 @@ def profile_step(trainer, prompts, out_dir: str, top: int = 15) -> str:
     (out / "ops_by_shape.txt").write_text(
         prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=60)
     )
-    summary = phase_summary(prof.events(), {k[5:-2]: v for k, v in stats.items() if k.startswith("time/") and k.endswith("_s")}, top)
+    summary = phase_summary(
+        prof.events(), {k[5:-2]: v for k, v in stats.items() if k.startswith("time/") and k.endswith("_s")}, top
+    )
     (out / "phases.txt").write_text(summary)
     return summary
 

@@ -70,13 +70,29 @@ def add_ratios(rows: list[dict]) -> None:
         anchor = anchors.get(row["workload"])
         if anchor is None or row is anchor or "error" in row:
             continue
-        row["vs_trl"] = {key: row[key] / anchor[key] for key in ("iter_s", "rollout_s", "update_s", "peak_rss_mib", "cpu_s")}
+        row["vs_trl"] = {
+            key: row[key] / anchor[key] for key in ("iter_s", "rollout_s", "update_s", "peak_rss_mib", "cpu_s")
+        }
 
 
 COLUMNS = [
-    "workload", "system", "precision", "s/iter median [min–max]", "generate s", "score s", "update s",
-    "CPU s/iter", "tokens/s", "peak RSS MiB", "GFLOP/s (% peak)", "others' load", "÷TRL s/iter", "÷TRL rollout",
-    "÷TRL update", "÷TRL RSS", "÷TRL CPU s",
+    "workload",
+    "system",
+    "precision",
+    "s/iter median [min–max]",
+    "generate s",
+    "score s",
+    "update s",
+    "CPU s/iter",
+    "tokens/s",
+    "peak RSS MiB",
+    "GFLOP/s (% peak)",
+    "others' load",
+    "÷TRL s/iter",
+    "÷TRL rollout",
+    "÷TRL update",
+    "÷TRL RSS",
+    "÷TRL CPU s",
 ]
 
 
@@ -86,7 +102,11 @@ def _cells(row: dict) -> list[str]:
         return head + [f"not run: {row['error']}"] + [""] * (len(COLUMNS) - 4)
     pct = f" ({row['fraction_of_peak']:.0%})" if row.get("fraction_of_peak") is not None else ""
     ratios = row.get("vs_trl")
-    ratio_cells = [f"{ratios[k]:.2f}x" for k in ("iter_s", "rollout_s", "update_s", "peak_rss_mib", "cpu_s")] if ratios else ["–"] * 5
+    ratio_cells = (
+        [f"{ratios[k]:.2f}x" for k in ("iter_s", "rollout_s", "update_s", "peak_rss_mib", "cpu_s")]
+        if ratios
+        else ["–"] * 5
+    )
     return head + [
         f"{row['iter_s']:.3f} [{row['iter_s_min']:.3f}–{row['iter_s_max']:.3f}]",
         f"{row['generate_s']:.3f}",
@@ -116,7 +136,8 @@ def machine_line(machine: dict, peaks: dict[str, float], load_start, load_end) -
         return "/".join(f"{x:.2f}" for x in load)
 
     return (
-        f"Machine: {machine['cpu']} ({flags}), {machine['logical_cpus']} logical CPUs, {machine['threads']} threads per run; "
+        f"Machine: {machine['cpu']} ({flags}), {machine['logical_cpus']} logical CPUs, {machine['threads']} "
+        "threads per run; "
         f"{versions}. Matmul peak (GFLOP/s, {machine['threads']} threads): {peak_txt}. "
         f"Load average (1/5/15 min) at start {fmt(load_start)}, at end {fmt(load_end)}."
     )

@@ -35,24 +35,47 @@ def parse_args(argv=None):
     p.add_argument("--workloads", default="W1,W2,W3", help="comma-separated: W1, W2, W3")
     p.add_argument("--iters", type=int, default=3, help="measured iterations per run")
     p.add_argument("--warmup", type=int, default=1, help="warm-up iterations per run (not measured)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both",
-                   help="ppo-rlhf precision (TRL is always fp32); bf16 is skipped, with the reason, on a CPU without fast bf16")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "both"],
+        default="both",
+        help="ppo-rlhf precision (TRL is always fp32); bf16 is skipped, with the reason, on a CPU without fast bf16",
+    )
     p.add_argument("--vs", choices=["trl"], default=None, help="also run the TRL 1.12 anchor, alternating")
     p.add_argument("--repeats", type=int, default=1, help="alternating rounds per workload")
-    p.add_argument("--fp32-matmul", choices=["auto", "mkl", "onednn"], default="auto",
-                   help="ppo-rlhf's fp32 linear kernel (PPOConfig.fp32_matmul; auto: the faster of the two, timed at start)")
-    p.add_argument("--release-memory", action="store_true",
-                   help="ppo-rlhf with PPOConfig.host_release_memory (freed heap memory back to the OS: less peak RSS, more time)")
-    p.add_argument("--micro-batches", type=int, default=1,
-                   help="ppo-rlhf with PPOConfig.gradient_accumulation_steps=N (less activation memory, same optimizer steps); rows say so")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="ppo-rlhf with PPOConfig.gradient_checkpointing (activations recomputed in backward); rows say so")
+    p.add_argument(
+        "--fp32-matmul",
+        choices=["auto", "mkl", "onednn"],
+        default="auto",
+        help="ppo-rlhf's fp32 linear kernel (PPOConfig.fp32_matmul; auto: the faster of the two, timed at start)",
+    )
+    p.add_argument(
+        "--release-memory",
+        action="store_true",
+        help="ppo-rlhf with PPOConfig.host_release_memory (freed heap memory back to the OS: less peak RSS, more time)",
+    )
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="ppo-rlhf with PPOConfig.gradient_accumulation_steps=N (less activation memory, same optimizer steps); "
+        "rows say so",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="ppo-rlhf with PPOConfig.gradient_checkpointing (activations recomputed in backward); rows say so",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="toy workload, 1 warm-up + 1 iteration, no TRL (< 30 s)")
     p.add_argument("--json-out", default=None, help="write all runs, rows and the machine description here")
-    p.add_argument("--setup-trl", action="store_true", help="create the TRL venv now if it does not work (see trl_anchor.py)")
-    p.add_argument("--force-bf16", action="store_true", help="run bf16 even on a CPU whose bf16 matmul is far slower than fp32")
+    p.add_argument(
+        "--setup-trl", action="store_true", help="create the TRL venv now if it does not work (see trl_anchor.py)"
+    )
+    p.add_argument(
+        "--force-bf16", action="store_true", help="run bf16 even on a CPU whose bf16 matmul is far slower than fp32"
+    )
     p.add_argument("--run-timeout", type=float, default=1800, help="seconds before one run's process is stopped")
     p.add_argument("-v", "--verbose", action="store_true", help="echo each run's own output")
     args = p.parse_args(argv)
@@ -75,7 +98,15 @@ def launch(cmd: list[str], args) -> dict:
     if args.verbose:
         print("$ " + " ".join(cmd), flush=True)
     try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env(args.threads), timeout=args.run_timeout, cwd=HERE.parent)
+        proc = subprocess.run(
+            cmd,
+            check=False,
+            capture_output=True,
+            text=True,
+            env=child_env(args.threads),
+            timeout=args.run_timeout,
+            cwd=HERE.parent,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.run_timeout:.0f} s"}
     if args.verbose:
@@ -89,9 +120,26 @@ def launch(cmd: list[str], args) -> dict:
 
 
 def run_ppo(workload: str, precision: str, args) -> dict:
-    cmd = [sys.executable, str(HERE / "ppo_bench.py"), "--workload", workload, "--precision", precision,
-           "--iters", str(args.iters), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--seed", str(args.seed), "--peak-seconds", "0.25" if args.smoke else "2", "--fp32-matmul", args.fp32_matmul]
+    cmd = [
+        sys.executable,
+        str(HERE / "ppo_bench.py"),
+        "--workload",
+        workload,
+        "--precision",
+        precision,
+        "--iters",
+        str(args.iters),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+        "--peak-seconds",
+        "0.25" if args.smoke else "2",
+        "--fp32-matmul",
+        args.fp32_matmul,
+    ]
     cmd += ["--release-memory"] if args.release_memory else []
     cmd += ["--micro-batches", str(args.micro_batches)]
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
@@ -103,7 +151,9 @@ def run_ppo(workload: str, precision: str, args) -> dict:
 
 def run_trl(workload: str, venv: Path, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="trl_bench_") as out:
-        cmd = trl_anchor.command(venv, trl_bench_args(WORKLOADS[workload]), args.iters, args.warmup, args.threads, args.seed, out)
+        cmd = trl_anchor.command(
+            venv, trl_bench_args(WORKLOADS[workload]), args.iters, args.warmup, args.threads, args.seed, out
+        )
         result = launch(cmd, args)
     if "error" in result:
         return {"workload": workload, "system": "TRL", "precision": "fp32", **result}
@@ -134,8 +184,10 @@ def summarise(run: dict) -> str:
     def mid(key):
         return sorted(x[key] for x in m)[len(m) // 2]
 
-    return (f"{label} {mid('total_s'):.3f} s/iter (generate {mid('generate_s'):.3f}, score {mid('score_s'):.3f}, "
-            f"update {mid('update_s'):.3f}), peak RSS {run['peak_rss_mib']:.0f} MiB")
+    return (
+        f"{label} {mid('total_s'):.3f} s/iter (generate {mid('generate_s'):.3f}, score {mid('score_s'):.3f}, "
+        f"update {mid('update_s'):.3f}), peak RSS {run['peak_rss_mib']:.0f} MiB"
+    )
 
 
 def main(argv=None) -> int:
@@ -154,7 +206,12 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             for i, precision in enumerate(precisions):
                 if precision == "bf16" and skip_bf16:
-                    run = {"workload": workload, "system": "ppo-rlhf", "precision": "bf16", "error": f"skipped: {skip_bf16}"}
+                    run = {
+                        "workload": workload,
+                        "system": "ppo-rlhf",
+                        "precision": "bf16",
+                        "error": f"skipped: {skip_bf16}",
+                    }
                 else:
                     run = run_ppo(workload, precision, args)
                 runs.append(run)
@@ -167,7 +224,10 @@ def main(argv=None) -> int:
     payload = write_json(args, runs, load_start)
     print("\n" + payload["table"] + "\n")
     print(report.machine_line(payload["machine"], payload["matmul_peak_gflops"], load_start, payload["loadavg_end"]))
-    print(f"({time.perf_counter() - t_start:.0f} s in all; medians over {args.repeats} x {args.iters} measured iterations after {args.warmup} warm-up)")
+    print(
+        f"({time.perf_counter() - t_start:.0f} s in all; medians over {args.repeats} x {args.iters} measured "
+        f"iterations after {args.warmup} warm-up)"
+    )
     return 1 if any("error" in r and not str(r["error"]).startswith("skipped") for r in runs) else 0
 
 
@@ -175,13 +235,26 @@ def write_json(args, runs: list[dict], load_start) -> dict:
     """Rows, table and machine description of the runs so far; written to --json-out if given."""
     peaks = report.matmul_peaks(runs)
     rows = report.aggregate(runs, peaks)
-    info = {"cpu": machine.cpu_model(), "cpu_flags": machine.cpu_flags(), "logical_cpus": os.cpu_count(), "threads": args.threads}
+    info = {
+        "cpu": machine.cpu_model(),
+        "cpu_flags": machine.cpu_flags(),
+        "logical_cpus": os.cpu_count(),
+        "threads": args.threads,
+    }
     info.update(next((r["versions"] for r in runs if r["system"].startswith("ppo-rlhf") and "error" not in r), {}))
     trl_ok = next((r for r in runs if r["system"].startswith("TRL") and "error" not in r), None)
     if trl_ok:
         info["trl"] = trl_ok["versions"]["trl"]
-    payload = {"args": vars(args), "machine": info, "matmul_peak_gflops": peaks, "loadavg_start": load_start,
-               "loadavg_end": machine.loadavg(), "rows": rows, "runs": runs, "table": report.markdown_table(rows)}
+    payload = {
+        "args": vars(args),
+        "machine": info,
+        "matmul_peak_gflops": peaks,
+        "loadavg_start": load_start,
+        "loadavg_end": machine.loadavg(),
+        "rows": rows,
+        "runs": runs,
+        "table": report.markdown_table(rows),
+    }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(payload, indent=1))
     return payload

@@ -69,7 +69,9 @@ def create_venv(venv: Path) -> None:
     for cmd in steps:
         print("[trl] $ " + " ".join(cmd), flush=True)
         if subprocess.run(cmd, check=False).returncode != 0:
-            raise SystemExit(f"[trl] failed: {' '.join(cmd)}\nFix the error above, or point PPO_BENCH_TRL_VENV at a working venv.")
+            raise SystemExit(
+                f"[trl] failed: {' '.join(cmd)}\nFix the error above, or point PPO_BENCH_TRL_VENV at a working venv."
+            )
     if not has_trl(venv):
         raise SystemExit(f"[trl] {venv} was created but does not import trl=={TRL_VERSION} with trl.experimental.ppo")
 
@@ -87,11 +89,23 @@ def ensure_venv(force_setup: bool = False) -> Path:
     return target
 
 
-def command(venv: Path, trl_args: list[str], iters: int, warmup: int, threads: int, seed: int, output_dir: str) -> list[str]:
+def command(
+    venv: Path, trl_args: list[str], iters: int, warmup: int, threads: int, seed: int, output_dir: str
+) -> list[str]:
     return [
-        str(venv_python(venv)), str(bench_script()), *trl_args,
-        "--iters", str(iters), "--warmup", str(warmup), "--threads", str(threads), "--seed", str(seed),
-        "--output-dir", output_dir,
+        str(venv_python(venv)),
+        str(bench_script()),
+        *trl_args,
+        "--iters",
+        str(iters),
+        "--warmup",
+        str(warmup),
+        "--threads",
+        str(threads),
+        "--seed",
+        str(seed),
+        "--output-dir",
+        output_dir,
     ]
 
 

@@ -46,13 +46,19 @@ class Workload:
         return asdict(self)
 
 
-W1 = Workload("W1", vocab=4096, hidden=256, layers=4, batch=16, prompt_len=32, response_len=32, ppo_epochs=4, mini_batches=2)
-W2 = Workload("W2", vocab=8192, hidden=512, layers=8, batch=16, prompt_len=64, response_len=64, ppo_epochs=4, mini_batches=2)
+W1 = Workload(
+    "W1", vocab=4096, hidden=256, layers=4, batch=16, prompt_len=32, response_len=32, ppo_epochs=4, mini_batches=2
+)
+W2 = Workload(
+    "W2", vocab=8192, hidden=512, layers=8, batch=16, prompt_len=64, response_len=64, ppo_epochs=4, mini_batches=2
+)
 # W3 is W1 with long responses and a single optimizer step: it stresses generation.
 W3 = replace(W1, name="W3", response_len=256, ppo_epochs=1, mini_batches=1)
 WORKLOADS = {w.name: w for w in (W1, W2, W3)}
 # `--smoke`: the same pipeline at toy size, for a test that finishes in seconds.
-SMOKE = Workload("smoke", vocab=256, hidden=64, layers=2, batch=4, prompt_len=8, response_len=8, ppo_epochs=2, mini_batches=2)
+SMOKE = Workload(
+    "smoke", vocab=256, hidden=64, layers=2, batch=4, prompt_len=8, response_len=8, ppo_epochs=2, mini_batches=2
+)
 
 
 def trl_bench_args(w: Workload) -> list[str]:
@@ -83,7 +89,9 @@ def build_models(w: Workload, tokenizer, seed: int = 0):
     from ppo.demo.tiny import TinyModelSpec, build_policy, build_reward_model
 
     # head_dim 64 gives H/64 query heads and H/128 key-value heads (the tiny builder halves them).
-    spec = TinyModelSpec(hidden_size=w.hidden, num_layers=w.layers, head_dim=64, intermediate_multiple=3, max_position_embeddings=1024)
+    spec = TinyModelSpec(
+        hidden_size=w.hidden, num_layers=w.layers, head_dim=64, intermediate_multiple=3, max_position_embeddings=1024
+    )
     policy = build_policy(tokenizer, spec, seed=seed)
     reward_model = build_reward_model(tokenizer, spec, seed=seed + 1)
     reference = copy.deepcopy(policy)
@@ -91,7 +99,9 @@ def build_models(w: Workload, tokenizer, seed: int = 0):
     for model in (policy, reference, reward_model, value_model):
         assert all(p.dtype.is_floating_point and p.element_size() == 4 for p in model.parameters())
     cfg = policy.config
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (w.hidden // 64, max(1, w.hidden // 128)), "config drifted from the anchor"
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (w.hidden // 64, max(1, w.hidden // 128)), (
+        "config drifted from the anchor"
+    )
     return policy, reference, reward_model, value_model
 
 

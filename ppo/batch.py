@@ -31,7 +31,7 @@ class PromptBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def repeat(self, n: int) -> "PromptBatch":
+    def repeat(self, n: int) -> PromptBatch:
         """Each prompt n times in a row (prompt i -> rows i*n .. i*n+n-1), for num_generations."""
         if n == 1:
             return self
@@ -99,11 +99,11 @@ class ScoredBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, index: Tensor) -> "ScoredBatch":
+    def select(self, index: Tensor) -> ScoredBatch:
         """Rows `index` of every field (a mini-batch)."""
         return replace(self, **{name: value[index] for name, value in self._tensors().items()})
 
-    def trim_padding(self) -> "ScoredBatch":
+    def trim_padding(self) -> ScoredBatch:
         """Drop prompt columns that are padding in every row and response columns past the longest
         response, so that padding costs no compute in the update."""
         prompt_width = self.input_ids.shape[1] - self.response_width
@@ -120,7 +120,7 @@ class ScoredBatch:
             **trimmed,
         )
 
-    def to(self, device: torch.device | str) -> "ScoredBatch":
+    def to(self, device: torch.device | str) -> ScoredBatch:
         return replace(self, **{name: value.to(device) for name, value in self._tensors().items()})
 
     def _tensors(self) -> dict[str, Tensor]:

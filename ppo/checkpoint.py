@@ -114,7 +114,9 @@ def load_critic_weights(directory: Path, critic_module: torch.nn.Module) -> None
         return
     from transformers import AutoModelForSequenceClassification
 
-    loaded = AutoModelForSequenceClassification.from_pretrained(directory, dtype=next(critic_module.parameters()).dtype, use_safetensors=True)
+    loaded = AutoModelForSequenceClassification.from_pretrained(
+        directory, dtype=next(critic_module.parameters()).dtype, use_safetensors=True
+    )
     critic_module.load_state_dict(loaded.state_dict())
 
 
@@ -132,7 +134,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: str | Path, name: str, policy, tokenizer, critic_module, trainer_state: dict[str, Any], total_limit: int | None = None) -> Path:
+def save_checkpoint(
+    output_dir: str | Path,
+    name: str,
+    policy,
+    tokenizer,
+    critic_module,
+    trainer_state: dict[str, Any],
+    total_limit: int | None = None,
+) -> Path:
     """Write output_dir/name atomically; return its path. Prunes old step_N beyond total_limit.
     Under torchrun rank 0 writes (the models are replicated) while the other ranks wait.
     `critic_module` None (a critic-free estimator): no critic/ directory."""
@@ -234,7 +244,10 @@ def _latest_candidates(output_dir: Path) -> list[Path]:
 def checkpoint_problem(path: Path) -> str | None:
     """Why `path` cannot be resumed from (a missing or damaged file, named), or None."""
     if path.is_dir() and not (path / durable.MANIFEST).exists() and (path / LEGACY_STATE).exists():
-        warnings.warn(f"{path} was written by an older ppo-rlhf: it has no {durable.MANIFEST} to check its files against", stacklevel=3)
+        warnings.warn(
+            f"{path} was written by an older ppo-rlhf: it has no {durable.MANIFEST} to check its files against",
+            stacklevel=3,
+        )
         return None
     return durable.problem(path)
 
@@ -258,7 +271,9 @@ def resolve_checkpoint(output_dir: str | Path, spec: str) -> Path:
             return path
         problems.append(f"{path.name}: {why}")
         warnings.warn(f"resume: skipping {path}: {why}; trying the previous checkpoint", stacklevel=2)
-    raise CheckpointError(f"resume_from_checkpoint='latest': no usable checkpoint in {output_dir} ({'; '.join(problems)})")
+    raise CheckpointError(
+        f"resume_from_checkpoint='latest': no usable checkpoint in {output_dir} ({'; '.join(problems)})"
+    )
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
@@ -272,7 +287,9 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 PLAN_KEYS = ("batch_size", "prompts", "seed")
 
 
-def trainer_state(trainer, epoch: int, next_batch: int, with_optimizers: bool = True, plan: dict | None = None) -> dict[str, Any]:
+def trainer_state(
+    trainer, epoch: int, next_batch: int, with_optimizers: bool = True, plan: dict | None = None
+) -> dict[str, Any]:
     """Everything but the weights that an exact resume needs; `plan`: the data plan of train()."""
     state = {
         "global_step": trainer.global_step,
@@ -307,7 +324,9 @@ def save_training_checkpoint(trainer, out: Path, epoch: int, next_batch: int, pl
 
         models, optimizers = _sharded_parts(trainer)
         state = trainer_state(trainer, epoch, next_batch, with_optimizers=False, plan=plan)
-        return save_sharded_checkpoint(out, name, models, optimizers, trainer.policy, trainer.tokenizer, state, cfg.save_total_limit)
+        return save_sharded_checkpoint(
+            out, name, models, optimizers, trainer.policy, trainer.tokenizer, state, cfg.save_total_limit
+        )
     state = trainer_state(trainer, epoch, next_batch, plan=plan)
     critic = trainer.critic.module if trainer.critic else None  # a critic-free estimator has none to save
     return save_checkpoint(out, name, trainer.policy, trainer.tokenizer, critic, state, cfg.save_total_limit)
@@ -324,14 +343,17 @@ def check_resumable(state: dict[str, Any], path: Path, plan: dict | None, out: P
     if changed:
         raise CheckpointError(
             f"cannot resume from {path}: the batch plan changed since it was written ({', '.join(changed)}), so its "
-            "data position would point at other prompts; resume with the values it was written with, or start a new run")
+            "data position would point at other prompts; resume with the values it was written with, or start a new run"
+        )
     left = (plan["num_epochs"] - state["epoch"]) * plan["batches_per_epoch"] - state["next_batch"]
     if plan.get("max_steps") is not None:
         left = min(left, plan["max_steps"] - state["global_step"])
     if left <= 0 and (Path(out) / "final").exists():
         raise CheckpointError(
             f"nothing to train: {path} is already at the end of this run (epoch {state['epoch']} of num_epochs="
-            f"{plan['num_epochs']}) and {Path(out) / 'final'} holds its finished policy; raise num_epochs to train further")
+            f"{plan['num_epochs']}) and {Path(out) / 'final'} holds its finished policy; raise num_epochs to "
+            "train further"
+        )
 
 
 def restore(trainer, path: Path, plan: dict | None = None, out: Path | None = None) -> tuple[int, int]:
@@ -371,7 +393,9 @@ def _load_model_dirs(trainer, path: Path) -> None:
         missing, unexpected = trainer.policy.load_state_dict(policy_weights, strict=False)
         # Tied embeddings are saved once; anything else missing means a different model.
         if unexpected or [m for m in missing if "lm_head" not in m]:
-            raise ValueError(f"checkpoint {path} does not match the policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"checkpoint {path} does not match the policy (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
     if trainer.critic is not None:
         load_critic_weights(path / "critic", trainer.critic.module)
 
@@ -401,11 +425,19 @@ def repair_metrics(path: Path, through_step: int) -> None:
             row = json.loads(line)
         except ValueError as err:
             if number < len(lines):
-                raise CheckpointError(f"{path} line {number} is not valid JSON ({err}); fix or remove that line, then resume") from None
-            warnings.warn(f"{path}: the last line ({number}) was cut off mid-write, probably by a crash; dropping it", stacklevel=2)
+                raise CheckpointError(
+                    f"{path} line {number} is not valid JSON ({err}); fix or remove that line, then resume"
+                ) from None
+            warnings.warn(
+                f"{path}: the last line ({number}) was cut off mid-write, probably by a crash; dropping it",
+                stacklevel=2,
+            )
             continue
         (kept if row.get("step", 0) <= through_step else later).append(line)
     if later:
-        warnings.warn(f"{path}: dropping {len(later)} line(s) of steps after {through_step}, which the resumed run trains again", stacklevel=2)
+        warnings.warn(
+            f"{path}: dropping {len(later)} line(s) of steps after {through_step}, which the resumed run trains again",
+            stacklevel=2,
+        )
     if len(kept) != len(lines) or not text.endswith("\n"):
         durable.write_text(path, "".join(line + "\n" for line in kept))

@@ -34,17 +34,26 @@ from ppo.checkpoint import (
 from ppo.state_file import UnsafeCheckpointError, write_state
 
 # What DCP's metadata pickles name besides its own classes (torch 2.4-2.13).
-_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-            ("torch.distributed.checkpoint.filesystem", "_StorageInfo")} | {
-            ("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")}
+_ALLOWED = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+} | {("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        allowed = (module, name) in _ALLOWED or module == "torch.distributed.checkpoint.metadata" or (
-            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        allowed = (
+            (module, name) in _ALLOWED
+            or module == "torch.distributed.checkpoint.metadata"
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
         if not allowed:
-            raise UnsafeCheckpointError(f"{self.path}: refusing to load {module}.{name}: DCP metadata never needs it, and loading it could run code")
+            raise UnsafeCheckpointError(
+                f"{self.path}: refusing to load {module}.{name}: DCP metadata never needs it, and loading it "
+                "could run code"
+            )
         return super().find_class(module, name)
 
 
@@ -88,19 +97,31 @@ def _safe_load(state: dict[str, Any], directory: Path) -> None:
     dcp.load(state, storage_reader=reader, planner=SafePlanner())
 
 
-def _sharded_state(models: dict[str, torch.nn.Module], optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]) -> dict[str, Any]:
+def _sharded_state(
+    models: dict[str, torch.nn.Module], optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]
+) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
     state = {name: get_model_state_dict(module) for name, module in models.items()}
-    state.update({f"optimizer/{name}": get_optimizer_state_dict(module, opt) for name, (module, opt) in optimizers.items()})
+    state.update(
+        {f"optimizer/{name}": get_optimizer_state_dict(module, opt) for name, (module, opt) in optimizers.items()}
+    )
     return state
 
 
-def save_sharded_checkpoint(output_dir: str | Path, name: str, models: dict[str, torch.nn.Module], optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
-                            config_model, tokenizer, trainer_state: dict[str, Any], total_limit: int | None = None) -> Path:
+def save_sharded_checkpoint(
+    output_dir: str | Path,
+    name: str,
+    models: dict[str, torch.nn.Module],
+    optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
+    config_model,
+    tokenizer,
+    trainer_state: dict[str, Any],
+    total_limit: int | None = None,
+) -> Path:
     """Every rank writes its shards of `models` and `optimizers` ({name: (model, optimizer)})
     through DCP; rank 0 adds the model config, tokenizer and trainer_state, then publishes."""
     import torch.distributed.checkpoint as dcp
@@ -108,7 +129,9 @@ def save_sharded_checkpoint(output_dir: str | Path, name: str, models: dict[str,
     output_dir = Path(output_dir)
     bad = [f"{owner}: {err}" for owner, module in models.items() for err in _nonfinite(owner, module)]
     if dist.all_reduce_sum([len(bad)])[0]:  # every rank refuses together
-        raise FloatingPointError(f"weights hold NaN/inf ({'; '.join(bad) or 'on another rank'}); not writing a checkpoint")
+        raise FloatingPointError(
+            f"weights hold NaN/inf ({'; '.join(bad) or 'on another rank'}); not writing a checkpoint"
+        )
     tmp = output_dir / f"{durable.TMP_PREFIX}{name}"
     if dist.is_main():
         tmp = fresh_tmp(output_dir, name)
@@ -136,7 +159,9 @@ def _nonfinite(owner: str, module: torch.nn.Module) -> list[str]:
     return []
 
 
-def load_sharded_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]) -> None:
+def load_sharded_checkpoint(
+    path: Path, models: dict[str, torch.nn.Module], optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]
+) -> None:
     """Load a DCP checkpoint into sharded or plain models on any number of ranks (DCP reshards)."""
     from torch.distributed.checkpoint.state_dict import (
         set_model_state_dict,

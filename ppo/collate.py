@@ -46,7 +46,10 @@ def encode_prompt_completion(tokenizer, prompt: str, completion: str, max_length
         completion_ids = completion_ids + [tokenizer.eos_token_id]
     if len(prompt_ids) + len(completion_ids) > max_length:
         # One constant message: Python shows it once, not once per row.
-        warnings.warn(f"prompt + completion pairs longer than max_length={max_length} were cut (the prompt from its left first)", stacklevel=2)
+        warnings.warn(
+            f"prompt + completion pairs longer than max_length={max_length} were cut (the prompt from its left first)",
+            stacklevel=2,
+        )
     # Keep at least one prompt token: the first completion token is predicted from the position before it.
     completion_ids = completion_ids[: max_length - min(1, len(prompt_ids))]
     prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(completion_ids) - max_length) :]
@@ -58,7 +61,9 @@ def sft_labels(ids: list[int], n_prompt: int) -> list[int]:
     return [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
 
 
-def collate(sequences: list[list[int]], pad_id: int, labels: list[list[int]] | None = None, padding_side: str = "right") -> TokenBatch:
+def collate(
+    sequences: list[list[int]], pad_id: int, labels: list[list[int]] | None = None, padding_side: str = "right"
+) -> TokenBatch:
     """Pad token lists into a `TokenBatch` `[B, T]`; labels are padded with -100."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)

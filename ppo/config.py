@@ -44,7 +44,9 @@ class PPOConfig:
 
     # --- models and data (used by the CLI recipes; the Python API takes model objects) ---
     model_name_or_path: str | None = opt(None, "Policy: a Hugging Face model directory or hub name.")
-    reward_model_path: str | None = opt(None, "Reward model directory (AutoModelForSequenceClassification, num_labels=1).")
+    reward_model_path: str | None = opt(
+        None, "Reward model directory (AutoModelForSequenceClassification, num_labels=1)."
+    )
     value_model_path: str | None = opt(None, "Critic to start from; default: the reward model, else the policy.")
     ref_model_path: str | None = opt(None, "Frozen reference; default: a copy of the starting policy.")
     prompts_file: str | None = opt(None, "Prompts: a text file (one per line) or a JSONL/JSON/CSV/Parquet file.")
@@ -52,8 +54,17 @@ class PPOConfig:
     prompt_column: str = opt("prompt", "Dataset column holding the prompt (a string or chat messages).")
     reward_funcs: list = opt([], "Reward functions: built-in names or `module:function` / `file.py:function`.")
     reward_weights: list | None = opt(None, "One weight per reward source: the reward model first, then each function.")
-    reward_timeout_s: float | None = opt(300.0, "Seconds one call of a reward function may take before the run stops with an error naming it (0 or None: no limit). The call runs in a worker thread, which Python cannot kill: a function that never returns keeps that thread until the process ends.")
-    reward_max_abs: float | None = opt(1e4, "Largest |value| a reward function may return; a larger one is refused as a bug, naming the function and the sample (None: no bound).")
+    reward_timeout_s: float | None = opt(
+        300.0,
+        "Seconds one call of a reward function may take before the run stops with an error naming it (0 or None: "
+        "no limit). The call runs in a worker thread, which Python cannot kill: a function that never returns "
+        "keeps that thread until the process ends.",
+    )
+    reward_max_abs: float | None = opt(
+        1e4,
+        "Largest |value| a reward function may return; a larger one is refused as a bug, naming the function and "
+        "the sample (None: no bound).",
+    )
     num_epochs: int = opt(1, "Passes over the prompt set.")
     max_length: int | None = opt(None, "Cap on prompt + response tokens; longer prompts are cut from the left.")
 
@@ -64,11 +75,23 @@ class PPOConfig:
     batch_size: int = opt(4, "Prompts per PPO iteration (global, across all ranks).")
     mini_batch_size: int | None = opt(None, "Samples per optimizer step; None: the whole rollout (one step per epoch).")
     gradient_accumulation_steps: int = opt(1, "Micro-batches each mini-batch is split into (memory, not maths).")
-    forward_batch_size: int | None = opt(None, "Sequences per no-grad forward when scoring a rollout (policy, reference, critic, reward model); None: the update's micro-batch size. Memory, not maths.")
+    forward_batch_size: int | None = opt(
+        None,
+        "Sequences per no-grad forward when scoring a rollout (policy, reference, critic, reward model); None: "
+        "the update's micro-batch size. Memory, not maths.",
+    )
     ppo_epochs: int = opt(4, "Passes of the update over each rollout.")
-    lr_scheduler: str = opt("constant", "Learning-rate schedule of policy and critic over the PPO steps: constant, linear or cosine (decaying towards 0).")
-    lr_schedule_steps: int | None = opt(None, "Steps the schedule spans; None: the steps train() runs (set it when you call step() yourself).")
-    warmup_steps: int = opt(0, "Steps of linear learning-rate warm-up at the start (from 1/(warmup_steps+1) of the rate).")
+    lr_scheduler: str = opt(
+        "constant",
+        "Learning-rate schedule of policy and critic over the PPO steps: constant, linear or cosine (decaying "
+        "towards 0).",
+    )
+    lr_schedule_steps: int | None = opt(
+        None, "Steps the schedule spans; None: the steps train() runs (set it when you call step() yourself)."
+    )
+    warmup_steps: int = opt(
+        0, "Steps of linear learning-rate warm-up at the start (from 1/(warmup_steps+1) of the rate)."
+    )
     max_grad_norm: float | None = opt(1.0, "Gradient-norm clip per model; None disables.")
     seed: int = opt(0, "Seeds sampling, shuffling and initialisation.")
 
@@ -82,10 +105,25 @@ class PPOConfig:
     whiten_advantages: bool = opt(True, "Normalise advantages over the batch's real tokens.")
     whiten_rewards: bool = opt(False, "Normalise per-token rewards (mean kept) before GAE.")
     reward_clip: float | None = opt(None, "Clip scores to [-reward_clip, reward_clip] before the KL penalty.")
-    approx_kl_stop: float | None = opt(None, "Skip a rollout's remaining update epochs when an epoch's mean approx-KL (over its mini-batches, all ranks) exceeds this.")
-    advantage_estimator: str = opt("gae", "gae (PPO with a critic), grpo (group-normalised outcome reward), rloo (leave-one-out baseline) or reinforce_pp (REINFORCE++: batch-normalised discounted returns); the last three train no critic. See docs/estimators.md.")
-    grpo_scale_rewards: bool = opt(True, "grpo: divide each group's centred rewards by the group's std (False: Dr. GRPO).")
-    critic_warmup_steps: int = opt(0, "gae: the first N iterations train only the critic on their rollouts (the policy and the KL coefficient stay put).")
+    approx_kl_stop: float | None = opt(
+        None,
+        "Skip a rollout's remaining update epochs when an epoch's mean approx-KL (over its mini-batches, all "
+        "ranks) exceeds this.",
+    )
+    advantage_estimator: str = opt(
+        "gae",
+        "gae (PPO with a critic), grpo (group-normalised outcome reward), rloo (leave-one-out baseline) or "
+        "reinforce_pp (REINFORCE++: batch-normalised discounted returns); the last three train no critic. See "
+        "docs/estimators.md.",
+    )
+    grpo_scale_rewards: bool = opt(
+        True, "grpo: divide each group's centred rewards by the group's std (False: Dr. GRPO)."
+    )
+    critic_warmup_steps: int = opt(
+        0,
+        "gae: the first N iterations train only the critic on their rollouts (the policy and the KL coefficient "
+        "stay put).",
+    )
 
     # --- KL to the reference ---
     kl_coef: float = opt(0.1, "Initial KL penalty coefficient.")
@@ -93,7 +131,11 @@ class PPOConfig:
     target_kl: float = opt(0.01, "Target of the adaptive controller (summed KL per response).")
     kl_horizon: int = opt(10000, "Horizon of the adaptive controller.")
     kl_estimator: str = opt("k1", "Per-token KL estimator in the reward: k1, k2 or k3.")
-    kl_in_loss: bool = opt(False, "Put the KL to the reference in the policy loss (coefficient: the KL controller's value) instead of the reward, as the GRPO family does.")
+    kl_in_loss: bool = opt(
+        False,
+        "Put the KL to the reference in the policy loss (coefficient: the KL controller's value) instead of the "
+        "reward, as the GRPO family does.",
+    )
     kl_loss_estimator: str = opt("k3", "KL estimator of kl_in_loss: k1, k2 or k3 (k1's gradient is 0 in expectation).")
 
     # --- sampling ---
@@ -107,40 +149,93 @@ class PPOConfig:
 
     # --- models ---
     value_head: str = opt("separate", "'separate': its own critic model; 'shared': a value head on the policy.")
-    precision: str = opt("auto", "auto: bf16 autocast where the hardware is fast at it (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32; or fp32, bf16.")
-    fp32_matmul: str = opt("auto", "CPU kernel of fp32 linear layers: auto (times both on the model's layer shapes at start and takes oneDNN if >= 25% faster, as on AMD CPUs with AVX-512 where MKL runs only AVX2 kernels), mkl, onednn. Same fp32 arithmetic; results differ by float rounding only.")
+    precision: str = opt(
+        "auto",
+        "auto: bf16 autocast where the hardware is fast at it (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32; or "
+        "fp32, bf16.",
+    )
+    fp32_matmul: str = opt(
+        "auto",
+        "CPU kernel of fp32 linear layers: auto (times both on the model's layer shapes at start and takes "
+        "oneDNN if >= 25% faster, as on AMD CPUs with AVX-512 where MKL runs only AVX2 kernels), mkl, onednn. "
+        "Same fp32 arithmetic; results differ by float rounding only.",
+    )
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
-    rollout_logprobs: bool | str = opt("auto", "Where pi_old's log-probs come from. true: the sampling pass (no second policy forward; same maths, float rounding apart); false: a scoring forward, the computation the update repeats, so the first PPO ratio is 1 to rounding; auto: the sampling pass in fp32, a scoring forward under bf16 (there the KV-cache decode rounds differently; docs/precision.md) or with tis_cap.")
-    tis_cap: float | None = opt(None, "Truncated importance sampling (Yao et al., 2025): weight each token's policy loss by min(pi_old / pi_rollout, tis_cap), pi_old from the scoring forward, pi_rollout from the sampling pass, correcting for their mismatch. Needs rollout_logprobs false or auto. None: off.")
-    prune_last_layer: bool = opt(True, "Run the models' last decoder layer only at the positions that are read (the states before response tokens; a reward model's last token): keys and values everywhere, queries and MLP there only. Same maths, float rounding apart; Qwen3/Qwen2/Llama without gradient checkpointing.")
-    lean_decode: bool = opt(True, "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same maths, float rounding apart; faster sampling on CPU, see docs/performance.md). Other models, and adapters, always use their forward.")
-    host_release_memory: bool = opt(False, "CPU runs: hand freed heap memory back to the OS (glibc malloc_trim) before and after sampling, after scoring and after each model's pass of the update: a lower peak RSS for some time (pages fault back in; see docs/performance.md). glibc only.")
+    rollout_logprobs: bool | str = opt(
+        "auto",
+        "Where pi_old's log-probs come from. true: the sampling pass (no second policy forward; same maths, "
+        "float rounding apart); false: a scoring forward, the computation the update repeats, so the first PPO "
+        "ratio is 1 to rounding; auto: the sampling pass in fp32, a scoring forward under bf16 (there the "
+        "KV-cache decode rounds differently; docs/precision.md) or with tis_cap.",
+    )
+    tis_cap: float | None = opt(
+        None,
+        "Truncated importance sampling (Yao et al., 2025): weight each token's policy loss by min(pi_old / "
+        "pi_rollout, tis_cap), pi_old from the scoring forward, pi_rollout from the sampling pass, correcting "
+        "for their mismatch. Needs rollout_logprobs false or auto. None: off.",
+    )
+    prune_last_layer: bool = opt(
+        True,
+        "Run the models' last decoder layer only at the positions that are read (the states before response "
+        "tokens; a reward model's last token): keys and values everywhere, queries and MLP there only. Same "
+        "maths, float rounding apart; Qwen3/Qwen2/Llama without gradient checkpointing.",
+    )
+    lean_decode: bool = opt(
+        True,
+        "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same "
+        "maths, float rounding apart; faster sampling on CPU, see docs/performance.md). Other models, and "
+        "adapters, always use their forward.",
+    )
+    host_release_memory: bool = opt(
+        False,
+        "CPU runs: hand freed heap memory back to the OS (glibc malloc_trim) before and after sampling, after "
+        "scoring and after each model's pass of the update: a lower peak RSS for some time (pages fault back in; "
+        "see docs/performance.md). glibc only.",
+    )
 
     # --- LoRA (peft) ---
     lora_r: int = opt(0, "LoRA rank of the policy's adapter (0: full fine-tuning).")
     lora_alpha: int = opt(16, "LoRA scaling numerator (scale = lora_alpha / lora_r).")
     lora_dropout: float = opt(0.0, "Dropout inside the adapter (kept 0 in rollout/update by design).")
-    lora_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get adapters ('all-linear' works too).")
+    lora_target_modules: list = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get adapters ('all-linear' works too)."
+    )
     lora_critic: bool = opt(False, "Give the separate critic its own LoRA adapter instead of full weights.")
-    save_merged: bool = opt(False, "With LoRA, also write merged/ inside each saved model directory (output_dir/final/merged): the adapter merged into the base.")
+    save_merged: bool = opt(
+        False,
+        "With LoRA, also write merged/ inside each saved model directory (output_dir/final/merged): the adapter "
+        "merged into the base.",
+    )
     optimizer: str = opt("adamw", "adamw, or adamw_8bit (bitsandbytes, CUDA only).")
 
     # --- output ---
     output_dir: str = opt("ppo_output", "Where metrics, checkpoints and the final model go.")
     save_steps: int = opt(0, "Checkpoint every N steps (0: only the final model).")
     save_total_limit: int | None = opt(None, "Keep at most this many step_N checkpoints.")
-    save_on_interrupt: bool = opt(True, "On SIGINT/SIGTERM, finish the step in progress and save a checkpoint before stopping.")
+    save_on_interrupt: bool = opt(
+        True, "On SIGINT/SIGTERM, finish the step in progress and save a checkpoint before stopping."
+    )
     logging_steps: int = opt(1, "Write a metrics line every N steps.")
     progress_bar: bool = opt(True, "Show a progress bar during train().")
     resume_from_checkpoint: str | None = opt(None, "A step_N directory or 'latest' in output_dir.")
-    overwrite: bool = opt(False, "Start again in an output_dir that holds another run or a finished one (otherwise refused): its outputs (config.yaml, metrics.jsonl, step_N/, latest, final/) are removed once the new run has loaded; other files there stay.")
+    overwrite: bool = opt(
+        False,
+        "Start again in an output_dir that holds another run or a finished one (otherwise refused): its outputs "
+        "(config.yaml, metrics.jsonl, step_N/, latest, final/) are removed once the new run has loaded; other "
+        "files there stay.",
+    )
     report_to: list = opt([], "Extra metric backends: tensorboard, wandb (metrics.jsonl is always written).")
     skip_bad_rows: bool = opt(False, "Log and skip malformed dataset rows instead of stopping.")
     torch_dtype: str = opt("float32", "dtype the models are loaded in: float32, bfloat16, float16 or auto.")
 
     # --- scaling out (under torchrun; ignored in one process) ---
-    strategy: str = opt("ddp", "Data parallelism under torchrun: ddp (replicated models) or fsdp (FSDP2: sharded policy, critic, reference).")
-    dist_timeout_s: float = opt(1800.0, "Seconds a collective waits for the other ranks before the run fails (a crashed or hung rank).")
+    strategy: str = opt(
+        "ddp",
+        "Data parallelism under torchrun: ddp (replicated models) or fsdp (FSDP2: sharded policy, critic, reference).",
+    )
+    dist_timeout_s: float = opt(
+        1800.0, "Seconds a collective waits for the other ranks before the run fails (a crashed or hung rank)."
+    )
 
     def __post_init__(self) -> None:
         validate(self, PPO_RULES)  # every field's type, then each key's rule (the table below)
@@ -158,14 +253,23 @@ class PPOConfig:
         check_range(self, "critic_warmup_steps", self.critic_warmup_steps, 0)
         name = self.advantage_estimator
         if name in GROUP_ESTIMATORS and self.num_generations < 2:
-            raise ConfigError(f"advantage_estimator={name} compares the samples of each prompt: it needs num_generations >= 2, "
-                              f"got num_generations={self.num_generations}")
+            raise ConfigError(
+                f"advantage_estimator={name} compares the samples of each prompt: it needs num_generations >= 2, "
+                f"got num_generations={self.num_generations}"
+            )
         if name in GROUP_ESTIMATORS and self.whiten_rewards:
-            raise ConfigError(f"whiten_rewards would mix the groups of advantage_estimator={name}; it applies to gae and reinforce_pp only")
+            raise ConfigError(
+                f"whiten_rewards would mix the groups of advantage_estimator={name}; it applies to gae and "
+                "reinforce_pp only"
+            )
         if not self.uses_critic and self.critic_warmup_steps:
-            raise ConfigError(f"critic_warmup_steps={self.critic_warmup_steps}: advantage_estimator={name} trains no critic")
+            raise ConfigError(
+                f"critic_warmup_steps={self.critic_warmup_steps}: advantage_estimator={name} trains no critic"
+            )
         if not self.uses_critic and self.value_model_path:
-            raise ConfigError(f"value_model_path={self.value_model_path!r}: advantage_estimator={name} trains no critic")
+            raise ConfigError(
+                f"value_model_path={self.value_model_path!r}: advantage_estimator={name} trains no critic"
+            )
 
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
@@ -175,60 +279,120 @@ GROUP_ESTIMATORS = ("grpo", "rloo")  # a baseline from the other samples of the 
 # What each key of PPOConfig must be (its type comes from the annotation; None passes where the type
 # allows it). Keys without a rule are flags, paths, names or lists, checked in `_check_ppo_relations`.
 PPO_RULES = {
-    "num_epochs": at_least(1), "max_length": at_least(2),
-    "learning_rate": above(0), "value_learning_rate": above(0), "weight_decay": at_least(0),
-    "batch_size": at_least(1), "mini_batch_size": at_least(1), "gradient_accumulation_steps": at_least(1),
-    "forward_batch_size": at_least(1), "ppo_epochs": at_least(1), "lr_scheduler": one_of(*SCHEDULES),
-    "lr_schedule_steps": at_least(1), "warmup_steps": at_least(0), "max_grad_norm": above(0), "seed": at_least(0),
-    "gamma": between(0, 1), "lam": between(0, 1), "clip_range": above(0), "clip_range_value": above(0),
-    "vf_coef": at_least(0), "entropy_coef": FINITE, "reward_clip": above(0), "approx_kl_stop": above(0),
-    "kl_coef": at_least(0), "target_kl": above(0), "kl_horizon": at_least(1), "kl_estimator": one_of("k1", "k2", "k3"),
-    "max_new_tokens": at_least(1), "temperature": above(0), "top_k": at_least(0), "top_p": between(0, 1, low_open=True),
-    "num_generations": at_least(1), "missing_eos_penalty": at_least(0),
-    "value_head": one_of("separate", "shared"), "precision": one_of("fp32", "bf16", "auto"),
+    "num_epochs": at_least(1),
+    "max_length": at_least(2),
+    "learning_rate": above(0),
+    "value_learning_rate": above(0),
+    "weight_decay": at_least(0),
+    "batch_size": at_least(1),
+    "mini_batch_size": at_least(1),
+    "gradient_accumulation_steps": at_least(1),
+    "forward_batch_size": at_least(1),
+    "ppo_epochs": at_least(1),
+    "lr_scheduler": one_of(*SCHEDULES),
+    "lr_schedule_steps": at_least(1),
+    "warmup_steps": at_least(0),
+    "max_grad_norm": above(0),
+    "seed": at_least(0),
+    "gamma": between(0, 1),
+    "lam": between(0, 1),
+    "clip_range": above(0),
+    "clip_range_value": above(0),
+    "vf_coef": at_least(0),
+    "entropy_coef": FINITE,
+    "reward_clip": above(0),
+    "approx_kl_stop": above(0),
+    "kl_coef": at_least(0),
+    "target_kl": above(0),
+    "kl_horizon": at_least(1),
+    "kl_estimator": one_of("k1", "k2", "k3"),
+    "max_new_tokens": at_least(1),
+    "temperature": above(0),
+    "top_k": at_least(0),
+    "top_p": between(0, 1, low_open=True),
+    "num_generations": at_least(1),
+    "missing_eos_penalty": at_least(0),
+    "value_head": one_of("separate", "shared"),
+    "precision": one_of("fp32", "bf16", "auto"),
     "fp32_matmul": one_of("auto", "mkl", "onednn"),
-    "lora_r": at_least(0), "lora_alpha": above(0), "lora_dropout": between(0, 1, high_open=True),
+    "lora_r": at_least(0),
+    "lora_alpha": above(0),
+    "lora_dropout": between(0, 1, high_open=True),
     "optimizer": one_of("adamw", "adamw_8bit"),
-    "save_steps": at_least(0), "save_total_limit": at_least(1), "logging_steps": at_least(1),
-    "torch_dtype": one_of("float32", "bfloat16", "float16", "auto"), "strategy": one_of("ddp", "fsdp"),
-    "advantage_estimator": one_of(*ADVANTAGE_ESTIMATORS), "kl_loss_estimator": one_of("k1", "k2", "k3"),
-    "critic_warmup_steps": at_least(0), "tis_cap": at_least(1),
-    "dist_timeout_s": above(0), "reward_timeout_s": at_least(0), "reward_max_abs": above(0),
-    "output_dir": TEXT, "prompt_column": TEXT,
+    "save_steps": at_least(0),
+    "save_total_limit": at_least(1),
+    "logging_steps": at_least(1),
+    "torch_dtype": one_of("float32", "bfloat16", "float16", "auto"),
+    "strategy": one_of("ddp", "fsdp"),
+    "advantage_estimator": one_of(*ADVANTAGE_ESTIMATORS),
+    "kl_loss_estimator": one_of("k1", "k2", "k3"),
+    "critic_warmup_steps": at_least(0),
+    "tis_cap": at_least(1),
+    "dist_timeout_s": above(0),
+    "reward_timeout_s": at_least(0),
+    "reward_max_abs": above(0),
+    "output_dir": TEXT,
+    "prompt_column": TEXT,
 }
 
 
 def _check_ppo_relations(cfg: PPOConfig) -> None:
     """The rules that involve two keys, and the items of list keys."""
-    check_list_items(cfg, "reward_funcs", lambda f: callable(f) or (isinstance(f, str) and f.strip() != ""),
-                     "a built-in name, `module:function`, `file.py:function` or a callable")
+    check_list_items(
+        cfg,
+        "reward_funcs",
+        lambda f: callable(f) or (isinstance(f, str) and f.strip() != ""),
+        "a built-in name, `module:function`, `file.py:function` or a callable",
+    )
     check_list_items(cfg, "reward_weights", lambda w: FINITE.allows(w), "a finite number")
     check_list_items(cfg, "stop_strings", lambda x: isinstance(x, str) and x != "", "a non-empty string")
     check_list_items(cfg, "lora_target_modules", lambda x: isinstance(x, str) and x != "", "a module name")
-    check_list_items(cfg, "report_to", lambda x: x in ("tensorboard", "wandb", "none", "jsonl"), "one of tensorboard, wandb, none")
+    check_list_items(
+        cfg, "report_to", lambda x: x in ("tensorboard", "wandb", "none", "jsonl"), "one of tensorboard, wandb, none"
+    )
     rollout = cfg.batch_size * cfg.num_generations
     if cfg.mini_batch_size is not None and cfg.mini_batch_size > rollout:
-        raise ConfigError(f"PPOConfig.mini_batch_size must be <= the {rollout} samples of one rollout (batch_size {cfg.batch_size} "
-                          f"x num_generations {cfg.num_generations}), got {cfg.mini_batch_size}", key="mini_batch_size")
+        raise ConfigError(
+            f"PPOConfig.mini_batch_size must be <= the {rollout} samples of one rollout (batch_size {cfg.batch_size} "
+            f"x num_generations {cfg.num_generations}), got {cfg.mini_batch_size}",
+            key="mini_batch_size",
+        )
     mini = cfg.mini_batch_size or rollout
     if rollout % mini:
-        warnings.warn(f"mini_batch_size {mini} does not divide the rollout of {rollout} samples: each epoch's last "
-                      f"mini-batch has {rollout % mini}", stacklevel=3)
+        warnings.warn(
+            f"mini_batch_size {mini} does not divide the rollout of {rollout} samples: each epoch's last "
+            f"mini-batch has {rollout % mini}",
+            stacklevel=3,
+        )
     if cfg.gradient_accumulation_steps > mini:
-        raise ConfigError(f"PPOConfig.gradient_accumulation_steps must be <= the mini-batch's {mini} samples (it splits each "
-                          f"mini-batch into that many micro-batches), got {cfg.gradient_accumulation_steps}", key="gradient_accumulation_steps")
+        raise ConfigError(
+            f"PPOConfig.gradient_accumulation_steps must be <= the mini-batch's {mini} samples (it splits each "
+            f"mini-batch into that many micro-batches), got {cfg.gradient_accumulation_steps}",
+            key="gradient_accumulation_steps",
+        )
     if cfg.lr_schedule_steps is not None and cfg.warmup_steps > cfg.lr_schedule_steps:
-        raise ConfigError(f"PPOConfig.warmup_steps must be <= lr_schedule_steps ({cfg.lr_schedule_steps}), got {cfg.warmup_steps}", key="warmup_steps")
+        raise ConfigError(
+            f"PPOConfig.warmup_steps must be <= lr_schedule_steps ({cfg.lr_schedule_steps}), got {cfg.warmup_steps}",
+            key="warmup_steps",
+        )
     if not (isinstance(cfg.rollout_logprobs, bool) or cfg.rollout_logprobs == "auto"):
-        raise ConfigError(f"PPOConfig.rollout_logprobs must be true, false or auto; got {cfg.rollout_logprobs!r}",
-                          key="rollout_logprobs")
+        raise ConfigError(
+            f"PPOConfig.rollout_logprobs must be true, false or auto; got {cfg.rollout_logprobs!r}",
+            key="rollout_logprobs",
+        )
     if cfg.tis_cap is not None and cfg.rollout_logprobs is True:
-        raise ConfigError("PPOConfig.tis_cap weights pi_old (a scoring forward) against the sampling pass; with "
-                          "rollout_logprobs=true they are the same numbers and every weight is 1: set rollout_logprobs=auto "
-                          "or false", key="tis_cap")
+        raise ConfigError(
+            "PPOConfig.tis_cap weights pi_old (a scoring forward) against the sampling pass; with "
+            "rollout_logprobs=true they are the same numbers and every weight is 1: set rollout_logprobs=auto "
+            "or false",
+            key="tis_cap",
+        )
     if cfg.resume_from_checkpoint and cfg.overwrite:
-        raise ConfigError("PPOConfig: resume_from_checkpoint and overwrite=true contradict each other (overwrite would delete "
-                          "the run being resumed); set only one", key="overwrite")
+        raise ConfigError(
+            "PPOConfig: resume_from_checkpoint and overwrite=true contradict each other (overwrite would delete "
+            "the run being resumed); set only one",
+            key="overwrite",
+        )
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     return build_config(cls, values, source, origins)
 
 
-def build_config(cls: type[C], values: dict[str, Any], source: str = "arguments", origins: dict[str, str] | None = None) -> C:
+def build_config(
+    cls: type[C], values: dict[str, Any], source: str = "arguments", origins: dict[str, str] | None = None
+) -> C:
     """Instantiate `cls` from a flat dict, checking every key and coercing simple types.
     Errors name the key's origin (`origins[key]`: a file or an override), else `source`."""
     fields = {f.name: f for f in dataclasses.fields(cls)}

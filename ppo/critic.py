@@ -23,7 +23,9 @@ class SeparateCritic:
         # The Hugging Face model itself, LoRA layers injected: its backbone and head are read directly.
         self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
 
-    def values(self, input_ids: Tensor, attention_mask: Tensor, response_width: int, policy_hidden: Tensor | None) -> Tensor:
+    def values(
+        self, input_ids: Tensor, attention_mask: Tensor, response_width: int, policy_hidden: Tensor | None
+    ) -> Tensor:
         return token_values(self.model, input_ids, attention_mask, response_width)
 
 
@@ -38,7 +40,9 @@ class SharedCritic:
         nn.init.zeros_(self.module.weight)
         nn.init.zeros_(self.module.bias)
 
-    def values(self, input_ids: Tensor, attention_mask: Tensor, response_width: int, policy_hidden: Tensor | None) -> Tensor:
+    def values(
+        self, input_ids: Tensor, attention_mask: Tensor, response_width: int, policy_hidden: Tensor | None
+    ) -> Tensor:
         if policy_hidden is None:
             raise ValueError("SharedCritic needs the policy's hidden states")
         return read_head(self.module, policy_hidden).squeeze(-1)  # fp32 even under bf16 autocast

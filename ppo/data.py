@@ -7,7 +7,8 @@ rendered with the tokenizer's chat template and its generation prompt.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -18,12 +19,17 @@ def render_prompt(tokenizer, prompt: Any, index: int | None = None) -> str:
     """The text the policy sees for one prompt."""
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+    if isinstance(prompt, (list, tuple)) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in prompt
+    ):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"prompt {index} is a list of chat messages but the tokenizer has no chat template")
         return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
     where = f"prompt {index}" if index is not None else "a prompt"
-    raise ValueError(f"{where} must be a string or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}: {str(prompt)[:80]!r}")
+    raise ValueError(
+        f"{where} must be a string or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}: "
+        f"{str(prompt)[:80]!r}"
+    )
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -31,7 +37,7 @@ def ensure_pad_token(tokenizer) -> None:
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
-        warnings.warn("tokenizer has no pad token: using its EOS token for padding")
+        warnings.warn("tokenizer has no pad token: using its EOS token for padding", stacklevel=2)
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
 
@@ -49,14 +55,20 @@ def collate_prompts(
         raise ValueError("no prompts given: the prompt list is empty")
     texts = [render_prompt(tokenizer, p, i) for i, p in enumerate(prompts)]
     # Chat templates already contain any special tokens; plain text gets the tokenizer's defaults.
-    ids = [tokenizer(t, add_special_tokens=not isinstance(p, (list, tuple)))["input_ids"] for t, p in zip(texts, prompts)]
+    ids = [
+        tokenizer(t, add_special_tokens=not isinstance(p, (list, tuple)))["input_ids"] for t, p in zip(texts, prompts)
+    ]
     for i, row in enumerate(ids):
         if len(row) == 0:
             raise ValueError(f"prompt {i} is empty after tokenization: {texts[i]!r}")
     if max_prompt_tokens is not None:
         too_long = [i for i, row in enumerate(ids) if len(row) > max_prompt_tokens]
         if too_long:
-            warnings.warn(f"{len(too_long)} prompt(s) longer than {max_prompt_tokens} tokens were cut from the left (indices {too_long[:10]})")
+            warnings.warn(
+                f"{len(too_long)} prompt(s) longer than {max_prompt_tokens} tokens were cut from the left "
+                f"(indices {too_long[:10]})",
+                stacklevel=2,
+            )
             ids = [row[-max_prompt_tokens:] for row in ids]
     width = max(len(row) for row in ids)
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)

@@ -103,8 +103,15 @@ def report_failures(what: str):
     except Exception as err:
         if world_size() > 1 and not getattr(err, "_ppo_rank_reported", False):
             err._ppo_rank_reported = True  # nested guards print once
-            if isinstance(err, getattr(dist, "DistBackendError", ())) or "gloo" in str(err).lower() or "timed out" in str(err).lower():
-                why = f"lost the other ranks (another rank failed, or none answered within dist_timeout_s={_timeout_s:g}s): {err}"
+            if (
+                isinstance(err, getattr(dist, "DistBackendError", ()))
+                or "gloo" in str(err).lower()
+                or "timed out" in str(err).lower()
+            ):
+                why = (
+                    "lost the other ranks (another rank failed, or none answered within "
+                    f"dist_timeout_s={_timeout_s:g}s): {err}"
+                )
             else:
                 why = f"{type(err).__name__}: {err} - the other ranks stop at their next collective"
             print(f"ppo-rlhf: rank {rank()} of {world_size()}: {what} failed: {why}", file=sys.stderr, flush=True)
@@ -289,7 +296,11 @@ def all_reduce_mean(stats: dict[str, float | Tensor]) -> dict[str, float]:
     """The mean over ranks of each statistic (every rank holds the same keys): one all-reduce.
     Equal shares per rank make this the mean over the global batch."""
     keys = sorted(stats)
-    values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64).detach().cpu() for k in keys]) if keys else torch.zeros(0)
+    values = (
+        torch.stack([torch.as_tensor(stats[k], dtype=torch.float64).detach().cpu() for k in keys])
+        if keys
+        else torch.zeros(0)
+    )
     if world_size() > 1:
         values = values.to(device())
         dist.all_reduce(values)

@@ -54,14 +54,31 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     rows = _eval_rows(config, tokenizer)
     # 4. samples and their measures
     if rows:
-        sampling = SamplingParams(config.max_new_tokens, config.temperature, config.top_k, config.top_p,
-                                  stop_token_ids=end_of_turn_ids(tokenizer, model))
-        result = evaluate_policy(model, tokenizer, rows, reward_model=reward_model, reward_funcs=funcs,
-                                 reward_weights=config.reward_weights, ref_model=ref_model,
-                                 reward_tokenizer=reward_tokenizer, sampling=sampling,
-                                 best_of_n=config.best_of_n, batch_size=config.batch_size,
-                                 prompt_column=config.prompt_column, answer_column=config.answer_column, seed=config.seed,
-                                 reward_timeout_s=config.reward_timeout_s, reward_max_abs=config.reward_max_abs)
+        sampling = SamplingParams(
+            config.max_new_tokens,
+            config.temperature,
+            config.top_k,
+            config.top_p,
+            stop_token_ids=end_of_turn_ids(tokenizer, model),
+        )
+        result = evaluate_policy(
+            model,
+            tokenizer,
+            rows,
+            reward_model=reward_model,
+            reward_funcs=funcs,
+            reward_weights=config.reward_weights,
+            ref_model=ref_model,
+            reward_tokenizer=reward_tokenizer,
+            sampling=sampling,
+            best_of_n=config.best_of_n,
+            batch_size=config.batch_size,
+            prompt_column=config.prompt_column,
+            answer_column=config.answer_column,
+            seed=config.seed,
+            reward_timeout_s=config.reward_timeout_s,
+            reward_max_abs=config.reward_max_abs,
+        )
     # 5. perplexity
     if config.text_file:
         from ppo.formats import read_prompts_file
@@ -121,8 +138,11 @@ def _eval_rows(config: EvalConfig, tokenizer) -> list[dict]:
 
 def format_summary(result: dict[str, Any]) -> str:
     """The scalar results, one `name: value` per line."""
-    lines = [f"  {k:<24} {v:.4f}" if isinstance(v, float) else f"  {k:<24} {v}"
-             for k, v in result.items() if isinstance(v, (int, float))]
+    lines = [
+        f"  {k:<24} {v:.4f}" if isinstance(v, float) else f"  {k:<24} {v}"
+        for k, v in result.items()
+        if isinstance(v, (int, float))
+    ]
     return "\n".join(lines)
 
 
@@ -133,9 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     from ppo.config import ConfigError, config_help, load_config
 
     keys = "\n".join(f"  {name} (default {default}): {help_}" for name, default, help_ in config_help(EvalConfig))
-    parser = argparse.ArgumentParser(prog="ppo-rlhf eval", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     description="Evaluate a policy from a YAML config plus key=value overrides.",
-                                     epilog=f"keys:\n{keys}")
+    parser = argparse.ArgumentParser(
+        prog="ppo-rlhf eval",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate a policy from a YAML config plus key=value overrides.",
+        epilog=f"keys:\n{keys}",
+    )
     parser.add_argument("--config", help="YAML file of keys (see below)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, values parsed as YAML")
     args, extra = parser.parse_known_args(argv)  # `--key=value` is accepted as an override too
@@ -147,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"ppo-rlhf eval: error: {err}", file=sys.stderr)
         return 1
-    print(f"ppo-rlhf eval: {result.get('num_prompts', 0)} prompts; outputs in {result['output_dir']}\n{format_summary(result)}")
+    print(
+        f"ppo-rlhf eval: {result.get('num_prompts', 0)} prompts; outputs in "
+        f"{result['output_dir']}\n{format_summary(result)}"
+    )
     return 0
 
 

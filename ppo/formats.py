@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # The readers live in ppo.tables; these names stay importable from here.
 from ppo.tables import (  # noqa: F401
@@ -100,7 +101,9 @@ def _render(tokenizer, messages: list[dict], field: str, generation_prompt: bool
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as error:  # e.g. a template that insists on alternating roles
-        raise _BadField(field, messages, f"was refused by the chat template ({type(error).__name__}: {error})") from error
+        raise _BadField(
+            field, messages, f"was refused by the chat template ({type(error).__name__}: {error})"
+        ) from error
 
 
 def _split_render(tokenizer, prompt: list[dict], reply: list[dict], field: str) -> tuple[str, str]:
@@ -110,11 +113,18 @@ def _split_render(tokenizer, prompt: list[dict], reply: list[dict], field: str) 
     prompt_text = _render(tokenizer, prompt, field, generation_prompt=True)
     full_text = _render(tokenizer, prompt + reply, field, generation_prompt=False)
     if not full_text.startswith(prompt_text):
-        raise _BadField(field, reply, (
-            "cannot be split from its prompt: the chat template is not prefix-consistent (rendering the prompt with "
-            "add_generation_prompt=True is not a prefix of rendering the whole conversation); fix the template or "
-            "give prompt/completion as text"), fatal=True)
-    return prompt_text, full_text[len(prompt_text):]
+        raise _BadField(
+            field,
+            reply,
+            (
+                "cannot be split from its prompt: the chat template is not prefix-consistent (rendering the "
+                "prompt with "
+                "add_generation_prompt=True is not a prefix of rendering the whole conversation); fix the template or "
+                "give prompt/completion as text"
+            ),
+            fatal=True,
+        )
+    return prompt_text, full_text[len(prompt_text) :]
 
 
 def _prompt_and_reply(tokenizer, prompt, reply, field: str) -> tuple[str, str]:
@@ -147,7 +157,9 @@ def _hh_split(text: str, field: str) -> tuple[str, str]:
 # --- One loader per training stage ---
 
 
-def load_prompt_rows(source, tokenizer=None, prompt_column="prompt", skip_bad_rows=False, split: str = "train") -> list[dict]:
+def load_prompt_rows(
+    source, tokenizer=None, prompt_column="prompt", skip_bad_rows=False, split: str = "train"
+) -> list[dict]:
     """Rows `{"prompt": str | messages, <other columns unchanged>}` for PPO rollouts.
 
     Without a prompt column, a `chosen` column gives the prompt (preference data reused): hh-rlhf
@@ -175,8 +187,15 @@ def load_prompt_rows(source, tokenizer=None, prompt_column="prompt", skip_bad_ro
     return _collect(source, split, plan, skip_bad_rows)
 
 
-def load_sft_rows(source, tokenizer, prompt_column="prompt", completion_column="completion", messages_column="messages",
-                  skip_bad_rows=False, split: str = "train") -> list[dict]:
+def load_sft_rows(
+    source,
+    tokenizer,
+    prompt_column="prompt",
+    completion_column="completion",
+    messages_column="messages",
+    skip_bad_rows=False,
+    split: str = "train",
+) -> list[dict]:
     """Rows `{"prompt": str, "completion": str}` as text ready to tokenize, for supervised fine-tuning.
 
     Prompt/completion columns win when both exist; otherwise a messages column, which must end with
@@ -187,27 +206,41 @@ def load_sft_rows(source, tokenizer, prompt_column="prompt", completion_column="
 
     def plan(name: str, columns: list[str]) -> Callable[[dict], dict]:
         if prompt_column in columns and completion_column in columns:
+
             def convert(row: dict) -> dict:
                 prompt = _text_or_messages(row, prompt_column)
                 reply = _text_or_messages(row, completion_column)
                 prompt_text, completion_text = _prompt_and_reply(tokenizer, prompt, reply, completion_column)
                 return {"prompt": prompt_text, "completion": completion_text}
         elif messages_column in columns:
+
             def convert(row: dict) -> dict:
                 prefix, turn = _last_turn(_messages(row.get(messages_column), messages_column), messages_column)
                 prompt_text, completion_text = _split_render(tokenizer, prefix, [turn], messages_column)
                 return {"prompt": prompt_text, "completion": completion_text}
         else:
             wanted = [c for c in (prompt_column, completion_column) if c not in columns] + [messages_column]
-            raise _missing(name, columns, wanted, f"SFT data needs {prompt_column!r} + {completion_column!r} columns, "
-                           f"or a {messages_column!r} column; pass the *_column= arguments to rename")
+            raise _missing(
+                name,
+                columns,
+                wanted,
+                f"SFT data needs {prompt_column!r} + {completion_column!r} columns, "
+                f"or a {messages_column!r} column; pass the *_column= arguments to rename",
+            )
         return convert
 
     return _collect(source, split, plan, skip_bad_rows)
 
 
-def load_preference_rows(source, tokenizer=None, prompt_column="prompt", chosen_column="chosen", rejected_column="rejected",
-                         skip_bad_rows=False, split: str = "train") -> list[dict]:
+def load_preference_rows(
+    source,
+    tokenizer=None,
+    prompt_column="prompt",
+    chosen_column="chosen",
+    rejected_column="rejected",
+    skip_bad_rows=False,
+    split: str = "train",
+) -> list[dict]:
     """Rows `{"prompt": str, "chosen": str, "rejected": str}` as text, for reward-model training.
 
     Per row: chosen/rejected given as full conversations (a non-assistant message in them) are
@@ -232,17 +265,24 @@ def load_preference_rows(source, tokenizer=None, prompt_column="prompt", chosen_
             chosen = _text_or_messages(row, chosen_column)
             rejected = _text_or_messages(row, rejected_column)
             if isinstance(chosen, list) != isinstance(rejected, list):
-                raise _BadField(rejected_column, rejected, f"must have the same type as {chosen_column!r} (text or messages)")
+                raise _BadField(
+                    rejected_column, rejected, f"must have the same type as {chosen_column!r} (text or messages)"
+                )
             conversations = isinstance(chosen, list) and any(m["role"] != "assistant" for m in chosen + rejected)
             if conversations:
                 return _conversation_pair(chosen, rejected)
             if has_prompt:
                 prompt = _text_or_messages(row, prompt_column)
                 prompt_text, chosen_text = _prompt_and_reply(tokenizer, prompt, chosen, chosen_column)
-                return {"prompt": prompt_text, "chosen": chosen_text,
-                        "rejected": _prompt_and_reply(tokenizer, prompt, rejected, rejected_column)[1]}
+                return {
+                    "prompt": prompt_text,
+                    "chosen": chosen_text,
+                    "rejected": _prompt_and_reply(tokenizer, prompt, rejected, rejected_column)[1],
+                }
             if isinstance(chosen, list):
-                raise _BadField(chosen_column, chosen, f"holds only assistant messages and there is no {prompt_column!r} column")
+                raise _BadField(
+                    chosen_column, chosen, f"holds only assistant messages and there is no {prompt_column!r} column"
+                )
             return _hh_pair(chosen, rejected)
 
         def _conversation_pair(chosen: list[dict], rejected: list[dict]) -> dict:
@@ -293,24 +333,41 @@ def _collect(source, split: str, plan: Callable, skip_bad_rows: bool) -> list[di
             except _SamePair:
                 same.append((name, number))
             except _BadField as bad:
-                error = DataFormatError(f"{name} row {number}: field {bad.field!r} {bad.reason}; got {preview(bad.value)}",
-                                        source=name, row=number, field=bad.field)
+                error = DataFormatError(
+                    f"{name} row {number}: field {bad.field!r} {bad.reason}; got {preview(bad.value)}",
+                    source=name,
+                    row=number,
+                    field=bad.field,
+                )
                 if bad.fatal or not skip_bad_rows:
                     raise error from bad.__cause__
                 skipped.append((name, number, error))
     where = names[0] if len(names) == 1 else f"{len(names)} files"
     if same:
-        shown = ", ".join(f"{n} row {r}" if len(names) > 1 else str(r) for n, r in same[:_SHOWN_ROWS]) + (", ..." if len(same) > _SHOWN_ROWS else "")
+        shown = ", ".join(f"{n} row {r}" if len(names) > 1 else str(r) for n, r in same[:_SHOWN_ROWS]) + (
+            ", ..." if len(same) > _SHOWN_ROWS else ""
+        )
         if not rows:
-            raise DataFormatError(f"{where}: chosen equals rejected in all {len(same)} usable rows (rows {shown}): such pairs teach "
-                                  "nothing; check chosen_column / rejected_column", source=where, row=same[0][1], field="rejected")
-        warnings.warn(f"dropped {len(same)} of {total} rows of {where} whose chosen equals rejected (rows {shown}): they teach nothing",
-                      stacklevel=3)
+            raise DataFormatError(
+                f"{where}: chosen equals rejected in all {len(same)} usable rows (rows {shown}): such pairs teach "
+                "nothing; check chosen_column / rejected_column",
+                source=where,
+                row=same[0][1],
+                field="rejected",
+            )
+        warnings.warn(
+            f"dropped {len(same)} of {total} rows of {where} whose chosen equals rejected (rows {shown}): they "
+            "teach nothing",
+            stacklevel=3,
+        )
     if skipped:
         shown = ", ".join(f"{n} row {r}" if len(names) > 1 else str(r) for n, r, _ in skipped[:_SHOWN_ROWS])
         more = ", ..." if len(skipped) > _SHOWN_ROWS else ""
-        warnings.warn(f"skipped {len(skipped)} of {total} rows of {where} with unusable fields (rows {shown}{more}); "
-                      f"first problem: {skipped[0][2]}", stacklevel=3)
+        warnings.warn(
+            f"skipped {len(skipped)} of {total} rows of {where} with unusable fields (rows {shown}{more}); "
+            f"first problem: {skipped[0][2]}",
+            stacklevel=3,
+        )
     if not rows:
         detail = f"; all {total} rows were bad, first: {skipped[0][2]}" if skipped else " (it is empty)"
         raise DataFormatError(f"{where} has no usable rows{detail}", source=where)
@@ -324,4 +381,6 @@ def _missing(name: str, columns: list[str], wanted: list[str], hint: str) -> Dat
         close = difflib.get_close_matches(column, columns, n=1, cutoff=0.6)
         close = close or [c for c in columns if c.lower() == column.lower()]
         asked.append(repr(column) + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return DataFormatError(f"{name} has no column {' or '.join(asked)}; columns present: {columns}. Hint: {hint}", source=name)
+    return DataFormatError(
+        f"{name} has no column {' or '.join(asked)}; columns present: {columns}. Hint: {hint}", source=name
+    )

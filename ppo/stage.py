@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import math
 import sys
 from pathlib import Path
 
@@ -31,8 +30,16 @@ OUTPUTS = ("config.yaml", "metrics.jsonl", "final")  # sft, reward
 PPO_OUTPUTS = OUTPUTS + ("final-merged", "step_*", ".tmp-step_*", "latest", "latest.tmp", "tensorboard")
 EVAL_OUTPUTS = ("config.yaml", "eval.json")
 # Config keys that name a run's inputs (files or directories it reads).
-INPUT_KEYS = ("model_name_or_path", "reward_model_path", "value_model_path", "ref_model_path", "prompts_file",
-              "dataset_name", "data", "text_file")
+INPUT_KEYS = (
+    "model_name_or_path",
+    "reward_model_path",
+    "value_model_path",
+    "ref_model_path",
+    "prompts_file",
+    "dataset_name",
+    "data",
+    "text_file",
+)
 
 
 def check_output_dir(config, outputs: tuple[str, ...] = OUTPUTS, finished: str | None = "final") -> Path:
@@ -49,20 +56,30 @@ def check_output_dir(config, outputs: tuple[str, ...] = OUTPUTS, finished: str |
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"output_dir {str(out)!r} is a file, not a directory; choose another output_dir")
     _check_inputs_outside(out, config, outputs)
-    if config.overwrite or getattr(config, "resume_from_checkpoint", None) or not out.exists() or not any(out.iterdir()):
+    if (
+        config.overwrite
+        or getattr(config, "resume_from_checkpoint", None)
+        or not out.exists()
+        or not any(out.iterdir())
+    ):
         return out
     if not _same_config(out / "config.yaml", config):
         raise OutputDirError(
             f"output_dir {str(out)!r} is not empty and holds a different run (its config.yaml differs or is missing); "
-            f"choose another output_dir or set overwrite=true to replace its outputs ({', '.join(outputs)}; other files stay)"
+            f"choose another output_dir or set overwrite=true to replace its outputs ({', '.join(outputs)}; other "
+            "files stay)"
         )
     resume = " or resume_from_checkpoint=latest to continue it," if hasattr(config, "resume_from_checkpoint") else ""
     if finished and (out / finished).exists():
-        raise OutputDirError(f"output_dir {str(out)!r} holds a finished run of this same config ({finished} exists); set "
-                             f"overwrite=true to run it again (its outputs are replaced),{resume} or choose another output_dir")
+        raise OutputDirError(
+            f"output_dir {str(out)!r} holds a finished run of this same config ({finished} exists); set "
+            f"overwrite=true to run it again (its outputs are replaced),{resume} or choose another output_dir"
+        )
     if any(out.glob("step_*")):
-        raise OutputDirError(f"output_dir {str(out)!r} holds checkpoints of an unfinished run of this config; set "
-                             f"resume_from_checkpoint=latest to continue it, or overwrite=true to start again")
+        raise OutputDirError(
+            f"output_dir {str(out)!r} holds checkpoints of an unfinished run of this config; set "
+            f"resume_from_checkpoint=latest to continue it, or overwrite=true to start again"
+        )
     return out
 
 
@@ -77,7 +94,9 @@ def _same_config(path: Path, config) -> bool:
         return False
     ignored = ("overwrite", "resume_from_checkpoint")  # how a run was started, not what it is
     new = config_to_dict(config)
-    return isinstance(old, dict) and {k: v for k, v in old.items() if k not in ignored} == {k: v for k, v in new.items() if k not in ignored}
+    return isinstance(old, dict) and {k: v for k, v in old.items() if k not in ignored} == {
+        k: v for k, v in new.items() if k not in ignored
+    }
 
 
 def input_paths(config) -> dict[str, Path]:
@@ -86,7 +105,9 @@ def input_paths(config) -> dict[str, Path]:
     for i, spec in enumerate(getattr(config, "reward_funcs", None) or []):
         if isinstance(spec, str) and ".py:" in spec:
             found[f"reward_funcs[{i}]"] = spec.rpartition(":")[0]
-    return {key: Path(value) for key, value in found.items() if isinstance(value, str) and value and Path(value).exists()}
+    return {
+        key: Path(value) for key, value in found.items() if isinstance(value, str) and value and Path(value).exists()
+    }
 
 
 def _check_inputs_outside(out: Path, config, outputs: tuple[str, ...]) -> None:
@@ -101,8 +122,10 @@ def _check_inputs_outside(out: Path, config, outputs: tuple[str, ...]) -> None:
         if root in path.parents:
             top = path.relative_to(root).parts[0]
             if any(fnmatch.fnmatch(top, pattern) for pattern in outputs):
-                raise OutputDirError(f"{key} {str(path)!r} lies in {str(out / top)!r}, an output this run replaces; "
-                                     "choose another output_dir (or move the input)")
+                raise OutputDirError(
+                    f"{key} {str(path)!r} lies in {str(out / top)!r}, an output this run replaces; "
+                    "choose another output_dir (or move the input)"
+                )
 
 
 def start_outputs(out: Path, config):
@@ -145,7 +168,8 @@ def finish_outputs(out: Path, config, model, tokenizer, logger, metrics: dict) -
 def load_causal_lm(config, model=None, tokenizer=None):
     """(model, tokenizer): the ones given, else loaded from `config.model_name_or_path`."""
     from ppo.data import ensure_pad_token
-    from ppo.models import load_causal_lm as load_model, load_tokenizer
+    from ppo.models import load_causal_lm as load_model
+    from ppo.models import load_tokenizer
 
     source = config.model_name_or_path or getattr(model, "name_or_path", None)
     if model is None:
@@ -183,7 +207,11 @@ def step_groups(n: int, per_step: int, num_epochs: int, seed: int, units: list[l
     from ppo.loop import epoch_order
 
     for epoch in range(num_epochs):
-        order = epoch_order(n, seed, epoch) if units is None else [i for u in epoch_order(len(units), seed, epoch) for i in units[u]]
+        order = (
+            epoch_order(n, seed, epoch)
+            if units is None
+            else [i for u in epoch_order(len(units), seed, epoch) for i in units[u]]
+        )
         for start in range(0, n, per_step):
             yield epoch, order[start : start + per_step]
 
@@ -206,7 +234,8 @@ def run_cli(stage: str, config_cls, train_fn, argv: list[str] | None, summary) -
     """Parse `--config PATH key=value ...`, run `train_fn(config)`, print errors plainly."""
     fields = "\n".join(f"  {name} (default {default}): {help_}" for name, default, help_ in config_help(config_cls))
     parser = argparse.ArgumentParser(
-        prog=f"ppo-rlhf {stage}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=f"ppo-rlhf {stage}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"Run the {stage} recipe from a YAML config plus key=value overrides.",
         epilog=f"keys:\n{fields}",
     )
@@ -235,7 +264,9 @@ def given_or_loaded_rows(rows, data: str | None, keys: tuple[str, ...], load, wh
     (a `ppo.formats` reader, which pulls in `datasets` only then); refuses no data and empty data."""
     if rows is None and data is None:
         raise ConfigError(f"no {what}: set data=<file> or pass rows=")
-    if isinstance(rows, list) and all(isinstance(r, dict) and all(isinstance(r.get(k), str) for k in keys) for r in rows):
+    if isinstance(rows, list) and all(
+        isinstance(r, dict) and all(isinstance(r.get(k), str) for k in keys) for r in rows
+    ):
         loaded = rows
     else:
         loaded = load(data if rows is None else rows)

@@ -25,11 +25,21 @@ from ppo.lr_schedule import SCHEDULES
 # What each key must be (types come from the annotations; None passes where the type allows it).
 # The keys SFTConfig and RewardConfig share:
 _STAGE_RULES = {
-    "max_length": at_least(2), "learning_rate": above(0), "batch_size": at_least(1),
-    "gradient_accumulation_steps": at_least(1), "num_epochs": at_least(1), "weight_decay": at_least(0),
-    "warmup_ratio": between(0, 1), "lr_scheduler": one_of(*SCHEDULES), "max_grad_norm": above(0),
-    "seed": at_least(0), "eval_fraction": between(0, 1, high_open=True), "logging_steps": at_least(1),
-    "dist_timeout_s": above(0), "output_dir": TEXT, "prompt_column": TEXT,
+    "max_length": at_least(2),
+    "learning_rate": above(0),
+    "batch_size": at_least(1),
+    "gradient_accumulation_steps": at_least(1),
+    "num_epochs": at_least(1),
+    "weight_decay": at_least(0),
+    "warmup_ratio": between(0, 1),
+    "lr_scheduler": one_of(*SCHEDULES),
+    "max_grad_norm": above(0),
+    "seed": at_least(0),
+    "eval_fraction": between(0, 1, high_open=True),
+    "logging_steps": at_least(1),
+    "dist_timeout_s": above(0),
+    "output_dir": TEXT,
+    "prompt_column": TEXT,
 }
 
 
@@ -51,7 +61,9 @@ class StageConfig:
     gradient_accumulation_steps: int = opt(1, "Passes per optimizer step (effective batch = batch_size * this).")
     num_epochs: int = opt(1, "Passes over the training rows.")
     weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only (not biases or norms).")
-    warmup_ratio: float = opt(0.0, "Share of optimizer steps spent warming the learning rate up linearly (the warm-up of PPO's warmup_steps).")
+    warmup_ratio: float = opt(
+        0.0, "Share of optimizer steps spent warming the learning rate up linearly (the warm-up of PPO's warmup_steps)."
+    )
     lr_scheduler: str = opt("linear", "Learning-rate schedule after warmup: constant, linear or cosine.")
     max_grad_norm: float | None = opt(1.0, "Gradient-norm clip; None disables.")
     seed: int = opt(0, "Seeds shuffling, the eval split and initialisation.")
@@ -62,8 +74,14 @@ class StageConfig:
     logging_steps: int = opt(10, "Write a metrics.jsonl line every N optimizer steps.")
     progress_bar: bool = opt(True, "Show a progress bar.")
     save_final: bool = opt(True, "Save the trained model and tokenizer to output_dir/final.")
-    overwrite: bool = opt(False, "Replace the outputs of another run or a finished one in output_dir (otherwise refused), once the new run has loaded; other files there stay.")
-    dist_timeout_s: float = opt(1800.0, "Under torchrun: seconds a collective waits for the other ranks before the run fails.")
+    overwrite: bool = opt(
+        False,
+        "Replace the outputs of another run or a finished one in output_dir (otherwise refused), once the new "
+        "run has loaded; other files there stay.",
+    )
+    dist_timeout_s: float = opt(
+        1800.0, "Under torchrun: seconds a collective waits for the other ranks before the run fails."
+    )
 
     def __post_init__(self) -> None:
         validate(self, _STAGE_RULES)
@@ -82,7 +100,9 @@ class SFTConfig(StageConfig):
     save_final: bool = opt(True, "Save the fine-tuned model and tokenizer to output_dir/final.")
     # --- data (SFT's own columns) ---
     completion_column: str = opt("completion", "Column holding the target completion.")
-    messages_column: str = opt("messages", "Column holding a whole conversation; the last assistant turn is the completion.")
+    messages_column: str = opt(
+        "messages", "Column holding a whole conversation; the last assistant turn is the completion."
+    )
 
     def __post_init__(self) -> None:
         validate(self, SFT_RULES)
@@ -93,7 +113,9 @@ class RewardConfig(StageConfig):
     """Reward-model training on preference pairs with the Bradley–Terry loss
     `-logsigmoid(r_chosen - r_rejected - margin)`."""
 
-    model_name_or_path: str | None = opt(None, "A sequence classifier with one label, or a causal LM with init_from_policy.")
+    model_name_or_path: str | None = opt(
+        None, "A sequence classifier with one label, or a causal LM with init_from_policy."
+    )
     data: str | None = opt(None, "Preference data: a JSONL/JSON/CSV/Parquet file or a `datasets` directory.")
     prompt_column: str = opt("prompt", "Column holding the prompt (may be empty when chosen/rejected are whole texts).")
     batch_size: int = opt(8, "Preference pairs per forward/backward pass (2x sequences).")
@@ -109,14 +131,26 @@ class RewardConfig(StageConfig):
 
     # --- loss ---
     margin: float = opt(0.0, "Bradley–Terry margin: the chosen score must beat the rejected one by this much.")
-    group_by_prompt: bool = opt(True, "Shuffle whole prompts, not pairs, so a prompt's pairs share a step and each distinct response is scored once (same loss, less compute when prompts have several pairs).")
-    center_rewards_coefficient: float = opt(0.0, "Weight of the auxiliary loss (r_chosen + r_rejected)^2 that keeps scores near 0 (TRL suggests 0.01).")
+    group_by_prompt: bool = opt(
+        True,
+        "Shuffle whole prompts, not pairs, so a prompt's pairs share a step and each distinct response is scored "
+        "once (same loss, less compute when prompts have several pairs).",
+    )
+    center_rewards_coefficient: float = opt(
+        0.0, "Weight of the auxiliary loss (r_chosen + r_rejected)^2 that keeps scores near 0 (TRL suggests 0.01)."
+    )
 
     def __post_init__(self) -> None:
         validate(self, REWARD_RULES)
 
 
-REWARD_RULES = {**_STAGE_RULES, "margin": at_least(0), "center_rewards_coefficient": at_least(0), "chosen_column": TEXT, "rejected_column": TEXT}
+REWARD_RULES = {
+    **_STAGE_RULES,
+    "margin": at_least(0),
+    "center_rewards_coefficient": at_least(0),
+    "chosen_column": TEXT,
+    "rejected_column": TEXT,
+}
 
 
 # ---- stage configs: evaluation and demo ----
@@ -131,15 +165,21 @@ class EvalConfig:
     # --- models and reward sources ---
     model_name_or_path: str | None = opt(None, "Policy to evaluate: a Hugging Face model directory or hub name.")
     ref_model_path: str | None = opt(None, "Reference policy for the KL (e.g. the SFT model); None: no KL.")
-    reward_model_path: str | None = opt(None, "Reward model directory (AutoModelForSequenceClassification, num_labels=1).")
+    reward_model_path: str | None = opt(
+        None, "Reward model directory (AutoModelForSequenceClassification, num_labels=1)."
+    )
     reward_funcs: list = opt([], "Reward functions: built-in names or `module:function` / `file.py:function`.")
-    reward_weights: list | None = opt(None, "One weight per reward source (the reward model first) for the combined reward.")
+    reward_weights: list | None = opt(
+        None, "One weight per reward source (the reward model first) for the combined reward."
+    )
 
     # --- data ---
     prompts_file: str | None = opt(None, "Prompts: a text file (one per line) or a JSONL/JSON/CSV/Parquet file.")
     dataset_name: str | None = opt(None, "A `datasets` name or local path, instead of prompts_file.")
     prompt_column: str = opt("prompt", "Column holding the prompt (a string or chat messages).")
-    answer_column: str = opt("answer", "Column holding the reference answer for exact-match accuracy (skipped if absent).")
+    answer_column: str = opt(
+        "answer", "Column holding the reference answer for exact-match accuracy (skipped if absent)."
+    )
     text_file: str | None = opt(None, "Texts for perplexity, one per line; None: no perplexity.")
     num_samples: int | None = opt(None, "Evaluate only the first N prompts (None: all).")
 
@@ -149,25 +189,52 @@ class EvalConfig:
     temperature: float = opt(1.0, "Sampling temperature; the KL is measured at the same temperature.")
     top_k: int | None = opt(None, "Keep only the k most likely tokens (None/0: off).")
     top_p: float | None = opt(None, "Nucleus sampling mass (None/1.0: off).")
-    best_of_n: int = opt(1, "Sample N responses per prompt and keep the best by the reward sources (1: plain sampling).")
+    best_of_n: int = opt(
+        1, "Sample N responses per prompt and keep the best by the reward sources (1: plain sampling)."
+    )
     seed: int = opt(0, "Seeds sampling.")
-    reward_timeout_s: float | None = opt(300.0, "Seconds one call of a reward function may take before the run stops with an error naming it (0 or None: no limit; the worker thread cannot be killed).")
-    reward_max_abs: float | None = opt(1e4, "Largest |value| a reward function may return; a larger one is refused as a bug (None: no bound).")
+    reward_timeout_s: float | None = opt(
+        300.0,
+        "Seconds one call of a reward function may take before the run stops with an error naming it (0 or None: "
+        "no limit; the worker thread cannot be killed).",
+    )
+    reward_max_abs: float | None = opt(
+        1e4, "Largest |value| a reward function may return; a larger one is refused as a bug (None: no bound)."
+    )
 
     # --- output ---
     output_dir: str = opt("eval_output", "Where eval.json and config.yaml go.")
-    overwrite: bool = opt(False, "Replace the outputs of another run in output_dir (otherwise refused; the same config may run again); other files there stay.")
+    overwrite: bool = opt(
+        False,
+        "Replace the outputs of another run in output_dir (otherwise refused; the same config may run again); "
+        "other files there stay.",
+    )
 
     def __post_init__(self) -> None:
         validate(self, EVAL_RULES)
-        check_list_items(self, "reward_funcs", lambda f: callable(f) or TEXT.allows(f), "a built-in name, `module:function` or `file.py:function`")
+        check_list_items(
+            self,
+            "reward_funcs",
+            lambda f: callable(f) or TEXT.allows(f),
+            "a built-in name, `module:function` or `file.py:function`",
+        )
         check_list_items(self, "reward_weights", lambda w: FINITE.allows(w), "a finite number")
 
 
 EVAL_RULES = {
-    "num_samples": at_least(1), "batch_size": at_least(1), "max_new_tokens": at_least(1), "temperature": above(0),
-    "top_k": at_least(0), "top_p": between(0, 1, low_open=True), "best_of_n": at_least(1), "seed": at_least(0),
-    "reward_timeout_s": at_least(0), "reward_max_abs": above(0), "output_dir": TEXT, "prompt_column": TEXT, "answer_column": TEXT,
+    "num_samples": at_least(1),
+    "batch_size": at_least(1),
+    "max_new_tokens": at_least(1),
+    "temperature": above(0),
+    "top_k": at_least(0),
+    "top_p": between(0, 1, low_open=True),
+    "best_of_n": at_least(1),
+    "seed": at_least(0),
+    "reward_timeout_s": at_least(0),
+    "reward_max_abs": above(0),
+    "output_dir": TEXT,
+    "prompt_column": TEXT,
+    "answer_column": TEXT,
 }
 
 
@@ -178,8 +245,14 @@ class DemoConfig:
     # --- run ---
     output_dir: str = opt("demo_output", "Where every stage's model, the report and summary.json go.")
     seed: int = opt(0, "Seeds the task data, the models and every stage: the same seed gives the same run on CPU.")
-    overwrite: bool = opt(False, "Replace the outputs of another run or a finished one in output_dir (otherwise refused), once the new run has loaded; other files there stay.")
-    quick: bool = opt(False, "A fast smoke run (tiny data, few steps) that checks the stages chain; not tuned to learn.")
+    overwrite: bool = opt(
+        False,
+        "Replace the outputs of another run or a finished one in output_dir (otherwise refused), once the new "
+        "run has loaded; other files there stay.",
+    )
+    quick: bool = opt(
+        False, "A fast smoke run (tiny data, few steps) that checks the stages chain; not tuned to learn."
+    )
     threads: int = opt(2, "CPU threads for torch; 1 and 2 give bit-identical results on these model sizes.")
     progress_bar: bool = opt(True, "Show a progress bar per stage.")
 
@@ -190,7 +263,9 @@ class DemoConfig:
 
     # --- data (prompts are disjoint across splits) ---
     n_sft: int = opt(4000, "Noisy demonstrations for SFT.")
-    n_pref: int = opt(3000, "Preference prompts, each with an oracle-labelled pair (a share held out for the RM accuracy).")
+    n_pref: int = opt(
+        3000, "Preference prompts, each with an oracle-labelled pair (a share held out for the RM accuracy)."
+    )
     n_ppo: int = opt(2000, "PPO training prompts.")
     n_eval: int = opt(256, "Held-out evaluation prompts.")
 
@@ -203,13 +278,27 @@ class DemoConfig:
     reward_learning_rate: float = opt(1e-3, "AdamW learning rate of the reward model.")
     reward_epochs: int = opt(3, "Passes over the preference pairs.")
     reward_batch_size: int = opt(64, "Pairs per optimizer step.")
-    reward_eval_fraction: float = opt(0.1, "Share of preference prompts held out (with their pairs) for the RM's pairwise accuracy.")
-    policy_pairs_per_prompt: int = opt(6, "Extra oracle-labelled pairs per preference prompt from the SFT policy's own samples (0: none).")
+    reward_eval_fraction: float = opt(
+        0.1, "Share of preference prompts held out (with their pairs) for the RM's pairwise accuracy."
+    )
+    policy_pairs_per_prompt: int = opt(
+        6, "Extra oracle-labelled pairs per preference prompt from the SFT policy's own samples (0: none)."
+    )
     pair_samples: int = opt(4, "SFT samples drawn per prompt to build those pairs from.")
-    pair_temperature: float = opt(1.0, "Sampling temperature of those samples (higher: more of the mistakes a drifting policy makes).")
-    drift_edits: bool = opt(True, "Add to each pool a copy of every sample with one drift mistake: a digit not in the list, a repeat, or one digit short.")
+    pair_temperature: float = opt(
+        1.0, "Sampling temperature of those samples (higher: more of the mistakes a drifting policy makes)."
+    )
+    drift_edits: bool = opt(
+        True,
+        "Add to each pool a copy of every sample with one drift mistake: a digit not in the list, a repeat, or "
+        "one digit short.",
+    )
 
-    refresh_at: float = opt(0.0, "Share of PPO steps after which the labeller also compares the PPO policy's samples and the reward model trains on them (0: never).")
+    refresh_at: float = opt(
+        0.0,
+        "Share of PPO steps after which the labeller also compares the PPO policy's samples and the reward model "
+        "trains on them (0: never).",
+    )
     refresh_prompts: int = opt(1500, "Training preference prompts whose PPO-policy samples make the refresh pairs.")
     refresh_epochs: int = opt(2, "Passes of the refresh over its pairs (plus as many replayed earlier pairs).")
 
@@ -230,10 +319,21 @@ class DemoConfig:
     whiten_rewards: bool = opt(False, "Normalise per-token rewards before GAE.")
     missing_eos_penalty: float | None = opt(1.0, "Subtracted from the score of responses that never ended.")
     vf_coef: float = opt(0.1, "Weight of the value loss.")
-    value_head: str = opt("separate", "'separate': critic copied from the reward model; 'shared': a head on the policy.")
-    advantage_estimator: str = opt("gae", "gae (PPO with a critic), grpo, rloo (both need num_generations >= 2) or reinforce_pp; see docs/estimators.md.")
-    kl_in_loss: bool = opt(False, "Put the KL to the reference in the policy loss instead of the reward (as the GRPO family does).")
-    precision: str = opt("fp32", "PPO's precision. fp32: these tiny models are bound by per-op overhead, not matmuls, so bf16 buys no time (see docs/demo.md); bf16 or auto as in PPOConfig.")
+    value_head: str = opt(
+        "separate", "'separate': critic copied from the reward model; 'shared': a head on the policy."
+    )
+    advantage_estimator: str = opt(
+        "gae",
+        "gae (PPO with a critic), grpo, rloo (both need num_generations >= 2) or reinforce_pp; see docs/estimators.md.",
+    )
+    kl_in_loss: bool = opt(
+        False, "Put the KL to the reference in the policy loss instead of the reward (as the GRPO family does)."
+    )
+    precision: str = opt(
+        "fp32",
+        "PPO's precision. fp32: these tiny models are bound by per-op overhead, not matmuls, so bf16 buys no "
+        "time (see docs/demo.md); bf16 or auto as in PPOConfig.",
+    )
 
     # --- evaluation and report ---
     best_of_n: int = opt(4, "Samples per prompt of the best-of-n baseline (picked by the reward model).")
@@ -243,25 +343,67 @@ class DemoConfig:
         validate(self, DEMO_RULES)
         rollout = self.ppo_batch_size * self.num_generations
         if self.ppo_mini_batch_size is not None and self.ppo_mini_batch_size > rollout:
-            raise ConfigError(f"DemoConfig.ppo_mini_batch_size must be <= the {rollout} samples of one rollout (ppo_batch_size "
-                              f"x num_generations), got {self.ppo_mini_batch_size}", key="ppo_mini_batch_size")
+            raise ConfigError(
+                f"DemoConfig.ppo_mini_batch_size must be <= the {rollout} samples of one rollout (ppo_batch_size "
+                f"x num_generations), got {self.ppo_mini_batch_size}",
+                key="ppo_mini_batch_size",
+            )
         if self.policy_pairs_per_prompt and self.pair_samples < 2:
-            raise ConfigError(f"DemoConfig.pair_samples must be >= 2 to make pairs (policy_pairs_per_prompt is "
-                              f"{self.policy_pairs_per_prompt}), got {self.pair_samples}", key="pair_samples")
+            raise ConfigError(
+                f"DemoConfig.pair_samples must be >= 2 to make pairs (policy_pairs_per_prompt is "
+                f"{self.policy_pairs_per_prompt}), got {self.pair_samples}",
+                key="pair_samples",
+            )
         if self.advantage_estimator in ("grpo", "rloo") and self.num_generations < 2:
-            raise ConfigError(f"DemoConfig: advantage_estimator={self.advantage_estimator} needs num_generations >= 2, "
-                              f"got {self.num_generations}", key="num_generations")
+            raise ConfigError(
+                f"DemoConfig: advantage_estimator={self.advantage_estimator} needs num_generations >= 2, "
+                f"got {self.num_generations}",
+                key="num_generations",
+            )
 
 
-_COUNTS = ("threads", "hidden_size", "num_layers", "intermediate_multiple", "n_sft", "n_pref", "n_ppo", "n_eval", "sft_epochs",
-           "sft_batch_size", "reward_epochs", "reward_batch_size", "pair_samples", "refresh_prompts", "refresh_epochs",
-           "ppo_steps", "ppo_batch_size", "ppo_mini_batch_size", "ppo_epochs", "num_generations", "max_new_tokens", "best_of_n")
+_COUNTS = (
+    "threads",
+    "hidden_size",
+    "num_layers",
+    "intermediate_multiple",
+    "n_sft",
+    "n_pref",
+    "n_ppo",
+    "n_eval",
+    "sft_epochs",
+    "sft_batch_size",
+    "reward_epochs",
+    "reward_batch_size",
+    "pair_samples",
+    "refresh_prompts",
+    "refresh_epochs",
+    "ppo_steps",
+    "ppo_batch_size",
+    "ppo_mini_batch_size",
+    "ppo_epochs",
+    "num_generations",
+    "max_new_tokens",
+    "best_of_n",
+)
 DEMO_RULES = {
-    **dict.fromkeys(_COUNTS, at_least(1)), "seed": at_least(0), "policy_pairs_per_prompt": at_least(0), "report_samples": at_least(0),
-    **dict.fromkeys(("sft_learning_rate", "reward_learning_rate", "ppo_learning_rate", "value_learning_rate"), above(0)),
-    "reward_eval_fraction": between(0, 1, high_open=True), "pair_temperature": above(0), "temperature": above(0),
-    "refresh_at": between(0, 1, high_open=True), "kl_coef": at_least(0), "target_kl": above(0), "vf_coef": at_least(0),
-    "missing_eos_penalty": at_least(0), "value_head": one_of("separate", "shared"), "precision": one_of("fp32", "bf16", "auto"),
+    **dict.fromkeys(_COUNTS, at_least(1)),
+    "seed": at_least(0),
+    "policy_pairs_per_prompt": at_least(0),
+    "report_samples": at_least(0),
+    **dict.fromkeys(
+        ("sft_learning_rate", "reward_learning_rate", "ppo_learning_rate", "value_learning_rate"), above(0)
+    ),
+    "reward_eval_fraction": between(0, 1, high_open=True),
+    "pair_temperature": above(0),
+    "temperature": above(0),
+    "refresh_at": between(0, 1, high_open=True),
+    "kl_coef": at_least(0),
+    "target_kl": above(0),
+    "vf_coef": at_least(0),
+    "missing_eos_penalty": at_least(0),
+    "value_head": one_of("separate", "shared"),
+    "precision": one_of("fp32", "bf16", "auto"),
     "ppo_lr_scheduler": one_of(*SCHEDULES),  # the PPO trainer's own
     "advantage_estimator": one_of("gae", "grpo", "rloo", "reinforce_pp"),
     "output_dir": TEXT,

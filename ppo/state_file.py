@@ -60,7 +60,11 @@ def read_legacy_state(path: Path) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - whatever the reason, the file is not loaded
         lines = str(err).strip().splitlines()
         why = f"{type(err).__name__}: {lines[0] if lines else ''}"
-        what = "is a pickle that would run code when loaded" if isinstance(err, pickle.UnpicklingError) else "cannot be read as plain data"
+        what = (
+            "is a pickle that would run code when loaded"
+            if isinstance(err, pickle.UnpicklingError)
+            else "cannot be read as plain data"
+        )
         raise UnsafeCheckpointError(
             f"{path} {what} ({why}); refusing to load it. "
             "Checkpoints written by this version hold trainer_state.json + trainer_state.safetensors "

@@ -32,7 +32,9 @@ def read_prompts_file(path) -> list[str]:
         text = data.decode("utf-8-sig")  # -sig: a BOM written by some editors is not part of line 1
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise DataFormatError(f"{path} is not UTF-8 text (bad byte at line {line}); save it as UTF-8", source=str(path)) from None
+        raise DataFormatError(
+            f"{path} is not UTF-8 text (bad byte at line {line}); save it as UTF-8", source=str(path)
+        ) from None
     # split("\n") rather than splitlines(): the latter also splits on form feeds and U+2028.
     prompts = [line.strip() for line in text.split("\n") if line.strip()]
     if not prompts:
@@ -48,7 +50,9 @@ def load_table(source, split: str = "train") -> datasets.Dataset:
         try:
             return datasets.Dataset.from_list([{c: row.get(c) for c in columns} for row in source])
         except Exception as error:  # pyarrow refuses e.g. a column mixing strings and lists
-            raise DataFormatError(f"<list> cannot be made into a table: {root_message(error)}", source="<list>") from error
+            raise DataFormatError(
+                f"<list> cannot be made into a table: {root_message(error)}", source="<list>"
+            ) from error
     tables = [table for _, table in source_tables(source, split)]
     try:
         return tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
@@ -62,7 +66,9 @@ def source_tables(source, split: str) -> list[tuple[str, datasets.Dataset]]:
     if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
         return [("<dataset>", _pick_split(source, split, "<dataset>"))]
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"a data source is a path, hub name, list of dicts or datasets.Dataset, not {type(source).__name__}")
+        raise TypeError(
+            f"a data source is a path, hub name, list of dicts or datasets.Dataset, not {type(source).__name__}"
+        )
     path = Path(source).expanduser()
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():  # Dataset.save_to_disk
         return [(str(path), _pick_split(datasets.load_from_disk(str(path)), split, str(path)))]
@@ -79,7 +85,9 @@ def source_tables(source, split: str) -> list[tuple[str, datasets.Dataset]]:
 def _load_file(path: Path, split: str) -> datasets.Dataset:
     builder = _BUILDERS.get(path.suffix.lower())
     if builder is None:
-        raise DataFormatError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_BUILDERS)}", source=str(path))
+        raise DataFormatError(
+            f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_BUILDERS)}", source=str(path)
+        )
     if builder == "txt":
         return datasets.Dataset.from_dict({"prompt": read_prompts_file(path)})
     if _is_blank(path):  # datasets would say StopIteration or "corresponds to no data"
@@ -115,7 +123,11 @@ def _first_bad_json_line(path: Path) -> tuple[int, str, str] | None:
         try:
             json.loads(text)
         except json.JSONDecodeError as err:
-            return err.lineno, f"line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})", text.split("\n")[err.lineno - 1]
+            return (
+                err.lineno,
+                f"line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})",
+                text.split("\n")[err.lineno - 1],
+            )
         return None
     row = 0
     for number, line in enumerate(text.split("\n"), start=1):
@@ -126,23 +138,38 @@ def _first_bad_json_line(path: Path) -> tuple[int, str, str] | None:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
-            return row, f"{where}: not valid JSON ({err.msg}, column {err.colno}); each line must be one JSON object", line
+            return (
+                row,
+                f"{where}: not valid JSON ({err.msg}, column {err.colno}); each line must be one JSON object",
+                line,
+            )
         if not isinstance(value, dict):
-            return row, f"{where}: a JSON {type(value).__name__}, not an object; each line must be one JSON object", line
+            return (
+                row,
+                f"{where}: a JSON {type(value).__name__}, not an object; each line must be one JSON object",
+                line,
+            )
     return None
 
 
 def _data_files(directory: Path) -> list[Path]:
     """The data files under a directory, all of one kind (hidden files and others are ignored)."""
     files = sorted(
-        f for f in directory.rglob("*")
-        if f.is_file() and f.suffix.lower() in _BUILDERS and not any(p.startswith(".") for p in f.relative_to(directory).parts)
+        f
+        for f in directory.rglob("*")
+        if f.is_file()
+        and f.suffix.lower() in _BUILDERS
+        and not any(p.startswith(".") for p in f.relative_to(directory).parts)
     )
     if not files:
-        raise DataFormatError(f"{directory} holds no data files ({', '.join(sorted(_BUILDERS))})", source=str(directory))
+        raise DataFormatError(
+            f"{directory} holds no data files ({', '.join(sorted(_BUILDERS))})", source=str(directory)
+        )
     kinds = {_BUILDERS[f.suffix.lower()] for f in files}
     if len(kinds) > 1:
-        raise DataFormatError(f"{directory} mixes file types {sorted(kinds)}; keep one kind per directory", source=str(directory))
+        raise DataFormatError(
+            f"{directory} mixes file types {sorted(kinds)}; keep one kind per directory", source=str(directory)
+        )
     return files
 
 
@@ -158,8 +185,11 @@ def list_columns(rows: list) -> list[str]:
     columns: dict[str, None] = {}  # a dict keeps first-seen order
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
-            raise DataFormatError(f"<list> row {number} must be a dict, not {type(row).__name__}: {preview(row)}",
-                                  source="<list>", row=number)
+            raise DataFormatError(
+                f"<list> row {number} must be a dict, not {type(row).__name__}: {preview(row)}",
+                source="<list>",
+                row=number,
+            )
         columns.update(dict.fromkeys(row))
     return list(columns)
 

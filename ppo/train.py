@@ -88,7 +88,9 @@ def load_models(config: PPOConfig) -> dict[str, Any]:
         models["ref_model"] = load_causal_lm(config.ref_model_path, dtype=dtype).to(device)
     if config.value_model_path:
         models["value_model"] = load_sequence_classifier(config.value_model_path, num_labels=1, dtype=dtype).to(device)
-        check_vocab_covers(models["value_model"], tokenizer, "the value model", config.value_model_path)  # it reads the policy's tokens
+        check_vocab_covers(
+            models["value_model"], tokenizer, "the value model", config.value_model_path
+        )  # it reads the policy's tokens
     return models
 
 
@@ -116,6 +118,7 @@ def run_ppo(config: PPOConfig) -> dict[str, Any]:
     dist.barrier()  # every rank has loaded before rank 0 removes anything
     if not config.resume_from_checkpoint and dist.is_main():
         remove_outputs(out, PPO_OUTPUTS)
+
     # config.yaml once the run has started (after a resume has restored its checkpoint), so a run
     # that fails to resume leaves the previous one's config.yaml as it was.
     def write_config() -> None:
@@ -125,7 +128,12 @@ def run_ppo(config: PPOConfig) -> dict[str, Any]:
     trainer.on_train_start = [write_config]
     history = trainer.train(rows, num_epochs=config.num_epochs, max_length=config.max_length)
     last = history[-1] if history else {}
-    return {"steps": trainer.global_step, "output_dir": config.output_dir, "mean_reward": last.get("mean_reward"), "kl": last.get("kl")}
+    return {
+        "steps": trainer.global_step,
+        "output_dir": config.output_dir,
+        "mean_reward": last.get("mean_reward"),
+        "kl": last.get("kl"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
     # SIGINT / SIGTERM: one line and exit status 130 / 143, after a checkpoint (ppo.interrupt).
-    return exit_on_signals("train", lambda: run_cli("train", PPOConfig, run_ppo, argv, lambda m: f"last mean reward {m['mean_reward']}, kl {m['kl']}"))
+    return exit_on_signals(
+        "train",
+        lambda: run_cli(
+            "train", PPOConfig, run_ppo, argv, lambda m: f"last mean reward {m['mean_reward']}, kl {m['kl']}"
+        ),
+    )
 
 
 if __name__ == "__main__":

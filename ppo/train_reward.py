@@ -72,7 +72,9 @@ def reward_model_from_policy(policy_dir_or_model):
     model = AutoModelForSequenceClassification.from_config(config)
     body, source = getattr(model, model.base_model_prefix), getattr(policy, policy.base_model_prefix, None)
     if source is None or type(source) is not type(body):
-        raise TypeError(f"cannot build a reward model from {type(policy).__name__}: its backbone is not a {type(body).__name__}")
+        raise TypeError(
+            f"cannot build a reward model from {type(policy).__name__}: its backbone is not a {type(body).__name__}"
+        )
     body.load_state_dict(source.state_dict())
     reference = next(policy.parameters())
     return model.to(device=reference.device, dtype=reference.dtype)
@@ -131,7 +133,9 @@ def prompt_grouped_steps(prompts: list[str], per_step: int, num_epochs: int, see
     return step_groups(len(prompts), per_step, num_epochs, seed, list(units.values()))
 
 
-def accumulate_reward_gradients(model, pairs: list[Pair], config: RewardConfig, pad_id: int, step: int, epoch: int, scorer=None) -> tuple[float, float]:
+def accumulate_reward_gradients(
+    model, pairs: list[Pair], config: RewardConfig, pad_id: int, step: int, epoch: int, scorer=None
+) -> tuple[float, float]:
     """Backward over one optimizer step's pairs - this rank's share, in micro-batches - and return
     the step's mean loss and accuracy. `scorer`: the model's score call wrapped for DDP."""
     step_loss, correct = 0.0, 0.0
@@ -183,13 +187,17 @@ def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=No
     before = held_out(model, tokenizer, eval_rows, config)
     losses, accuracies = [], []
     model.train()
-    bar = tqdm(total=total_steps, desc="reward", disable=not (config.progress_bar and dist.is_main()), dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps, desc="reward", disable=not (config.progress_bar and dist.is_main()), dynamic_ncols=True
+    )
     if config.group_by_prompt:
         steps = prompt_grouped_steps([r["prompt"] for r in train_rows], per_step, config.num_epochs, config.seed)
     else:
         steps = step_groups(len(pairs), per_step, config.num_epochs, config.seed)
     for epoch, group in steps:
-        loss, accuracy = accumulate_reward_gradients(model, [pairs[i] for i in group], config, tokenizer.pad_token_id, len(losses) + 1, epoch, scorer)
+        loss, accuracy = accumulate_reward_gradients(
+            model, [pairs[i] for i in group], config, tokenizer.pad_token_id, len(losses) + 1, epoch, scorer
+        )
         stats = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, len(losses) + 1, epoch)
         losses.append(loss)
         accuracies.append(accuracy)
@@ -202,10 +210,18 @@ def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=No
     # 6. accuracy after, and the final model
     after = held_out(model, tokenizer, eval_rows, config)
     metrics = {
-        "train_loss": losses, "train_accuracy": accuracies, "final_loss": losses[-1] if losses else None,
-        "accuracy_before": before.get("accuracy"), "accuracy": after.get("accuracy"),
-        "eval_loss_before": before.get("loss"), "eval_loss": after.get("loss"), "score_gap": after.get("score_gap"),
-        "steps": len(losses), "train_rows": len(train_rows), "eval_rows": len(eval_rows), "output_dir": str(out),
+        "train_loss": losses,
+        "train_accuracy": accuracies,
+        "final_loss": losses[-1] if losses else None,
+        "accuracy_before": before.get("accuracy"),
+        "accuracy": after.get("accuracy"),
+        "eval_loss_before": before.get("loss"),
+        "eval_loss": after.get("loss"),
+        "score_gap": after.get("score_gap"),
+        "steps": len(losses),
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        "output_dir": str(out),
     }
     finish_outputs(out, config, model, tokenizer, logger, metrics)
     return metrics
@@ -221,15 +237,24 @@ def held_out(model, tokenizer, eval_rows: list[dict], config: RewardConfig) -> d
 def preference_rows(config: RewardConfig, tokenizer, rows) -> list[dict[str, str]]:
     """{"prompt", "chosen", "rejected"} rows: `rows` as given when already in that form, else read
     with `ppo.formats.load_preference_rows` (from `rows` or from the file `config.data`)."""
+
     def load(source):
         from ppo.formats import (
             load_preference_rows,  # formats pulls in `datasets`; only needed for files
         )
 
-        return load_preference_rows(source, tokenizer, prompt_column=config.prompt_column, chosen_column=config.chosen_column,
-                                    rejected_column=config.rejected_column, skip_bad_rows=config.skip_bad_rows)
+        return load_preference_rows(
+            source,
+            tokenizer,
+            prompt_column=config.prompt_column,
+            chosen_column=config.chosen_column,
+            rejected_column=config.rejected_column,
+            skip_bad_rows=config.skip_bad_rows,
+        )
 
-    return without_same_pairs(given_or_loaded_rows(rows, config.data, ("prompt", "chosen", "rejected"), load, "preference data"))
+    return without_same_pairs(
+        given_or_loaded_rows(rows, config.data, ("prompt", "chosen", "rejected"), load, "preference data")
+    )
 
 
 def without_same_pairs(rows: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -240,15 +265,27 @@ def without_same_pairs(rows: list[dict[str, str]]) -> list[dict[str, str]]:
         return rows
     shown = ", ".join(map(str, same[:10])) + (", ..." if len(same) > 10 else "")
     if len(same) == len(rows):
-        raise ValueError(f"preference rows: chosen equals rejected in all {len(rows)} rows (rows {shown}): such pairs teach nothing")
-    warnings.warn(f"dropped {len(same)} of {len(rows)} preference rows whose chosen equals rejected (rows {shown}): they teach nothing")
+        raise ValueError(
+            f"preference rows: chosen equals rejected in all {len(rows)} rows (rows {shown}): such pairs teach nothing"
+        )
+    warnings.warn(
+        f"dropped {len(same)} of {len(rows)} preference rows whose chosen equals rejected (rows {shown}): they "
+        "teach nothing",
+        stacklevel=2,
+    )
     dropped = set(same)
     return [r for i, r in enumerate(rows, start=1) if i not in dropped]
 
 
 def main(argv: list[str] | None = None) -> int:
     """`ppo-rlhf reward --config reward.yaml key=value ...`; returns the exit code."""
-    return run_cli("reward", RewardConfig, train_reward_model, argv, lambda m: f"held-out accuracy {m['accuracy_before']} -> {m['accuracy']}")
+    return run_cli(
+        "reward",
+        RewardConfig,
+        train_reward_model,
+        argv,
+        lambda m: f"held-out accuracy {m['accuracy_before']} -> {m['accuracy']}",
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ mini-batch. The policy and critic train through DDP / FSDP2 wrappers (`ppo.distr
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -27,10 +28,12 @@ from ppo.batch import PromptBatch, Rollout, ScoredBatch
 from ppo.config import BatchPlan, PPOConfig, plan_batches
 from ppo.data import collate_prompts, ensure_pad_token
 from ppo.fastpath.compat import enable_activation_checkpointing
-from ppo.fastpath.last_layer import pruning
-from ppo.lr_schedule import lr_factor, set_learning_rates
 from ppo.fastpath.host_memory import memory_releaser
+from ppo.fastpath.last_layer import pruning
 from ppo.fastpath.onednn_linear import resolve_fp32_matmul
+from ppo.lr_schedule import lr_factor, set_learning_rates
+from ppo.metrics import PhaseTimer
+from ppo.models import end_of_turn_ids
 from ppo.optim import build_adamw
 from ppo.rewards import RewardSources
 from ppo.roles import (
@@ -45,8 +48,6 @@ from ppo.roles import (
 from ppo.rollout import HFRolloutEngine, RolloutEngine, SamplingParams
 from ppo.scoring import Scorer
 from ppo.update import ppo_update
-from ppo.metrics import PhaseTimer
-from ppo.models import end_of_turn_ids
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -95,22 +96,36 @@ class PPOTrainer:
         ensure_pad_token(tokenizer)
         if reward_model is not None:
             freeze(reward_model)
-        self.rewards = RewardSources(reward_model, reward_funcs, reward_weights or config.reward_weights, reward_tokenizer,
-                                     config.reward_timeout_s, config.reward_max_abs)
+        self.rewards = RewardSources(
+            reward_model,
+            reward_funcs,
+            reward_weights or config.reward_weights,
+            reward_tokenizer,
+            config.reward_timeout_s,
+            config.reward_max_abs,
+        )
         torch.manual_seed(config.seed)
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(config.precision, self.device)
-        self.fp32_kernel = resolve_fp32_matmul(config.fp32_matmul, self.device, getattr(getattr(model, "config", None), "hidden_size", 512))
+        self.fp32_kernel = resolve_fp32_matmul(
+            config.fp32_matmul, self.device, getattr(getattr(model, "config", None), "hidden_size", 512)
+        )
         self.release_memory = memory_releaser(config.host_release_memory, self.device)
         use_lora = peft_config is not None or config.lora_r > 0 or is_peft_model(model)
         lora_source = peft_config if peft_config is not None else config
         # The critic copies the policy's plain weights, so it is built before adapters go in.
         critic_lora = lora_source if use_lora and config.lora_critic else None
         if value_model is not None and not config.uses_critic:
-            raise ValueError(f"value_model= was passed but advantage_estimator={config.advantage_estimator} trains no critic")
+            raise ValueError(
+                f"value_model= was passed but advantage_estimator={config.advantage_estimator} trains no critic"
+            )
         # A critic-free estimator holds no critic at all: not built, trained, checkpointed or in memory.
-        self.critic = build_critic(config.value_head, model, reward_model, value_model, reward_tokenizer, critic_lora) if config.uses_critic else None
+        self.critic = (
+            build_critic(config.value_head, model, reward_model, value_model, reward_tokenizer, critic_lora)
+            if config.uses_critic
+            else None
+        )
         if use_lora:
             model = apply_lora(model, lora_source)
         self.policy = model
@@ -127,7 +142,10 @@ class PPOTrainer:
         }
         if self.critic is not None:  # critic-free estimators train the policy only
             self.optimizers["critic"] = build_adamw(
-                self.critic.module, config.value_learning_rate or config.learning_rate, config.weight_decay, config.optimizer
+                self.critic.module,
+                config.value_learning_rate or config.learning_rate,
+                config.weight_decay,
+                config.optimizer,
             )
         if config.adap_kl_ctrl:
             self.kl_controller = F.AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
@@ -137,16 +155,28 @@ class PPOTrainer:
         # Every end-of-turn token ends a response (chat models list several in generation_config).
         stop_ids = end_of_turn_ids(tokenizer, model)
         self.sampling = SamplingParams(
-            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
-            top_p=config.top_p, stop_token_ids=stop_ids, stop_strings=tuple(config.stop_strings),
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            stop_token_ids=stop_ids,
+            stop_strings=tuple(config.stop_strings),
         )
         self.shuffle_generator = torch.Generator().manual_seed(config.seed)  # mini-batch order
         self.timer = PhaseTimer()
         self.global_step = 0
         self.planned_steps: int | None = None  # set by train(): the length of an lr schedule
         self.max_prompt_tokens: int | None = self.prompt_budget(config.max_length)
-        self.scorer = Scorer(self.policy, self.ref_model, self.update_critic, self.rewards, config, self.autocast, tokenizer.pad_token_id,
-                             self.precision)
+        self.scorer = Scorer(
+            self.policy,
+            self.ref_model,
+            self.update_critic,
+            self.rewards,
+            config,
+            self.autocast,
+            tokenizer.pad_token_id,
+            self.precision,
+        )
 
     def _distribute(self, strategy: str) -> None:
         """The update trains through DDP / FSDP2 wrappers (the modules themselves in one process);
@@ -167,7 +197,9 @@ class PPOTrainer:
         limits = [max_length, getattr(self.policy.config, "max_position_embeddings", None)]
         limits = [n - self.config.max_new_tokens for n in limits if n is not None]
         if any(n < 1 for n in limits):
-            raise ValueError(f"max_length / the model's context must exceed max_new_tokens={self.config.max_new_tokens}")
+            raise ValueError(
+                f"max_length / the model's context must exceed max_new_tokens={self.config.max_new_tokens}"
+            )
         return min(limits) if limits else None
 
     # ------------------------------------------------------------------------------------------
@@ -176,14 +208,18 @@ class PPOTrainer:
         base = (self.config.seed * 1_000_003 + self.global_step) * 1_000_003
         return [base + row_offset + i for i in range(n)]
 
-    def step(self, prompts: Sequence[Any], extras: dict[str, list[Any]] | None = None, row_offset: int = 0) -> dict[str, Any]:
+    def step(
+        self, prompts: Sequence[Any], extras: dict[str, list[Any]] | None = None, row_offset: int = 0
+    ) -> dict[str, Any]:
         """One PPO iteration on `prompts` (one batch, whatever their number). `extras` are dataset
         columns for the reward functions; `row_offset` is the index of prompts[0] in the global
         batch (for sampling seeds when ranks share a batch). Returns the statistics."""
         cfg = self.config
         plan = self.plan_step(len(prompts))
         # Before sampling, so that a schedule without a length fails before any work is done.
-        factor = lr_factor(self.global_step, cfg.lr_schedule_steps or self.planned_steps, cfg.lr_scheduler, cfg.warmup_steps)
+        factor = lr_factor(
+            self.global_step, cfg.lr_schedule_steps or self.planned_steps, cfg.lr_scheduler, cfg.warmup_steps
+        )
         learning_rate = set_learning_rates(self.optimizers.values(), factor)
         # 1. sample: collate the prompts, then num_generations responses per prompt
         with self.timer.phase("generate"):
@@ -199,9 +235,19 @@ class PPOTrainer:
         #    critic warm-up the critic's only: the policy, and so the KL, do not move)
         warming_up = self.global_step < cfg.critic_warmup_steps
         with self.timer.phase("update"), pruning(cfg.prune_last_layer):
-            update_stats = ppo_update(batch, self.update_policy, self.update_critic, self.optimizers, plan, cfg,
-                                      self.shuffle_generator, self.autocast, self.release_memory,
-                                      kl_coef=self.kl_controller.value, train_policy=not warming_up)
+            update_stats = ppo_update(
+                batch,
+                self.update_policy,
+                self.update_critic,
+                self.optimizers,
+                plan,
+                cfg,
+                self.shuffle_generator,
+                self.autocast,
+                self.release_memory,
+                kl_coef=self.kl_controller.value,
+                train_policy=not warming_up,
+            )
             self.engine.update_weights(())  # the HF engine shares the policy: nothing to copy
         # 5. bookkeeping: the KL coefficient adapts to this step's KL; the statistics
         kl_coef_used = self.kl_controller.value
@@ -209,7 +255,9 @@ class PPOTrainer:
             self.kl_controller.update(score_stats["kl"], len(batch))
         self.global_step += 1
         n_tokens = int(rollout.attention_mask.sum())
-        timing = self.timer.finish_step({"generate": int(rollout.response_mask.sum()), "score": n_tokens, "update": n_tokens * cfg.ppo_epochs})
+        timing = self.timer.finish_step(
+            {"generate": int(rollout.response_mask.sum()), "score": n_tokens, "update": n_tokens * cfg.ppo_epochs}
+        )
         return {
             "generated_texts": scored.completions,
             "rewards": batch.scores.tolist(),
@@ -231,11 +279,15 @@ class PPOTrainer:
         if len(shares) == 1 and not n_prompts:
             raise ValueError("no prompts given: the prompt list is empty")
         if min(shares) == 0 or len(set(shares)) > 1:
-            raise ValueError(f"every rank must pass the same, non-zero number of prompts to step(); got {shares} "
-                             "(make batch_size a multiple of the number of ranks)")
+            raise ValueError(
+                f"every rank must pass the same, non-zero number of prompts to step(); got {shares} "
+                "(make batch_size a multiple of the number of ranks)"
+            )
         return plan_batches(self.config, n_prompts=sum(shares), world_size=len(shares))
 
-    def sample(self, prompts: Sequence[Any], extras: dict[str, list[Any]] | None, row_offset: int) -> tuple[PromptBatch, Rollout]:
+    def sample(
+        self, prompts: Sequence[Any], extras: dict[str, list[Any]] | None, row_offset: int
+    ) -> tuple[PromptBatch, Rollout]:
         """Step 1: the prompts collated (each repeated num_generations times) and their responses."""
         self.release_memory()  # what building the models, or the last iteration, left behind
         prompt_batch = collate_prompts(self.tokenizer, prompts, extras, self.max_prompt_tokens, self.device)
@@ -246,13 +298,21 @@ class PPOTrainer:
         self.release_memory()
         return prompt_batch, rollout
 
-    def score(self, rollout: Rollout, prompts: PromptBatch, completions: list[str]) -> tuple[ScoredBatch, dict[str, float]]:
+    def score(
+        self, rollout: Rollout, prompts: PromptBatch, completions: list[str]
+    ) -> tuple[ScoredBatch, dict[str, float]]:
         """Steps 2-3 on a rollout of this rank: scored, gathered, rewards and advantages."""
         return advantages.estimate(self.scorer(rollout, prompts, completions), self.config, self.kl_controller.value)
 
     # ------------------------------------------------------------------------------------------
-    def train(self, prompts, num_epochs: int | None = None, max_length: int | None = None,
-              on_step=None, max_steps: int | None = None) -> list[dict[str, Any]]:
+    def train(
+        self,
+        prompts,
+        num_epochs: int | None = None,
+        max_length: int | None = None,
+        on_step=None,
+        max_steps: int | None = None,
+    ) -> list[dict[str, Any]]:
         """The PPO loop over a prompt list or a `datasets.Dataset`; see ppo.loop.train_loop (also for
         the per-step callback `on_step` and `max_steps`). `num_epochs=None`: the config's `num_epochs`
         (an explicit argument wins); `max_length=None`: the config's, already applied in __init__."""
@@ -276,4 +336,3 @@ class PPOTrainer:
                 merged = copy.deepcopy(self.policy).merge_and_unload()
                 save_model_dir(Path(output_dir) / "merged", merged, self.tokenizer)
             dist.barrier()
-

@@ -33,7 +33,6 @@ from ppo.batch import ScoredBatch
 from ppo.config import BatchPlan, PPOConfig
 from ppo.forward import policy_logprobs
 
-
 # The rollout/training mismatch, measured on the first mini-batch of the first epoch: there the policy
 # has the weights that sampled and scored the batch, so the update's forward (pi_train) should equal
 # pi_old and the sampling pass's log-probs (pi_rollout) to float rounding. docs/precision.md.
@@ -52,13 +51,20 @@ def policy_loss(mb: ScoredBatch, policy, critic, config: PPOConfig, kl_coef: flo
     value head needs them. `critic` is None for a critic-free estimator."""
     want_entropy = config.entropy_coef != 0.0
     logprobs, entropy, hidden = policy_logprobs(
-        policy, mb.input_ids, mb.attention_mask, mb.response_width, config.temperature,
-        with_entropy=want_entropy, output_hidden=critic is not None and critic.uses_policy_hidden,
+        policy,
+        mb.input_ids,
+        mb.attention_mask,
+        mb.response_width,
+        config.temperature,
+        with_entropy=want_entropy,
+        output_hidden=critic is not None and critic.uses_policy_hidden,
     )
     weights = None
     if config.tis_cap is not None and mb.rollout_logprobs is not None:
         weights = F.truncated_importance_weights(mb.logprobs, mb.rollout_logprobs, mb.response_mask, config.tis_cap)
-    loss, stats = F.clipped_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, config.clip_range, weights)
+    loss, stats = F.clipped_policy_loss(
+        logprobs, mb.logprobs, mb.advantages, mb.response_mask, config.clip_range, weights
+    )
     stats = {"policy_loss": loss.detach(), **stats}
     if config.kl_in_loss:
         kl = F.kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, config.kl_loss_estimator)
@@ -82,7 +88,9 @@ def value_loss(mb: ScoredBatch, critic, config: PPOConfig, policy_hidden=None):
     return config.vf_coef * loss, {"value_loss": loss.detach(), **stats}
 
 
-def micro_batch_loss(mb: ScoredBatch, policy, critic, config: PPOConfig, kl_coef: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+def micro_batch_loss(
+    mb: ScoredBatch, policy, critic, config: PPOConfig, kl_coef: float = 0.0
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The whole PPO loss of one (trimmed) micro-batch and its statistics, as one graph."""
     pg_loss, pg_stats, hidden = policy_loss(mb, policy, critic, config, kl_coef)
     vf_loss, vf_stats = value_loss(mb, critic, config, hidden)
@@ -95,7 +103,9 @@ def warmup_value_loss(mb: ScoredBatch, policy, critic, config: PPOConfig):
     hidden = None
     if critic.uses_policy_hidden:
         with torch.no_grad():
-            hidden = policy_logprobs(policy, mb.input_ids, mb.attention_mask, mb.response_width, config.temperature, output_hidden=True)[2]
+            hidden = policy_logprobs(
+                policy, mb.input_ids, mb.attention_mask, mb.response_width, config.temperature, output_hidden=True
+            )[2]
     return value_loss(mb, critic, config, hidden)
 
 
@@ -106,7 +116,13 @@ def _passes(policy, critic, config: PPOConfig, kl_coef: float, train_policy: boo
     if not train_policy:  # the critic warm-up
         return [((critic.module,), ("critic",), lambda mb: warmup_value_loss(mb, policy, critic, config))]
     if critic.uses_policy_hidden:
-        return [((policy, critic.module), ("policy", "critic"), lambda mb: micro_batch_loss(mb, policy, critic, config, kl_coef))]
+        return [
+            (
+                (policy, critic.module),
+                ("policy", "critic"),
+                lambda mb: micro_batch_loss(mb, policy, critic, config, kl_coef),
+            )
+        ]
     return [
         ((policy,), ("policy",), lambda mb: policy_loss(mb, policy, critic, config, kl_coef)[:2]),
         ((critic.module,), ("critic",), lambda mb: value_loss(mb, critic, config)),
@@ -173,14 +189,20 @@ def ppo_update(
                     optimizers[name].zero_grad(set_to_none=True)  # no gradient outlives its step
                 after_pass()
             history["loss"].extend(total_loss)
-            epoch_kl.extend(history["approx_kl"][-len(micros):] if train_policy else [])
+            epoch_kl.extend(history["approx_kl"][-len(micros) :] if train_policy else [])
         epochs_run += 1
         # cleanrl's early stop: once the policy moved too far from the rollout policy, more
         # epochs on the same data only overfit it. Decided on the mean over ranks: all stop together.
         stop = config.approx_kl_stop
-        if stop is not None and epoch_kl and dist.all_reduce_mean({"approx_kl": torch.stack(epoch_kl).mean()})["approx_kl"] > stop:
+        if (
+            stop is not None
+            and epoch_kl
+            and dist.all_reduce_mean({"approx_kl": torch.stack(epoch_kl).mean()})["approx_kl"] > stop
+        ):
             break
-    means = dist.all_reduce_mean({key: torch.stack([v.float() for v in values]).mean() for key, values in history.items()})
+    means = dist.all_reduce_mean(
+        {key: torch.stack([v.float() for v in values]).mean() for key, values in history.items()}
+    )
     means["ppo_epochs_run"] = epochs_run
     if not train_policy:  # the policy did not move: no policy statistics to report
         means.update(policy_loss=float("nan"), clipfrac=float("nan"), critic_warmup=1.0)

@@ -61,10 +61,16 @@ def make_problem(rng: random.Random, steps: int = 1, operations: str = "+-x") ->
         sentences.append(sentence)
     sentences.append(f"How many {thing} does {name} have now?")
     question = " ".join(sentences)
-    return {"prompt": [{"role": "user", "content": f"{question} {INSTRUCTION}"}], "answer": str(value), "question": question}
+    return {
+        "prompt": [{"role": "user", "content": f"{question} {INSTRUCTION}"}],
+        "answer": str(value),
+        "question": question,
+    }
 
 
-def make_split(n_train: int, n_eval: int, seed: int = 0, steps: int = 1, operations: str = "+-x") -> tuple[list[dict], list[dict]]:
+def make_split(
+    n_train: int, n_eval: int, seed: int = 0, steps: int = 1, operations: str = "+-x"
+) -> tuple[list[dict], list[dict]]:
     """(train, eval) problems with distinct question texts (eval drawn first, train avoids them)."""
     unknown = set(operations) - set(OPERATIONS)
     if unknown:
@@ -78,7 +84,9 @@ def make_split(n_train: int, n_eval: int, seed: int = 0, steps: int = 1, operati
         while len(rows) < count:
             attempts += 1
             if attempts > 50 * max(count, 1):
-                raise ValueError(f"only {len(rows)} distinct problems of {steps} step(s) found for {count} asked; ask for fewer")
+                raise ValueError(
+                    f"only {len(rows)} distinct problems of {steps} step(s) found for {count} asked; ask for fewer"
+                )
             row = make_problem(rng, steps, operations)
             if row["question"] not in seen:
                 seen.add(row["question"])

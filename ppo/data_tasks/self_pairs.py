@@ -24,8 +24,18 @@ import torch
 
 
 @torch.no_grad()
-def build_pairs(model, tokenizer, rows: list[dict], reward, samples: int = 4, max_new_tokens: int = 32, temperature: float = 1.0,
-                pairs_per_prompt: int = 2, batch_size: int = 32, seed: int = 0) -> tuple[list[dict], dict]:
+def build_pairs(
+    model,
+    tokenizer,
+    rows: list[dict],
+    reward,
+    samples: int = 4,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    pairs_per_prompt: int = 2,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> tuple[list[dict], dict]:
     """(pairs, stats): `rows` are prompt rows as `load_prompt_rows` gives them (`prompt` as text or
     chat messages, plus the other columns, which the rule reward reads)."""
     from ppo.data import collate_prompts
@@ -88,19 +98,34 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             raise ValueError(f"no prompts in {args.prompts}")
         model = load_causal_lm(args.model).eval()
-        pairs, stats = build_pairs(model, tokenizer, rows, reward, args.samples, args.max_new_tokens, args.temperature,
-                                   args.pairs_per_prompt, args.batch_size, args.seed)
+        pairs, stats = build_pairs(
+            model,
+            tokenizer,
+            rows,
+            reward,
+            args.samples,
+            args.max_new_tokens,
+            args.temperature,
+            args.pairs_per_prompt,
+            args.batch_size,
+            args.seed,
+        )
     except (ValueError, OSError) as err:
         print(f"self_pairs: error: {err}", file=sys.stderr)
         return 1
     if not pairs:
-        print("self_pairs: error: no pair: every prompt's samples scored the same; raise --samples or --temperature", file=sys.stderr)
+        print(
+            "self_pairs: error: no pair: every prompt's samples scored the same; raise --samples or --temperature",
+            file=sys.stderr,
+        )
         return 1
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    print(f"self_pairs: wrote {stats['pairs']} pairs from {stats['prompts']} prompts to {out} "
-          f"(mean rule reward of the samples {stats['mean_rule_reward']:.3f})")
+    print(
+        f"self_pairs: wrote {stats['pairs']} pairs from {stats['prompts']} prompts to {out} "
+        f"(mean rule reward of the samples {stats['mean_rule_reward']:.3f})"
+    )
     return 0
 
 

@@ -63,15 +63,26 @@ def refresh_reward_model(config: DemoConfig, reward_model, ppo_policy, tokenizer
     fresh = policy_pairs(config, ppo_policy, tokenizer, task, prompts)
     replay = random.Random(config.seed).sample(reward_rows["train"], min(len(fresh), len(reward_rows["train"])))
     rm_config = RewardConfig(
-        output_dir=str(out / "reward_refresh"), learning_rate=config.reward_learning_rate, batch_size=config.reward_batch_size,
-        num_epochs=config.refresh_epochs, lr_scheduler="cosine", warmup_ratio=0.05, eval_fraction=0.0, seed=config.seed + 1,
-        logging_steps=10, progress_bar=config.progress_bar, max_length=64,
+        output_dir=str(out / "reward_refresh"),
+        learning_rate=config.reward_learning_rate,
+        batch_size=config.reward_batch_size,
+        num_epochs=config.refresh_epochs,
+        lr_scheduler="cosine",
+        warmup_ratio=0.05,
+        eval_fraction=0.0,
+        seed=config.seed + 1,
+        logging_steps=10,
+        progress_bar=config.progress_bar,
+        max_length=64,
     )
     reward_model.requires_grad_(True)  # the PPO trainer froze it as a scorer
     train_reward_model(rm_config, model=reward_model, tokenizer=tokenizer, rows=fresh + replay)
     reward_model.requires_grad_(False).eval()
     held = reward_rows["held"]
     result = {k: pairwise_accuracy(reward_model, tokenizer, v, 256) if v else None for k, v in held.items()}
-    print(f"   reward model refreshed on {len(fresh)} pairs of PPO samples + {len(replay)} replayed: held-out "
-          f"accuracy {result['all']:.1%} (task pairs {result['task']:.1%}, SFT-sample pairs {result['policy'] or float('nan'):.1%})")
+    print(
+        f"   reward model refreshed on {len(fresh)} pairs of PPO samples + {len(replay)} replayed: held-out "
+        f"accuracy {result['all']:.1%} (task pairs {result['task']:.1%}, "
+        f"SFT-sample pairs {result['policy'] or float('nan'):.1%})"
+    )
     return {"pairs": len(fresh), "replayed": len(replay), **{f"accuracy_{k}": v for k, v in result.items()}}

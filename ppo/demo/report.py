@@ -28,8 +28,11 @@ def _policies(summary: dict) -> list[tuple[str, str, dict]]:
     """(key, label, eval result) for SFT, best-of-n and PPO, in table order."""
     ev = summary["eval"]
     bon = next(k for k in ev if k.startswith("best_of_"))
-    return [("sft", "SFT (sampled)", ev["sft"]), (bon, f"best-of-{bon.split('_')[-1]} from SFT", ev[bon]),
-            ("ppo", "PPO", ev["ppo"])]
+    return [
+        ("sft", "SFT (sampled)", ev["sft"]),
+        (bon, f"best-of-{bon.split('_')[-1]} from SFT", ev[bon]),
+        ("ppo", "PPO", ev["ppo"]),
+    ]
 
 
 def _pct(value) -> str:
@@ -52,16 +55,36 @@ def check_targets(summary: dict) -> list[dict[str, Any]]:
     total = summary["times"].get("total", float("nan"))
     rm_acc = summary["reward"]["accuracy"]
     return [
-        {"name": "whole demo time", "value": f"{total:.0f} s", "target": f"<= {TIME_LIMIT_S:.0f} s (aim {TIME_AIM_S:.0f} s)",
-         "passed": total <= TIME_LIMIT_S},
-        {"name": "reward model held-out pairwise accuracy", "value": f"{rm_acc:.1%}", "target": f">= {RM_ACCURACY:.0%}",
-         "passed": rm_acc is not None and rm_acc >= RM_ACCURACY},
-        {"name": "PPO gold - SFT gold", "value": f"{_gold(ppo) - _gold(sft):+.1f}", "target": f">= +{GOLD_GAIN:.0f}",
-         "passed": _gold(ppo) - _gold(sft) >= GOLD_GAIN},
-        {"name": f"PPO gold vs {bon_label} gold", "value": f"{_gold(ppo):.1f} vs {_gold(bon):.1f}", "target": "PPO higher",
-         "passed": _gold(ppo) > _gold(bon)},
-        {"name": "PPO KL to SFT reported", "value": f"{ppo['kl']:.3f} nats", "target": "finite",
-         "passed": math.isfinite(ppo["kl"])},
+        {
+            "name": "whole demo time",
+            "value": f"{total:.0f} s",
+            "target": f"<= {TIME_LIMIT_S:.0f} s (aim {TIME_AIM_S:.0f} s)",
+            "passed": total <= TIME_LIMIT_S,
+        },
+        {
+            "name": "reward model held-out pairwise accuracy",
+            "value": f"{rm_acc:.1%}",
+            "target": f">= {RM_ACCURACY:.0%}",
+            "passed": rm_acc is not None and rm_acc >= RM_ACCURACY,
+        },
+        {
+            "name": "PPO gold - SFT gold",
+            "value": f"{_gold(ppo) - _gold(sft):+.1f}",
+            "target": f">= +{GOLD_GAIN:.0f}",
+            "passed": _gold(ppo) - _gold(sft) >= GOLD_GAIN,
+        },
+        {
+            "name": f"PPO gold vs {bon_label} gold",
+            "value": f"{_gold(ppo):.1f} vs {_gold(bon):.1f}",
+            "target": "PPO higher",
+            "passed": _gold(ppo) > _gold(bon),
+        },
+        {
+            "name": "PPO KL to SFT reported",
+            "value": f"{ppo['kl']:.3f} nats",
+            "target": "finite",
+            "passed": math.isfinite(ppo["kl"]),
+        },
     ]
 
 
@@ -82,9 +105,17 @@ def _rows(summary: dict) -> list[list[str]]:
     rows = []
     for _, label, r in _policies(summary):
         agree = r.get("rm_accuracy")
-        rows.append([label, f"{r['rewards/reward_model']:.2f}", f"{_gold(r):.1f}", f"{kl_to_sft(r):.3f}",
-                     "n/a" if agree is None else f"{agree:.1%}", f"{r.get('accuracy', float('nan')):.1%}",
-                     f"{r['response_length']:.2f}"])
+        rows.append(
+            [
+                label,
+                f"{r['rewards/reward_model']:.2f}",
+                f"{_gold(r):.1f}",
+                f"{kl_to_sft(r):.3f}",
+                "n/a" if agree is None else f"{agree:.1%}",
+                f"{r.get('accuracy', float('nan')):.1%}",
+                f"{r['response_length']:.2f}",
+            ]
+        )
     return rows
 
 
@@ -112,40 +143,65 @@ def markdown(summary: dict) -> str:
     from ppo.demo.task import DemoTask, describe
 
     rm = summary["reward"]
-    lines = ["# ppo-rlhf demo report", "", describe(DemoTask()), "",
-             "Pipeline: SFT on the demonstrations -> reward model on oracle-labelled pairs (started from the SFT "
-             "policy) -> PPO against the reward model. The oracle (gold) is never used for training.", "",
-             "## Results on held-out prompts", "",
-             f"Reward model held-out pairwise accuracy: {rm['accuracy']:.1%} on {rm['eval_rows']} pairs of held-out prompts "
-             f"(task pairs {_pct(rm['accuracy_task'])}, pairs of SFT samples {_pct(rm['accuracy_policy'])}); trained on "
-             f"{rm['train_rows']} pairs.", ""]
+    lines = [
+        "# ppo-rlhf demo report",
+        "",
+        describe(DemoTask()),
+        "",
+        "Pipeline: SFT on the demonstrations -> reward model on oracle-labelled pairs (started from the SFT "
+        "policy) -> PPO against the reward model. The oracle (gold) is never used for training.",
+        "",
+        "## Results on held-out prompts",
+        "",
+        f"Reward model held-out pairwise accuracy: {rm['accuracy']:.1%} on {rm['eval_rows']} pairs of held-out prompts "
+        f"(task pairs {_pct(rm['accuracy_task'])}, pairs of SFT samples {_pct(rm['accuracy_policy'])}); trained on "
+        f"{rm['train_rows']} pairs.",
+        "",
+    ]
     if rm.get("refresh"):
         ref = rm["refresh"]
-        lines[-1:] = [f"Online round: after {summary['config']['refresh_at']:.0%} of the PPO steps the labeller compared "
-                      f"samples of the PPO policy; the reward model trained on {ref['pairs']} such pairs plus "
-                      f"{ref['replayed']} replayed ones (held-out accuracy {_pct(rm.get('accuracy_initial'))} before, "
-                      f"{_pct(rm['accuracy'])} after; the evaluation uses this reward model).", ""]
+        lines[-1:] = [
+            f"Online round: after {summary['config']['refresh_at']:.0%} of the PPO steps the labeller compared "
+            f"samples of the PPO policy; the reward model trained on {ref['pairs']} such pairs plus "
+            f"{ref['replayed']} replayed ones (held-out accuracy {_pct(rm.get('accuracy_initial'))} before, "
+            f"{_pct(rm['accuracy'])} after; the evaluation uses this reward model).",
+            "",
+        ]
     lines += _md_table(HEADER, _rows(summary))
-    lines += ["", "- proxy: the reward model's score; gold: the oracle's 0-100 score; every policy sampled at the "
-              "PPO temperature on the same prompts.",
-              "- KL to SFT: mean over samples of the summed log pi - log pi_SFT of the response tokens; for best-of-n "
-              "the analytic log(n) - (n-1)/n of the selection.",
-              "- RM accuracy on its samples: share of sample pairs (gold gap >= the task's pair margin) that the reward "
-              "model orders as the oracle does; a drop for PPO would be reward hacking.", "",
-              "## Targets", ""]
-    lines += _md_table(["target", "value", "goal", ""], [[t["name"], t["value"], t["target"], "PASS" if t["passed"] else "MISS"]
-                                                         for t in summary["targets"]])
+    lines += [
+        "",
+        "- proxy: the reward model's score; gold: the oracle's 0-100 score; every policy sampled at the "
+        "PPO temperature on the same prompts.",
+        "- KL to SFT: mean over samples of the summed log pi - log pi_SFT of the response tokens; for best-of-n "
+        "the analytic log(n) - (n-1)/n of the selection.",
+        "- RM accuracy on its samples: share of sample pairs (gold gap >= the task's pair margin) that the reward "
+        "model orders as the oracle does; a drop for PPO would be reward hacking.",
+        "",
+        "## Targets",
+        "",
+    ]
+    lines += _md_table(
+        ["target", "value", "goal", ""],
+        [[t["name"], t["value"], t["target"], "PASS" if t["passed"] else "MISS"] for t in summary["targets"]],
+    )
     lines += ["", "## PPO training", "", "![curves](report.png)", ""]
     hist = summary["ppo"]["history"]
     if hist:
         first, last = hist[0], hist[-1]
-        lines += [f"Over {len(hist)} steps: proxy {first['proxy']:.2f} -> {last['proxy']:.2f}, gold {first['gold']:.1f} -> "
-                  f"{last['gold']:.1f}, KL {first['kl']:.3f} -> {last['kl']:.3f}, entropy {first['entropy']:.3f} -> "
-                  f"{last['entropy']:.3f}.", ""]
+        lines += [
+            f"Over {len(hist)} steps: proxy {first['proxy']:.2f} -> {last['proxy']:.2f}, gold {first['gold']:.1f} -> "
+            f"{last['gold']:.1f}, KL {first['kl']:.3f} -> {last['kl']:.3f}, entropy {first['entropy']:.3f} -> "
+            f"{last['entropy']:.3f}.",
+            "",
+        ]
     lines += ["## Sample generations (held-out prompts, before and after PPO)", ""]
-    lines += _md_table(["prompt", "ideal", "SFT", "gold", "PPO", "gold"],
-                       [[s["prompt"], s["ideal"], s["sft"], f"{s['sft_gold']:.0f}", s["ppo"], f"{s['ppo_gold']:.0f}"]
-                        for s in summary["samples"]])
+    lines += _md_table(
+        ["prompt", "ideal", "SFT", "gold", "PPO", "gold"],
+        [
+            [s["prompt"], s["ideal"], s["sft"], f"{s['sft_gold']:.0f}", s["ppo"], f"{s['ppo_gold']:.0f}"]
+            for s in summary["samples"]
+        ],
+    )
     lines += ["", "## Wall time", ""]
     lines += _md_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in summary["times"].items()])
     return "\n".join(lines) + "\n"

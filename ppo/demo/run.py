@@ -47,7 +47,17 @@ import torch
 
 from ppo.config import DemoConfig, PPOConfig, RewardConfig, SFTConfig, config_to_dict, save_config
 
-DEMO_OUTPUTS = ("config.yaml", "base", "sft", "reward", "reward_refresh", "ppo", "report.md", "report.png", "summary.json")
+DEMO_OUTPUTS = (
+    "config.yaml",
+    "base",
+    "sft",
+    "reward",
+    "reward_refresh",
+    "ppo",
+    "report.md",
+    "report.png",
+    "summary.json",
+)
 
 
 @dataclass(frozen=True)
@@ -67,9 +77,19 @@ class DemoPlan:
 
 def plan_demo(config: DemoConfig) -> DemoPlan:
     if config.quick:  # enough rows that every stage runs a step or two and the report has data
-        return DemoPlan(n_sft=64, n_pref=64, n_ppo=32, n_eval=16, sft_epochs=1, reward_epochs=1, ppo_steps=3, ppo_batch_size=8)
-    return DemoPlan(config.n_sft, config.n_pref, config.n_ppo, config.n_eval, config.sft_epochs,
-                    config.reward_epochs, config.ppo_steps, config.ppo_batch_size)
+        return DemoPlan(
+            n_sft=64, n_pref=64, n_ppo=32, n_eval=16, sft_epochs=1, reward_epochs=1, ppo_steps=3, ppo_batch_size=8
+        )
+    return DemoPlan(
+        config.n_sft,
+        config.n_pref,
+        config.n_ppo,
+        config.n_eval,
+        config.sft_epochs,
+        config.reward_epochs,
+        config.ppo_steps,
+        config.ppo_batch_size,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +128,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         history = run_ppo(config, plan, policy, tokenizer, reward_model, splits["ppo"], out, refresh)
         rm_metrics["refresh"] = refresh.result
         if refresh.result:  # the reward model PPO ended with, the one evaluation uses
-            rm_metrics.update(accuracy_initial=rm_metrics["accuracy"], **{k: v for k, v in refresh.result.items() if k.startswith("accuracy_")})
+            rm_metrics.update(
+                accuracy_initial=rm_metrics["accuracy"],
+                **{k: v for k, v in refresh.result.items() if k.startswith("accuracy_")},
+            )
             rm_metrics["accuracy"] = refresh.result["accuracy_all"]
         ppo_policy = load_policy(out / "ppo" / "final")
     # 5. held-out evaluation of SFT, best-of-n from SFT and PPO
@@ -117,10 +140,23 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     # 6. the report and the targets
     with timer("6 report"):
         summary = {
-            "config": config_to_dict(config), "plan": asdict(plan),
+            "config": config_to_dict(config),
+            "plan": asdict(plan),
             "sft": {k: sft_metrics[k] for k in ("final_loss", "steps", "train_rows")},
-            "reward": {k: rm_metrics.get(k) for k in ("accuracy", "accuracy_task", "accuracy_policy", "accuracy_initial", "refresh",
-                                                      "steps", "train_rows", "eval_rows", "policy_pairs")},
+            "reward": {
+                k: rm_metrics.get(k)
+                for k in (
+                    "accuracy",
+                    "accuracy_task",
+                    "accuracy_policy",
+                    "accuracy_initial",
+                    "refresh",
+                    "steps",
+                    "train_rows",
+                    "eval_rows",
+                    "policy_pairs",
+                )
+            },
             "ppo": {"steps": len(history), "history": history},
             "eval": {name: {k: v for k, v in r.items() if k != "generations"} for name, r in results.items()},
             "samples": sample_table(results, config.report_samples),
@@ -187,9 +223,16 @@ def run_sft(config: DemoConfig, plan: DemoPlan, policy, tokenizer, rows, out: Pa
     from ppo.sft import train_sft
 
     sft_config = SFTConfig(
-        output_dir=str(out / "sft"), learning_rate=config.sft_learning_rate, batch_size=config.sft_batch_size,
-        num_epochs=plan.sft_epochs, lr_scheduler="cosine", warmup_ratio=0.05, seed=config.seed,
-        logging_steps=10, progress_bar=config.progress_bar, max_length=64,
+        output_dir=str(out / "sft"),
+        learning_rate=config.sft_learning_rate,
+        batch_size=config.sft_batch_size,
+        num_epochs=plan.sft_epochs,
+        lr_scheduler="cosine",
+        warmup_ratio=0.05,
+        seed=config.seed,
+        logging_steps=10,
+        progress_bar=config.progress_bar,
+        max_length=64,
     )
     metrics = train_sft(sft_config, model=policy, tokenizer=tokenizer, rows=rows)
     print(f"   SFT: {metrics['steps']} steps, final loss {metrics['final_loss']:.3f}")
@@ -217,20 +260,40 @@ def run_reward(config: DemoConfig, plan: DemoPlan, policy, tokenizer, task, rows
     train_policy = policy_pairs(config, policy, tokenizer, task, [r["prompt"] for r in train_task])
     held_policy = policy_pairs(config, policy, tokenizer, task, [r["prompt"] for r in held_task])
     rm_config = RewardConfig(
-        output_dir=str(out / "reward"), init_from_policy=True, learning_rate=config.reward_learning_rate,
-        batch_size=config.reward_batch_size, num_epochs=plan.reward_epochs, lr_scheduler="cosine", warmup_ratio=0.05,
-        eval_fraction=0.0, seed=config.seed, logging_steps=10, progress_bar=config.progress_bar, max_length=64,
+        output_dir=str(out / "reward"),
+        init_from_policy=True,
+        learning_rate=config.reward_learning_rate,
+        batch_size=config.reward_batch_size,
+        num_epochs=plan.reward_epochs,
+        lr_scheduler="cosine",
+        warmup_ratio=0.05,
+        eval_fraction=0.0,
+        seed=config.seed,
+        logging_steps=10,
+        progress_bar=config.progress_bar,
+        max_length=64,
     )
     metrics = train_reward_model(rm_config, model=policy, tokenizer=tokenizer, rows=train_task + train_policy)
     model = AutoModelForSequenceClassification.from_pretrained(out / "reward" / "final", dtype=torch.float32).eval()
     held = {"task": held_task, "policy": held_policy, "all": held_task + held_policy}
-    metrics.update({f"accuracy_{k}": pairwise_accuracy(model, tokenizer, v, 256) if v else None for k, v in held.items()})
-    metrics["rows"] = {"train": train_task + train_policy, "held": held}  # for the refresh during PPO; not in the summary
-    metrics.update(accuracy=metrics["accuracy_all"], train_rows=len(train_task) + len(train_policy),
-                   eval_rows=len(held["all"]), policy_pairs=len(train_policy) + len(held_policy))
-    print(f"   reward model: {metrics['train_rows']} training pairs ({metrics['policy_pairs']} from SFT samples); "
-          f"held-out pairwise accuracy {metrics['accuracy']:.1%} (task pairs {metrics['accuracy_task']:.1%}, "
-          f"SFT-sample pairs {metrics['accuracy_policy'] or float('nan'):.1%})")
+    metrics.update(
+        {f"accuracy_{k}": pairwise_accuracy(model, tokenizer, v, 256) if v else None for k, v in held.items()}
+    )
+    metrics["rows"] = {
+        "train": train_task + train_policy,
+        "held": held,
+    }  # for the refresh during PPO; not in the summary
+    metrics.update(
+        accuracy=metrics["accuracy_all"],
+        train_rows=len(train_task) + len(train_policy),
+        eval_rows=len(held["all"]),
+        policy_pairs=len(train_policy) + len(held_policy),
+    )
+    print(
+        f"   reward model: {metrics['train_rows']} training pairs ({metrics['policy_pairs']} from SFT samples); "
+        f"held-out pairwise accuracy {metrics['accuracy']:.1%} (task pairs {metrics['accuracy_task']:.1%}, "
+        f"SFT-sample pairs {metrics['accuracy_policy'] or float('nan'):.1%})"
+    )
     return model, metrics
 
 
@@ -238,17 +301,32 @@ def ppo_config(config: DemoConfig, plan: DemoPlan, out: Path) -> PPOConfig:
     rollout = plan.ppo_batch_size * config.num_generations  # `quick` shrinks the batch below the mini-batch
     mini_batch = None if config.ppo_mini_batch_size is None else min(config.ppo_mini_batch_size, rollout)
     return PPOConfig(
-        output_dir=str(out / "ppo"), seed=config.seed, learning_rate=config.ppo_learning_rate,
-        value_learning_rate=config.value_learning_rate, batch_size=plan.ppo_batch_size,
-        mini_batch_size=mini_batch, ppo_epochs=config.ppo_epochs, num_generations=config.num_generations,
-        kl_coef=config.kl_coef, adap_kl_ctrl=config.adap_kl_ctrl, target_kl=config.target_kl,
-        temperature=config.temperature, max_new_tokens=config.max_new_tokens, whiten_rewards=config.whiten_rewards,
-        missing_eos_penalty=config.missing_eos_penalty, vf_coef=config.vf_coef, value_head=config.value_head, precision=config.precision,
-        advantage_estimator=config.advantage_estimator, kl_in_loss=config.kl_in_loss,
+        output_dir=str(out / "ppo"),
+        seed=config.seed,
+        learning_rate=config.ppo_learning_rate,
+        value_learning_rate=config.value_learning_rate,
+        batch_size=plan.ppo_batch_size,
+        mini_batch_size=mini_batch,
+        ppo_epochs=config.ppo_epochs,
+        num_generations=config.num_generations,
+        kl_coef=config.kl_coef,
+        adap_kl_ctrl=config.adap_kl_ctrl,
+        target_kl=config.target_kl,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        whiten_rewards=config.whiten_rewards,
+        missing_eos_penalty=config.missing_eos_penalty,
+        vf_coef=config.vf_coef,
+        value_head=config.value_head,
+        precision=config.precision,
+        advantage_estimator=config.advantage_estimator,
+        kl_in_loss=config.kl_in_loss,
         # torch's default kernel whatever the CPU: a step of these tiny models is per-op overhead,
         # which oneDNN's autograd detour would add to, and the README's numbers come from this one.
-        fp32_matmul="mkl", progress_bar=config.progress_bar,
-        lr_scheduler=config.ppo_lr_scheduler, lr_schedule_steps=plan.ppo_steps,
+        fp32_matmul="mkl",
+        progress_bar=config.progress_bar,
+        lr_scheduler=config.ppo_lr_scheduler,
+        lr_schedule_steps=plan.ppo_steps,
     )
 
 
@@ -257,17 +335,28 @@ class RewardRefresh:
 
     def __init__(self, config: DemoConfig, plan: DemoPlan, reward_model, tokenizer, task, rows: dict, out: Path):
         self.step = round(config.refresh_at * plan.ppo_steps) if config.refresh_at > 0 else None
-        self.config, self.reward_model, self.tokenizer, self.task, self.rows, self.out = config, reward_model, tokenizer, task, rows, out
+        self.config, self.reward_model, self.tokenizer, self.task, self.rows, self.out = (
+            config,
+            reward_model,
+            tokenizer,
+            task,
+            rows,
+            out,
+        )
         self.result: dict | None = None
 
     def __call__(self, step: int, ppo_policy) -> None:
         if step == self.step:
             from ppo.demo.pairs import refresh_reward_model
 
-            self.result = refresh_reward_model(self.config, self.reward_model, ppo_policy, self.tokenizer, self.task, self.rows, self.out)
+            self.result = refresh_reward_model(
+                self.config, self.reward_model, ppo_policy, self.tokenizer, self.task, self.rows, self.out
+            )
 
 
-def run_ppo(config: DemoConfig, plan: DemoPlan, sft_policy, tokenizer, reward_model, rows, out: Path, refresh=None) -> list[dict]:
+def run_ppo(
+    config: DemoConfig, plan: DemoPlan, sft_policy, tokenizer, reward_model, rows, out: Path, refresh=None
+) -> list[dict]:
     """PPO steps against the reward model (`PPOTrainer.train`, `plan.ppo_steps` of them); returns one
     record per step (with the gold score). `refresh(step, policy)` runs after each step (the reward
     model's second round)."""
@@ -289,8 +378,18 @@ def run_ppo(config: DemoConfig, plan: DemoPlan, sft_policy, tokenizer, reward_mo
 
     epochs = math.ceil(plan.ppo_steps / math.ceil(len(rows) / cfg.batch_size))
     history = trainer.train(rows, num_epochs=epochs, on_step=on_step, max_steps=plan.ppo_steps)
-    keys = ("proxy", "gold", "mean_reward", "kl", "kl_coef", "entropy", "response_length", "eos_fraction", "clipfrac",
-            "explained_variance")
+    keys = (
+        "proxy",
+        "gold",
+        "mean_reward",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "response_length",
+        "eos_fraction",
+        "clipfrac",
+        "explained_variance",
+    )
     # A critic-free estimator has no explained variance: its records simply lack the key.
     return [{"step": i + 1, **{k: stats[k] for k in keys if k in stats}} for i, stats in enumerate(history)]
 
@@ -301,7 +400,9 @@ def load_policy(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def evaluate_all(config: DemoConfig, sft_policy, ppo_policy, tokenizer, reward_model, rows, margin: float) -> dict[str, dict]:
+def evaluate_all(
+    config: DemoConfig, sft_policy, ppo_policy, tokenizer, reward_model, rows, margin: float
+) -> dict[str, dict]:
     """SFT, best-of-n from SFT and PPO on the same held-out prompts and sampling settings."""
     from ppo.demo.task import gold_reward
     from ppo.measures import evaluate_policy
@@ -309,12 +410,19 @@ def evaluate_all(config: DemoConfig, sft_policy, ppo_policy, tokenizer, reward_m
 
     sampling = SamplingParams(config.max_new_tokens, config.temperature, stop_token_ids=(tokenizer.eos_token_id,))
     # Weight 0 for gold: best-of-n must pick by the reward model alone; gold is only reported.
-    common = dict(reward_model=reward_model, reward_funcs=[gold_reward], reward_weights=[1.0, 0.0],
-                  ref_model=sft_policy, sampling=sampling, batch_size=128)
+    common = dict(
+        reward_model=reward_model,
+        reward_funcs=[gold_reward],
+        reward_weights=[1.0, 0.0],
+        ref_model=sft_policy,
+        sampling=sampling,
+        batch_size=128,
+    )
     results = {
         "sft": evaluate_policy(sft_policy, tokenizer, rows, seed=config.seed, **common),
-        f"best_of_{config.best_of_n}": evaluate_policy(sft_policy, tokenizer, rows, best_of_n=config.best_of_n,
-                                                       seed=config.seed, **common),
+        f"best_of_{config.best_of_n}": evaluate_policy(
+            sft_policy, tokenizer, rows, best_of_n=config.best_of_n, seed=config.seed, **common
+        ),
         "ppo": evaluate_policy(ppo_policy, tokenizer, rows, seed=config.seed, **common),
     }
     for result in results.values():
@@ -339,8 +447,16 @@ def sample_table(results: dict[str, dict], n: int) -> list[dict]:
     """The first `n` held-out prompts with the SFT and PPO samples and their gold scores."""
     rows = []
     for sft, ppo in list(zip(results["sft"]["generations"], results["ppo"]["generations"]))[:n]:
-        rows.append({"prompt": sft["prompt"], "ideal": sft.get("answer"), "sft": sft["completion"],
-                     "sft_gold": sft["gold_reward"], "ppo": ppo["completion"], "ppo_gold": ppo["gold_reward"]})
+        rows.append(
+            {
+                "prompt": sft["prompt"],
+                "ideal": sft.get("answer"),
+                "sft": sft["completion"],
+                "sft_gold": sft["gold_reward"],
+                "ppo": ppo["completion"],
+                "ppo_gold": ppo["gold_reward"],
+            }
+        )
     return rows
 
 
@@ -356,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def line(metrics: dict) -> str:
         ev = metrics["summary"]["eval"]
-        return f"gold SFT {ev['sft']['rewards/gold_reward']:.1f} -> PPO {ev['ppo']['rewards/gold_reward']:.1f}, report.md written"
+        sft, ppo = ev["sft"]["rewards/gold_reward"], ev["ppo"]["rewards/gold_reward"]
+        return f"gold SFT {sft:.1f} -> PPO {ppo:.1f}, report.md written"
 
     return run_cli("demo", DemoConfig, demo, argv, line)
 

@@ -203,13 +203,12 @@ def _fresh_prompts(task: DemoTask, rng: random.Random, n: int, seen: set) -> lis
     return out
 
 
-def make_splits(
-    task: DemoTask, seed: int, n_sft: int, n_pref: int, n_ppo: int, n_eval: int
-) -> dict[str, list[dict]]:
+def make_splits(task: DemoTask, seed: int, n_sft: int, n_pref: int, n_ppo: int, n_eval: int) -> dict[str, list[dict]]:
     """Disjoint prompt sets (no eval prompt appears in any training split):
     "sft": [{"prompt", "completion"}] (completion = noisy demonstration),
     "preference": [{"prompt", "chosen", "rejected"}] (oracle-labelled, gap >= task.pair_margin),
     "ppo": [{"prompt", "answer"}], "eval": [{"prompt", "answer"}]. Deterministic for a seed."""
+
     # One stream per split (string seeds hash deterministically), so e.g. the eval set does
     # not change when the number of SFT examples does. Eval is drawn first and reserved.
     def stream(name: str) -> random.Random:
@@ -253,9 +252,7 @@ def gold_reward(prompts: list[str], completions: list[str], **kwargs) -> list[fl
     completions=, (completion_ids=, other columns) — returns gold scores for a default
     DemoTask(). Used only for evaluation, never for training."""
     task = DemoTask()
-    return [
-        task.gold_score(_completion_text(p), _completion_text(c)) for p, c in zip(prompts, completions)
-    ]
+    return [task.gold_score(_completion_text(p), _completion_text(c)) for p, c in zip(prompts, completions)]
 
 
 def describe(task: DemoTask) -> str:

@@ -80,7 +80,9 @@ def qwen3_config(vocab_size: int, spec: TinyModelSpec, tokenizer: PreTrainedToke
     )
 
 
-def build_policy(tokenizer: PreTrainedTokenizerFast, spec: TinyModelSpec = TinyModelSpec(), seed: int = 0) -> Qwen3ForCausalLM:
+def build_policy(
+    tokenizer: PreTrainedTokenizerFast, spec: TinyModelSpec = TinyModelSpec(), seed: int = 0
+) -> Qwen3ForCausalLM:
     """A randomly initialised Qwen3 causal LM sized for `tokenizer` (deterministic for a seed)."""
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(qwen3_config(len(tokenizer), spec, tokenizer))
@@ -89,7 +91,9 @@ def build_policy(tokenizer: PreTrainedTokenizerFast, spec: TinyModelSpec = TinyM
     return model.eval()
 
 
-def build_reward_model(tokenizer: PreTrainedTokenizerFast, spec: TinyModelSpec = TinyModelSpec(), seed: int = 0) -> Qwen3ForSequenceClassification:
+def build_reward_model(
+    tokenizer: PreTrainedTokenizerFast, spec: TinyModelSpec = TinyModelSpec(), seed: int = 0
+) -> Qwen3ForSequenceClassification:
     """A randomly initialised Qwen3 sequence classifier with one label (a reward or value model)."""
     torch.manual_seed(seed)
     config = qwen3_config(len(tokenizer), spec, tokenizer)

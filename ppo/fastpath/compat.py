@@ -54,7 +54,9 @@ def layer_cache(kwargs: dict):
 
 def enable_activation_checkpointing(module: torch.nn.Module) -> None:
     """Gradient (activation) checkpointing on, by the name the installed release has."""
-    enable = getattr(module, "activation_checkpointing_enable", None) or getattr(module, "gradient_checkpointing_enable", None)
+    enable = getattr(module, "activation_checkpointing_enable", None) or getattr(
+        module, "gradient_checkpointing_enable", None
+    )
     if enable is None:
         raise ValueError(f"gradient_checkpointing: {type(module).__name__} does not support it")
     enable()

@@ -153,10 +153,15 @@ def _isolated():
 
 # Sizes of the tiny twin, under every name the transformers configs use for them.
 _TINY = {
-    "hidden_size": 64, "n_embd": 64, "d_model": 64,
-    "intermediate_size": 128, "n_inner": 128,
-    "num_hidden_layers": 2, "n_layer": 2,
-    "num_attention_heads": 4, "n_head": 4,
+    "hidden_size": 64,
+    "n_embd": 64,
+    "d_model": 64,
+    "intermediate_size": 128,
+    "n_inner": 128,
+    "num_hidden_layers": 2,
+    "n_layer": 2,
+    "num_attention_heads": 4,
+    "n_head": 4,
     "head_dim": 16,
     "vocab_size": 96,
     "max_window_layers": 2,

@@ -87,8 +87,18 @@ def mismatch_with_stock(twin) -> str | None:
     with torch.no_grad():
         stock = twin(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
         cache = preallocated_cache(twin.config, width)
-        twin(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-             use_cache=True, **cache_kwargs(twin, cache))
-        fast = twin(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
-                    use_cache=True, **cache_kwargs(twin, cache)).logits[:, -1]
+        twin(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions[:, :-1],
+            use_cache=True,
+            **cache_kwargs(twin, cache),
+        )
+        fast = twin(
+            input_ids=ids[:, -1:],
+            attention_mask=mask,
+            position_ids=positions[:, -1:],
+            use_cache=True,
+            **cache_kwargs(twin, cache),
+        ).logits[:, -1]
     return max_error(fast, stock)

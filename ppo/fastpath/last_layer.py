@@ -16,9 +16,9 @@ agree with the full layer to float rounding, not bit for bit (tested).
 
 It covers Llama-family layers (Qwen3, Qwen2, Llama) with the sdpa or eager attention and no sliding
 window, and runs only where `ppo.fastpath.gate` allows it (tested versions, a known architecture,
-a self-check against the whole layer on a tiny twin). It steps aside (runs the whole layer) under gradient checkpointing, whose recomputation in
-backward would run outside the `with` block, and for calls it does not know how to prune (a KV
-cache, a mask that is not 4-D, no rotary cos/sin passed in).
+a self-check against the whole layer on a tiny twin). It steps aside (runs the whole layer) under
+gradient checkpointing, whose recomputation in backward would run outside the `with` block, and for
+calls it does not know how to prune (a KV cache, a mask that is not 4-D, no rotary cos/sin passed in).
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def architecture_reason(config) -> str | None:
         return f"model type {model_type!r} (it knows {', '.join(SUPPORTED_MODEL_TYPES)})"
     if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         return f"attention implementation {config._attn_implementation!r} (it knows sdpa, eager)"
-    if getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+    if getattr(config, "use_sliding_window", False) or any(
+        t != "full_attention" for t in getattr(config, "layer_types", None) or ()
+    ):
         return "sliding-window layers"
     return None
 
@@ -143,7 +145,9 @@ def _forward_at(layer, columns: Tensor, hidden_states: Tensor, attention_mask=No
     if position_embeddings is None or caching or (attention_mask is not None and attention_mask.dim() != 4):
         # A call this does not know how to prune (another transformers version, a cache, a 2-D
         # mask): the whole layer, as if the block were not there.
-        return type(layer).forward(layer, hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs)
+        return type(layer).forward(
+            layer, hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs
+        )
     attn = layer.self_attn
     batch, width, _ = hidden_states.shape
     dim = attn.head_dim
@@ -159,7 +163,9 @@ def _forward_at(layer, columns: Tensor, hidden_states: Tensor, attention_mask=No
     q = q * cos_q + _rotate_half(q) * sin_q
     k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
     out = TF.scaled_dot_product_attention(
-        q, k, v,
+        q,
+        k,
+        v,
         attn_mask=_query_mask(attention_mask, columns, width),
         dropout_p=attn.attention_dropout if attn.training else 0.0,
         scale=attn.scaling,

@@ -60,7 +60,11 @@ def unsupported_reason(model) -> str | None:
     if reason is not None:
         return reason
     body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if body is None or head is None or not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+    if (
+        body is None
+        or head is None
+        or not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
+    ):
         return f"{type(model).__name__} is not shaped like a *ForCausalLM (model.layers, lm_head)"
     if type(body.embed_tokens) is not torch.nn.Embedding or not _plain_linear(head):
         return "the embedding or LM head is wrapped (adapter, quantisation or sharding)"
@@ -93,8 +97,13 @@ def mismatch_with_stock(twin) -> str | None:
         cache = preallocated_cache(twin.config, width)
         if cache is None:
             return "the preallocated KV cache it decodes into does not fit this architecture"
-        twin(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-             use_cache=True, **cache_kwargs(twin, cache))
+        twin(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions[:, :-1],
+            use_cache=True,
+            **cache_kwargs(twin, cache),
+        )
         keys, values = map(list, zip(*(layer.buffers() for layer in cache.layers)))
         attend = mask.bool()[:, None, None, :]
         fast = LeanDecoder(twin).step(ids[:, -1], positions[:, -1], keys, values, width - 1, attend)
@@ -134,7 +143,9 @@ class LeanDecoder:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
 
-    def step(self, tokens: Tensor, positions: Tensor, keys: list[Tensor], values: list[Tensor], length: int, attend: Tensor) -> Tensor:
+    def step(
+        self, tokens: Tensor, positions: Tensor, keys: list[Tensor], values: list[Tensor], length: int, attend: Tensor
+    ) -> Tensor:
         """Logits `[B, V]` after feeding `tokens` `[B]` at `positions` `[B]`.
 
         `keys[i]`/`values[i]` are layer i's cache buffers `[B, kv_heads, capacity, D]` holding

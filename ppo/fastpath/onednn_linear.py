@@ -57,10 +57,16 @@ _torch_linear = TF.linear
 def _linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear`, through oneDNN for fp32 CPU tensors outside autocast (there oneDNN already runs
     the bf16 matmuls); anything else goes to torch's own."""
-    if (type(input) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
-            and input.dtype == weight.dtype == torch.float32 and input.device.type == weight.device.type == "cpu"
-            and input.dim() >= 2 and input.numel() > 0 and input.layout == torch.strided
-            and not torch.is_autocast_enabled("cpu")):
+    if (
+        type(input) is torch.Tensor
+        and type(weight) in (torch.Tensor, torch.nn.Parameter)
+        and input.dtype == weight.dtype == torch.float32
+        and input.device.type == weight.device.type == "cpu"
+        and input.dim() >= 2
+        and input.numel() > 0
+        and input.layout == torch.strided
+        and not torch.is_autocast_enabled("cpu")
+    ):
         return _OneDNNLinear.apply(input, weight, bias)
     return _torch_linear(input, weight, bias)
 

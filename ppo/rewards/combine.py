@@ -15,8 +15,15 @@ from ppo.rewards.model import reward_model_scores
 class RewardSources:
     """A reward model and/or reward functions with one weight each (the model's first)."""
 
-    def __init__(self, reward_model=None, reward_funcs: Callable | Sequence[Callable] | None = None, weights: Sequence[float] | None = None, reward_tokenizer=None,
-                 timeout_s: float | None = None, max_abs: float | None = None):
+    def __init__(
+        self,
+        reward_model=None,
+        reward_funcs: Callable | Sequence[Callable] | None = None,
+        weights: Sequence[float] | None = None,
+        reward_tokenizer=None,
+        timeout_s: float | None = None,
+        max_abs: float | None = None,
+    ):
         if callable(reward_funcs) and not isinstance(reward_funcs, torch.nn.Module):
             reward_funcs = [reward_funcs]
         self.reward_model = reward_model
@@ -35,7 +42,16 @@ class RewardSources:
             )
         self.weights = [float(w) for w in weights]
 
-    def score(self, input_ids: Tensor, attention_mask: Tensor, prompts: list[str], completions: list[str], completion_ids: list[list[int]], extras: dict[str, list[Any]], rows_per_forward: int | None = None) -> tuple[Tensor, dict[str, float]]:
+    def score(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        prompts: list[str],
+        completions: list[str],
+        completion_ids: list[list[int]],
+        extras: dict[str, list[Any]],
+        rows_per_forward: int | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
         """`[B]` weighted scores and each source's mean (for the metrics); the reward model sees
         `rows_per_forward` sequences per forward (None: all at once)."""
         per_source = self.score_each(
@@ -62,13 +78,30 @@ class RewardSources:
         raises on the first NaN/inf, naming the source and the sample."""
         columns: list[Tensor] = []
         if self.reward_model is not None:
-            columns.append(reward_model_scores(self.reward_model, input_ids, attention_mask, prompts, completions, self.reward_tokenizer, rows_per_forward).cpu().double())
+            columns.append(
+                reward_model_scores(
+                    self.reward_model,
+                    input_ids,
+                    attention_mask,
+                    prompts,
+                    completions,
+                    self.reward_tokenizer,
+                    rows_per_forward,
+                )
+                .cpu()
+                .double()
+            )
         for func in self.funcs:
-            values = call_reward_function(func, prompts, completions, completion_ids, extras, self.timeout_s, self.max_abs)
+            values = call_reward_function(
+                func, prompts, completions, completion_ids, extras, self.timeout_s, self.max_abs
+            )
             columns.append(torch.tensor(values, dtype=torch.float64))
         per_source = torch.stack(columns, dim=1)  # [B, sources] float64: each source's own values
         bad = (~torch.isfinite(per_source)).nonzero()
         if len(bad):
             row, col = bad[0].tolist()
-            raise ValueError(f"{self.names[col]} gave {per_source[row, col].item()} for sample {row} (prompt {prompts[row][:80]!r}); refusing to train on it")
+            raise ValueError(
+                f"{self.names[col]} gave {per_source[row, col].item()} for sample {row} (prompt "
+                f"{prompts[row][:80]!r}); refusing to train on it"
+            )
         return per_source

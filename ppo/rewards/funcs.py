@@ -11,8 +11,9 @@ import importlib.util
 import math
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -28,8 +29,15 @@ class RewardFunctionError(ValueError):
     sample; the message names the function (and the sample, where one is to blame)."""
 
 
-def call_reward_function(func: RewardFunction, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
-                         extras: dict[str, list[Any]], timeout_s: float | None = None, max_abs: float | None = None) -> list[float]:
+def call_reward_function(
+    func: RewardFunction,
+    prompts: list[str],
+    completions: list[str],
+    completion_ids: list[list[int]],
+    extras: dict[str, list[Any]],
+    timeout_s: float | None = None,
+    max_abs: float | None = None,
+) -> list[float]:
     """Call `func` and check it returned one number (or None) per sample; return floats.
 
     `timeout_s` (None or 0: no limit) bounds the call; `max_abs` (None: no bound) bounds |value|.
@@ -39,22 +47,32 @@ def call_reward_function(func: RewardFunction, prompts: list[str], completions: 
     some samples counts as 0 with a warning (the Hugging Face convention of "no opinion").
     """
     name = function_name(func)
-    values = _call(func, name, timeout_s, dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **extras))
+    values = _call(
+        func, name, timeout_s, dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **extras)
+    )
     try:
         if isinstance(values, (str, bytes, dict)):
             raise TypeError
         values = list(values)
     except TypeError:
-        raise RewardFunctionError(f"reward function {name!r} must return a list of floats, got {type(values).__name__}") from None
+        raise RewardFunctionError(
+            f"reward function {name!r} must return a list of floats, got {type(values).__name__}"
+        ) from None
     if len(values) != len(completions):
-        raise RewardFunctionError(f"reward function {name!r} returned {len(values)} values for {len(completions)} completions")
+        raise RewardFunctionError(
+            f"reward function {name!r} returned {len(values)} values for {len(completions)} completions"
+        )
     result = [_score(value, name, i, prompts, max_abs) for i, value in enumerate(values)]
     missing = sum(value is None for value in values)
     if missing and missing == len(values):
-        raise RewardFunctionError(f"reward function {name!r} returned None for all {missing} samples: no reward to train on "
-                                  "(return 0.0 where it has no opinion, or check the columns it needs)")
+        raise RewardFunctionError(
+            f"reward function {name!r} returned None for all {missing} samples: no reward to train on "
+            "(return 0.0 where it has no opinion, or check the columns it needs)"
+        )
     if missing:
-        warnings.warn(f"reward function {name!r} returned None for {missing} of {len(values)} samples; counted as 0")
+        warnings.warn(
+            f"reward function {name!r} returned None for {missing} of {len(values)} samples; counted as 0", stacklevel=2
+        )
     return result
 
 
@@ -64,7 +82,9 @@ def _score(value: Any, name: str, i: int, prompts: list[str], max_abs: float | N
         return 0.0
     where = f"for sample {i} (prompt {prompts[i][:80]!r})"
     if isinstance(value, (str, bytes)):
-        raise RewardFunctionError(f"reward function {name!r} returned the string {value!r} {where}: return numbers, not text")
+        raise RewardFunctionError(
+            f"reward function {name!r} returned the string {value!r} {where}: return numbers, not text"
+        )
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -72,8 +92,10 @@ def _score(value: Any, name: str, i: int, prompts: list[str], max_abs: float | N
     if not math.isfinite(number):
         raise RewardFunctionError(f"reward function {name!r} returned {number} {where}")
     if max_abs is not None and abs(number) > max_abs:
-        raise RewardFunctionError(f"reward function {name!r} returned {number:g} {where}, beyond reward_max_abs={max_abs:g}: a score "
-                                  "this large swamps the KL penalty and the critic (raise reward_max_abs if it is meant)")
+        raise RewardFunctionError(
+            f"reward function {name!r} returned {number:g} {where}, beyond reward_max_abs={max_abs:g}: a score "
+            "this large swamps the KL penalty and the critic (raise reward_max_abs if it is meant)"
+        )
     return number
 
 
@@ -100,9 +122,11 @@ def _call(func: RewardFunction, name: str, timeout_s: float | None, kwargs: dict
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():
-        raise RewardFunctionError(f"reward function {name!r} did not return within reward_timeout_s={timeout_s:g} s; stopping "
-                                  "(its thread cannot be killed and runs on in the background until the process ends). "
-                                  "Raise reward_timeout_s, or set it to 0 for no limit, if the function is just slow")
+        raise RewardFunctionError(
+            f"reward function {name!r} did not return within reward_timeout_s={timeout_s:g} s; stopping "
+            "(its thread cannot be killed and runs on in the background until the process ends). "
+            "Raise reward_timeout_s, or set it to 0 for no limit, if the function is just slow"
+        )
     if "error" in box:
         raise box["error"]
     return box["values"]
@@ -114,7 +138,9 @@ def _guarded(func: RewardFunction, name: str, kwargs: dict[str, Any]) -> Any:
     except KeyboardInterrupt:
         raise  # the user's Ctrl-C, not the function's fault
     except SystemExit as err:  # sys.exit() would otherwise end the whole run with no message
-        raise RewardFunctionError(f"reward function {name!r} called sys.exit({err.code!r}); a reward function must return its scores") from None
+        raise RewardFunctionError(
+            f"reward function {name!r} called sys.exit({err.code!r}); a reward function must return its scores"
+        ) from None
     except Exception as err:  # re-raised with the function's name: the user's code, not ours
         raise RewardFunctionError(f"reward function {name!r} raised {type(err).__name__}: {err}") from err
 
@@ -130,7 +156,9 @@ def resolve_reward_function(spec: str | RewardFunction) -> RewardFunction:
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         known = ", ".join(sorted(builtin.BUILTIN_REWARDS))
-        raise ValueError(f"reward function {spec!r} is not a built-in ({known}) nor of the form module:function or file.py:function")
+        raise ValueError(
+            f"reward function {spec!r} is not a built-in ({known}) nor of the form module:function or file.py:function"
+        )
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
@@ -147,7 +175,9 @@ def resolve_reward_function(spec: str | RewardFunction) -> RewardFunction:
         except ImportError as err:
             raise ValueError(f"cannot import module {target!r} for reward function {spec!r}: {err}") from None
         except (Exception, SystemExit) as err:
-            raise ValueError(f"module {target!r} of reward function {spec!r} failed to load: {type(err).__name__}: {err}") from err
+            raise ValueError(
+                f"module {target!r} of reward function {spec!r} failed to load: {type(err).__name__}: {err}"
+            ) from err
     func = getattr(module, attr, None)
     if not callable(func):
         raise ValueError(f"{target} has no callable {attr!r} (reward function {spec!r})")

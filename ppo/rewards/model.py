@@ -30,7 +30,9 @@ def reward_model_scores(
     """`[B]` scores, `rows_per_forward` sequences at a time (None: all). Without
     `reward_tokenizer` the policy's ids are scored as they are."""
     if reward_tokenizer is None:
-        return by_rows(lambda ids, mask: sequence_scores(reward_model, ids, mask), rows_per_forward, input_ids, attention_mask)
+        return by_rows(
+            lambda ids, mask: sequence_scores(reward_model, ids, mask), rows_per_forward, input_ids, attention_mask
+        )
     texts = [render_for_reward_tokenizer(reward_tokenizer, p, c) for p, c in zip(prompts, completions)]
     device = input_ids.device
 

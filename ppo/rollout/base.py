@@ -3,8 +3,9 @@ Hugging Face generation without touching the trainer."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from torch import Tensor
 

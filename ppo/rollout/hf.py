@@ -10,7 +10,7 @@ pipeline. The logits processing itself is transformers' own warpers.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -21,10 +21,10 @@ from transformers.generation.logits_process import (
 )
 
 from ppo.batch import PromptBatch, Rollout
-from ppo.rollout.base import SamplingParams
-from ppo.fastpath.kv_cache import PreallocatedLayer, rollout_cache
 from ppo.fastpath.compat import cache_kwargs
+from ppo.fastpath.kv_cache import PreallocatedLayer, rollout_cache
 from ppo.fastpath.lean_decode import lean_decoder_for
+from ppo.rollout.base import SamplingParams
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -53,7 +53,9 @@ def inverse_cdf_draw(probs: Tensor, uniforms: Tensor) -> Tensor:
     return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
-def next_token(logits: Tensor, params: SamplingParams, warpers: LogitsProcessorList, input_ids: Tensor, uniforms: Tensor):
+def next_token(
+    logits: Tensor, params: SamplingParams, warpers: LogitsProcessorList, input_ids: Tensor, uniforms: Tensor
+):
     """Draw one token per row from `logits` [B, V]; return it with its log-prob and the entropy of
     the tempered distribution (before top-k/top-p: what the scoring pass computes at this position,
     which spares the policy a second forward over the rollout). One log-softmax serves all three."""
@@ -93,7 +95,9 @@ class HFRolloutEngine:
                 seeds = prompts.seeds
                 if seeds is None:
                     seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
-                response_ids, lengths, ended, logprobs, entropy = self._sample(prompts.input_ids, prompts.attention_mask, params, seeds)
+                response_ids, lengths, ended, logprobs, entropy = self._sample(
+                    prompts.input_ids, prompts.attention_mask, params, seeds
+                )
         finally:
             model.train(was_training)
         width = response_ids.shape[1]
@@ -114,10 +118,14 @@ class HFRolloutEngine:
         stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), device=device, dtype=torch.long)
         warpers = build_warpers(params)
         pad_id = self.tokenizer.pad_token_id
-        uniforms = torch.stack([
-            torch.rand(steps, generator=torch.Generator(device="cpu").manual_seed(int(seed) % 2**63), dtype=torch.float64)
-            for seed in seeds
-        ]).to(device)
+        uniforms = torch.stack(
+            [
+                torch.rand(
+                    steps, generator=torch.Generator(device="cpu").manual_seed(int(seed) % 2**63), dtype=torch.float64
+                )
+                for seed in seeds
+            ]
+        ).to(device)
 
         cache = rollout_cache(self.model, prompt_width + steps)
         # Positions after a row's end are fed too (as padding, unmasked): their outputs are never read.
@@ -154,9 +162,16 @@ class HFRolloutEngine:
             if lean is not None:
                 logits = lean.step(next_tokens, positions[:, column], keys, values, column, attend[..., : column + 1])
             else:
-                logits = self._forward(next_tokens[:, None], full_mask[:, : column + 1], positions[:, column : column + 1], cache)
-        return (torch.stack(tokens, dim=1), lengths, ended,
-                torch.stack(token_logprobs, dim=1), torch.stack(token_entropies, dim=1))
+                logits = self._forward(
+                    next_tokens[:, None], full_mask[:, : column + 1], positions[:, column : column + 1], cache
+                )
+        return (
+            torch.stack(tokens, dim=1),
+            lengths,
+            ended,
+            torch.stack(token_logprobs, dim=1),
+            torch.stack(token_entropies, dim=1),
+        )
 
     def _forward(self, input_ids: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
         out = self.model(

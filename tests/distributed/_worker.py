@@ -74,11 +74,24 @@ def ppo(out: Path, strategy: str, value_head: str, resume: str | None = None, re
     policy = build_policy(tok, TinyModelSpec(), seed=0)
     reward_model = build_reward_model(tok, TinyModelSpec(), seed=1)
     config = PPOConfig(
-        batch_size=4, num_generations=2, mini_batch_size=4, gradient_accumulation_steps=2 // dist.world_size(),
-        ppo_epochs=2, max_new_tokens=4, learning_rate=1e-3, temperature=0.9, whiten_rewards=True,
-        save_steps=2, output_dir=str(out), progress_bar=False, seed=5, value_head=value_head,
+        batch_size=4,
+        num_generations=2,
+        mini_batch_size=4,
+        gradient_accumulation_steps=2 // dist.world_size(),
+        ppo_epochs=2,
+        max_new_tokens=4,
+        learning_rate=1e-3,
+        temperature=0.9,
+        whiten_rewards=True,
+        save_steps=2,
+        output_dir=str(out),
+        progress_bar=False,
+        seed=5,
+        value_head=value_head,
         gradient_checkpointing=value_head == "separate",  # as the shipped configs (a shared head cannot)
-        strategy=strategy, dist_timeout_s=TIMEOUT_S, resume_from_checkpoint=resume,
+        strategy=strategy,
+        dist_timeout_s=TIMEOUT_S,
+        resume_from_checkpoint=resume,
         # pi_old from a full forward: the KV-cache decode's rounding depends on how many rows share a
         # rank, which would add batch-dependent noise to a 1-process/2-rank comparison at 1e-5
         # (the sampling-pass log-probs have their own test against this forward).
@@ -95,10 +108,22 @@ def sft(out: Path) -> None:
     from ppo.sft import train_sft
 
     tok = build_tokenizer(WORDS)
-    rows = [{"prompt": f"w{i} w{i + 1}", "completion": " ".join(f"w{(i * 3 + j) % 29}" for j in range(1 + i % 4))} for i in range(11)]
+    rows = [
+        {"prompt": f"w{i} w{i + 1}", "completion": " ".join(f"w{(i * 3 + j) % 29}" for j in range(1 + i % 4))}
+        for i in range(11)
+    ]
     # 9 training rows in steps of 4, 4, 1: the last leaves rank 1 nothing but a zero-weight batch.
-    config = SFTConfig(batch_size=2, gradient_accumulation_steps=2, num_epochs=2, learning_rate=1e-3, eval_fraction=0.2,
-                       output_dir=str(out), progress_bar=False, overwrite=True, dist_timeout_s=TIMEOUT_S)
+    config = SFTConfig(
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        num_epochs=2,
+        learning_rate=1e-3,
+        eval_fraction=0.2,
+        output_dir=str(out),
+        progress_bar=False,
+        overwrite=True,
+        dist_timeout_s=TIMEOUT_S,
+    )
     train_sft(config, build_policy(tok, TinyModelSpec(), seed=0), tok, rows)
 
 
@@ -106,9 +131,20 @@ def reward(out: Path) -> None:
     from ppo.train_reward import train_reward_model
 
     tok = build_tokenizer(WORDS)
-    rows = [{"prompt": f"w{i}", "chosen": f"w{i % 3} w1", "rejected": f"w{(i * 7) % 29} w{i % 5 + 9}"} for i in range(11)]
-    config = RewardConfig(batch_size=2, gradient_accumulation_steps=2, num_epochs=2, learning_rate=1e-3, eval_fraction=0.2,
-                          output_dir=str(out), progress_bar=False, overwrite=True, dist_timeout_s=TIMEOUT_S)
+    rows = [
+        {"prompt": f"w{i}", "chosen": f"w{i % 3} w1", "rejected": f"w{(i * 7) % 29} w{i % 5 + 9}"} for i in range(11)
+    ]
+    config = RewardConfig(
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        num_epochs=2,
+        learning_rate=1e-3,
+        eval_fraction=0.2,
+        output_dir=str(out),
+        progress_bar=False,
+        overwrite=True,
+        dist_timeout_s=TIMEOUT_S,
+    )
     train_reward_model(config, build_reward_model(tok, TinyModelSpec(), seed=2), tok, rows)
 
 

@@ -41,12 +41,15 @@ def test_forward_as_routes_a_call_through_a_module():
     assert not out._is_view() and list(call.parameters()) == list(model.parameters())  # ...handed back as its own
 
 
-@pytest.mark.parametrize("n, world, expected", [
-    (10, 1, [(0, 4), (4, 8), (8, 10)]),  # one process keeps the short last batch
-    (10, 2, [(0, 4), (4, 8), (8, 10)]),  # 2 rows split evenly over 2 ranks
-    (9, 2, [(0, 4), (4, 8)]),  # a last batch of 1 prompt cannot be shared by 2 ranks
-    (11, 2, [(0, 4), (4, 8), (8, 10)]),  # 3 -> 2 prompts
-])
+@pytest.mark.parametrize(
+    "n, world, expected",
+    [
+        (10, 1, [(0, 4), (4, 8), (8, 10)]),  # one process keeps the short last batch
+        (10, 2, [(0, 4), (4, 8), (8, 10)]),  # 2 rows split evenly over 2 ranks
+        (9, 2, [(0, 4), (4, 8)]),  # a last batch of 1 prompt cannot be shared by 2 ranks
+        (11, 2, [(0, 4), (4, 8), (8, 10)]),  # 3 -> 2 prompts
+    ],
+)
 def test_batch_bounds_give_every_rank_an_equal_share(n, world, expected):
     assert batch_bounds(n, 4, world) == expected
 

@@ -31,7 +31,9 @@ ATOL = 1e-5  # fp32; the measured differences are ~1e-7 (float summation order)
 EXACT = ("response_length", "eos_fraction", "rewards/words_reward", "ppo_epochs_run")  # functions of the sampled tokens
 
 
-def launch(job: str, out: Path, *args: str, ranks: int = 2, timeout_s: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+def launch(
+    job: str, out: Path, *args: str, ranks: int = 2, timeout_s: float = 30, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run `_worker.py job out args` alone (ranks=1) or under torchrun with `ranks` processes."""
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))

@@ -44,7 +44,7 @@ PROMPTS = [" ".join(f"w{(i * 5 + j) % 29}" for j in range(1 + i % 3)) for i in r
 
 # The reward function of the CLI jobs: it raises signals / lowers the file-size limit at the
 # reward call (= the step) named by the environment.
-REWARD_FILE = '''
+REWARD_FILE = """
 import os, resource, signal
 calls = {"n": 0}
 
@@ -58,7 +58,7 @@ def words(completions, **kw):
     if at and int(at) == calls["n"]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
     return [len(c.split()) / 4 for c in completions]
-'''
+"""
 
 
 class Events:
@@ -123,9 +123,24 @@ def api_run(job: dict, events: Events) -> int:
         events.hit("reward")
         return [len(c.split()) / 4 for c in completions]
 
-    config = PPOConfig(batch_size=3, mini_batch_size=2, max_new_tokens=4, learning_rate=1e-3, save_steps=2, save_total_limit=2,
-                       precision="fp32", fp32_matmul="mkl", output_dir=job["out"], progress_bar=False, seed=7, temperature=0.9,
-                       lam=0.9, lr_scheduler="cosine", warmup_steps=1, resume_from_checkpoint=job.get("resume") or None)
+    config = PPOConfig(
+        batch_size=3,
+        mini_batch_size=2,
+        max_new_tokens=4,
+        learning_rate=1e-3,
+        save_steps=2,
+        save_total_limit=2,
+        precision="fp32",
+        fp32_matmul="mkl",
+        output_dir=job["out"],
+        progress_bar=False,
+        seed=7,
+        temperature=0.9,
+        lam=0.9,
+        lr_scheduler="cosine",
+        warmup_steps=1,
+        resume_from_checkpoint=job.get("resume") or None,
+    )
     trainer = PPOTrainer(config, policy, tok, reward_model=reward_model, reward_funcs=words, reward_weights=[0.5, 1.0])
     trainer.train(PROMPTS, num_epochs=2)  # 3 batches per epoch -> 6 steps
     return 0

@@ -77,7 +77,14 @@ def test_none_reward_counts_as_zero_with_warning(tiny_policy, tiny_tokenizer):
 
 def test_reward_weights_must_match_sources(tiny_policy, tiny_tokenizer, tiny_reward_model):
     with pytest.raises(ValueError, match="2 reward sources"):
-        PPOTrainer(config(), tiny_policy, tiny_tokenizer, reward_model=tiny_reward_model, reward_funcs=zeros, reward_weights=[1.0])
+        PPOTrainer(
+            config(),
+            tiny_policy,
+            tiny_tokenizer,
+            reward_model=tiny_reward_model,
+            reward_funcs=zeros,
+            reward_weights=[1.0],
+        )
 
 
 def test_tokenizer_without_pad_token_uses_eos(tiny_policy):

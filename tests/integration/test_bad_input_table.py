@@ -31,7 +31,7 @@ from ppo.train import normalise_argv
 
 WORDS = [f"w{i}" for i in range(29)] + ["user", "assistant", ":"]
 
-REWARDS_PY = '''
+REWARDS_PY = """
 import sys, time
 
 def exits(completions, **kw):
@@ -48,27 +48,41 @@ def huge(completions, **kw):
 
 def nones(completions, **kw):
     return [None] * len(completions)
-'''
+"""
 
 
 def base(root: Path) -> list[str]:
     """A PPO run that would work: tiny policy, 4 prompts, a built-in reward."""
-    return [f"model_name_or_path={root / 'policy'}", f"prompts_file={root / 'prompts.txt'}", "reward_funcs=[length_penalty]",
-            "batch_size=2", "max_new_tokens=2", "ppo_epochs=1", "progress_bar=false"]
+    return [
+        f"model_name_or_path={root / 'policy'}",
+        f"prompts_file={root / 'prompts.txt'}",
+        "reward_funcs=[length_penalty]",
+        "batch_size=2",
+        "max_new_tokens=2",
+        "ppo_epochs=1",
+        "progress_bar=false",
+    ]
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
     tokenizer = build_tokenizer(WORDS)
-    for name, model in (("policy", build_policy(tokenizer, TinyModelSpec(), seed=0)), ("rm", build_reward_model(tokenizer, TinyModelSpec(), seed=1))):
+    for name, model in (
+        ("policy", build_policy(tokenizer, TinyModelSpec(), seed=0)),
+        ("rm", build_reward_model(tokenizer, TinyModelSpec(), seed=1)),
+    ):
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     (root / "prompts.txt").write_text("w3 w4\nw5\nw6 w7 w8\nw9\n")
     (root / "empty.jsonl").write_text("")
-    (root / "broken.jsonl").write_text('{"prompt": "w3"}\n{"prompt": "w4"}\n{"prompt": "w5"} trailing\n{"prompt": "w6"}\n')
+    (root / "broken.jsonl").write_text(
+        '{"prompt": "w3"}\n{"prompt": "w4"}\n{"prompt": "w5"} trailing\n{"prompt": "w6"}\n'
+    )
     (root / "nocol.jsonl").write_text('{"question": "w3"}\n{"question": "w4"}\n')
-    (root / "same.jsonl").write_text('{"prompt": "w1", "chosen": "w2", "rejected": "w2"}\n{"prompt": "w3", "chosen": "w4", "rejected": "w4"}\n')
+    (root / "same.jsonl").write_text(
+        '{"prompt": "w1", "chosen": "w2", "rejected": "w2"}\n{"prompt": "w3", "chosen": "w4", "rejected": "w4"}\n'
+    )
     (root / "rewards.py").write_text(REWARDS_PY)
     (root / "rewards_bad.py").write_text("def broken(:\n")
     (root / "bad.yaml").write_text("batch_size: 2\nsampling:\n  top_p: 1.5\n")
@@ -105,26 +119,108 @@ CASES = [
     ("batch_size_word", "train", ["batch_size=four"], 2, ["batch_size", "four", "int"]),
     ("yaml_file", "train", ["--config", "{root}/bad.yaml"], 2, ["bad.yaml", "top_p", "1.5"]),
     ("unknown_stage", "trian", [], 2, ["'trian'", "demo, sft, reward, train, eval", "Did you mean 'train'"]),
-    ("stage_not_first", "--config", ["{root}/bad.yaml", "train"], 2, ["'--config'", "Put the stage first: ppo-rlhf train --config"]),
+    (
+        "stage_not_first",
+        "--config",
+        ["{root}/bad.yaml", "train"],
+        2,
+        ["'--config'", "Put the stage first: ppo-rlhf train --config"],
+    ),
     # output directories: nothing of the finished run, the user's notes or the inputs is touched
-    ("rerun_finished", "train", ["output_dir={root}/done"], 1, ["finished run", "overwrite=true", "resume_from_checkpoint"]),
+    (
+        "rerun_finished",
+        "train",
+        ["output_dir={root}/done"],
+        1,
+        ["finished run", "overwrite=true", "resume_from_checkpoint"],
+    ),
     ("other_run", "train", ["output_dir={root}/done", "kl_coef=0.5"], 1, ["different run", "overwrite=true"]),
-    ("overwrite_typo_model", "train", ["output_dir={root}/done", "overwrite=true", "model_name_or_path={root}/policy-typo"], 1, ["policy-typo"]),
-    ("overwrite_typo_prompts", "train", ["output_dir={root}/done", "overwrite=true", "prompts_file={root}/promts.txt"], 1, ["promts.txt"]),
-    ("overwrite_broken_data", "train", ["output_dir={root}/done", "overwrite=true", "prompts_file={root}/broken.jsonl"], 1, ["broken.jsonl", "row 3"]),
-    ("overwrite_bad_reward_file", "train", ["output_dir={root}/done", "overwrite=true", "reward_funcs=[{root}/rewards_bad.py:broken]"], 1,
-     ["rewards_bad.py", "failed to load", "SyntaxError"]),
+    (
+        "overwrite_typo_model",
+        "train",
+        ["output_dir={root}/done", "overwrite=true", "model_name_or_path={root}/policy-typo"],
+        1,
+        ["policy-typo"],
+    ),
+    (
+        "overwrite_typo_prompts",
+        "train",
+        ["output_dir={root}/done", "overwrite=true", "prompts_file={root}/promts.txt"],
+        1,
+        ["promts.txt"],
+    ),
+    (
+        "overwrite_broken_data",
+        "train",
+        ["output_dir={root}/done", "overwrite=true", "prompts_file={root}/broken.jsonl"],
+        1,
+        ["broken.jsonl", "row 3"],
+    ),
+    (
+        "overwrite_bad_reward_file",
+        "train",
+        ["output_dir={root}/done", "overwrite=true", "reward_funcs=[{root}/rewards_bad.py:broken]"],
+        1,
+        ["rewards_bad.py", "failed to load", "SyntaxError"],
+    ),
     ("output_is_a_file", "train", ["output_dir={root}/prompts.txt", "overwrite=true"], 1, ["prompts.txt", "is a file"]),
-    ("output_is_policy", "train", ["output_dir={root}/policy", "overwrite=true"], 1, ["is this run's model_name_or_path"]),
-    ("input_in_output", "train", ["output_dir={root}/done", "overwrite=true", "model_name_or_path={root}/done/final"], 1, ["lies in", "final"]),
-    ("failed_resume", "train", ["output_dir={root}/done", "resume_from_checkpoint={root}/done/step_9", "max_new_tokens=3"], 1, ["step_9"]),
+    (
+        "output_is_policy",
+        "train",
+        ["output_dir={root}/policy", "overwrite=true"],
+        1,
+        ["is this run's model_name_or_path"],
+    ),
+    (
+        "input_in_output",
+        "train",
+        ["output_dir={root}/done", "overwrite=true", "model_name_or_path={root}/done/final"],
+        1,
+        ["lies in", "final"],
+    ),
+    (
+        "failed_resume",
+        "train",
+        ["output_dir={root}/done", "resume_from_checkpoint={root}/done/step_9", "max_new_tokens=3"],
+        1,
+        ["step_9"],
+    ),
     # data
-    ("empty_jsonl", "train", ["output_dir={root}/o", "prompts_file={root}/empty.jsonl"], 1, ["empty.jsonl", "is empty"]),
-    ("broken_jsonl", "train", ["output_dir={root}/o", "prompts_file={root}/broken.jsonl"], 1, ["broken.jsonl", "row 3", "not valid JSON"]),
-    ("missing_column", "train", ["output_dir={root}/o", "prompts_file={root}/nocol.jsonl"], 1, ["nocol.jsonl", "no column 'prompt'", "question"]),
-    ("sft_empty", "sft", ["model_name_or_path={root}/policy", "data={root}/empty.jsonl", "output_dir={root}/o"], 1, ["empty.jsonl", "is empty"]),
-    ("reward_same_pairs", "reward", ["model_name_or_path={root}/rm", "data={root}/same.jsonl", "output_dir={root}/o"], 1,
-     ["same.jsonl", "chosen equals rejected", "rows 1, 2"]),
+    (
+        "empty_jsonl",
+        "train",
+        ["output_dir={root}/o", "prompts_file={root}/empty.jsonl"],
+        1,
+        ["empty.jsonl", "is empty"],
+    ),
+    (
+        "broken_jsonl",
+        "train",
+        ["output_dir={root}/o", "prompts_file={root}/broken.jsonl"],
+        1,
+        ["broken.jsonl", "row 3", "not valid JSON"],
+    ),
+    (
+        "missing_column",
+        "train",
+        ["output_dir={root}/o", "prompts_file={root}/nocol.jsonl"],
+        1,
+        ["nocol.jsonl", "no column 'prompt'", "question"],
+    ),
+    (
+        "sft_empty",
+        "sft",
+        ["model_name_or_path={root}/policy", "data={root}/empty.jsonl", "output_dir={root}/o"],
+        1,
+        ["empty.jsonl", "is empty"],
+    ),
+    (
+        "reward_same_pairs",
+        "reward",
+        ["model_name_or_path={root}/rm", "data={root}/same.jsonl", "output_dir={root}/o"],
+        1,
+        ["same.jsonl", "chosen equals rejected", "rows 1, 2"],
+    ),
 ]
 
 # Reward functions that fail in the first step (the run has started, in a fresh directory).
@@ -201,31 +297,42 @@ def zeros(completions, **kwargs):
     return [0.0] * len(completions)
 
 
-@pytest.mark.parametrize(("make", "error", "fragments"), [
-    (lambda: PPOConfig(batch_size="4"), ConfigError, ["batch_size", "'4'", "int", "str"]),
-    (lambda: PPOConfig(top_p=0.0), ConfigError, ["top_p", "(0, 1]", "0.0"]),
-    (lambda: PPOConfig(batch_size=2, mini_batch_size=4), ConfigError, ["mini_batch_size", "<= the 2 samples"]),
-    (lambda: SFTConfig(num_epochs=0), ConfigError, ["SFTConfig.num_epochs", ">= 1"]),
-    (lambda: RewardConfig(learning_rate="1e-5"), ConfigError, ["learning_rate", "'1e-5'", "float"]),
-])
+@pytest.mark.parametrize(
+    ("make", "error", "fragments"),
+    [
+        (lambda: PPOConfig(batch_size="4"), ConfigError, ["batch_size", "'4'", "int", "str"]),
+        (lambda: PPOConfig(top_p=0.0), ConfigError, ["top_p", "(0, 1]", "0.0"]),
+        (lambda: PPOConfig(batch_size=2, mini_batch_size=4), ConfigError, ["mini_batch_size", "<= the 2 samples"]),
+        (lambda: SFTConfig(num_epochs=0), ConfigError, ["SFTConfig.num_epochs", ">= 1"]),
+        (lambda: RewardConfig(learning_rate="1e-5"), ConfigError, ["learning_rate", "'1e-5'", "float"]),
+    ],
+)
 def test_api_configs(make, error, fragments):
     with pytest.raises(error) as caught:
         make()
     assert all(f in str(caught.value) for f in fragments), str(caught.value)
 
 
-@pytest.mark.parametrize(("returns", "fragments"), [
-    (lambda n: ["1.0"] * n, ["'bad_reward'", "'1.0'"]),
-    (lambda n: [1e5] * n, ["'bad_reward'", "reward_max_abs=10000"]),
-    (lambda n: [None] * n, ["'bad_reward'", "None for all 2"]),
-    (lambda n: sys.exit(0), ["'bad_reward'", "sys.exit(0)"]),
-])
+@pytest.mark.parametrize(
+    ("returns", "fragments"),
+    [
+        (lambda n: ["1.0"] * n, ["'bad_reward'", "'1.0'"]),
+        (lambda n: [1e5] * n, ["'bad_reward'", "reward_max_abs=10000"]),
+        (lambda n: [None] * n, ["'bad_reward'", "None for all 2"]),
+        (lambda n: sys.exit(0), ["'bad_reward'", "sys.exit(0)"]),
+    ],
+)
 def test_api_reward_functions_leave_the_policy_alone(tiny_policy, tiny_tokenizer, returns, fragments):
     def bad_reward(completions, **kwargs):
         return returns(len(completions))
 
     before = {k: v.clone() for k, v in tiny_policy.state_dict().items()}
-    trainer = PPOTrainer(PPOConfig(batch_size=2, max_new_tokens=3, progress_bar=False, ppo_epochs=1), tiny_policy, tiny_tokenizer, reward_funcs=bad_reward)
+    trainer = PPOTrainer(
+        PPOConfig(batch_size=2, max_new_tokens=3, progress_bar=False, ppo_epochs=1),
+        tiny_policy,
+        tiny_tokenizer,
+        reward_funcs=bad_reward,
+    )
     with pytest.raises(RewardFunctionError) as caught:
         trainer.step(["w3", "w4"])
     assert all(f in str(caught.value) for f in fragments), str(caught.value)
@@ -244,7 +351,9 @@ def test_api_reward_function_timeout(tiny_policy, tiny_tokenizer):
     config = PPOConfig(batch_size=2, max_new_tokens=3, progress_bar=False, ppo_epochs=1, reward_timeout_s=0.5)
     trainer = PPOTrainer(config, tiny_policy, tiny_tokenizer, reward_funcs=slow_reward)
     try:
-        with pytest.raises(RewardFunctionError, match=r"'slow_reward' did not return within reward_timeout_s=0.5 s.*cannot be killed"):
+        with pytest.raises(
+            RewardFunctionError, match=r"'slow_reward' did not return within reward_timeout_s=0.5 s.*cannot be killed"
+        ):
             trainer.step(["w3", "w4"])
     finally:
         release.set()  # let the abandoned thread end
@@ -259,12 +368,21 @@ def test_api_stages_refuse_their_own_inputs_and_same_pairs(root, tiny_tokenizer)
 
     before = snapshot(root)
     with pytest.raises(OutputDirError, match="is this run's model_name_or_path"):
-        train_sft(SFTConfig(model_name_or_path=str(root / "policy"), output_dir=str(root / "policy"), overwrite=True, progress_bar=False),
-                  rows=[{"prompt": "w1", "completion": "w2"}])
+        train_sft(
+            SFTConfig(
+                model_name_or_path=str(root / "policy"),
+                output_dir=str(root / "policy"),
+                overwrite=True,
+                progress_bar=False,
+            ),
+            rows=[{"prompt": "w1", "completion": "w2"}],
+        )
     rows = [{"prompt": "w1", "chosen": "w2", "rejected": "w2"}] * 3
     model = build_reward_model(tiny_tokenizer, TinyModelSpec(), seed=1)
     with pytest.raises(ValueError, match="chosen equals rejected in all 3 rows"):
-        train_reward_model(RewardConfig(output_dir=str(root / "rm-out"), progress_bar=False), model, tiny_tokenizer, rows=rows)
+        train_reward_model(
+            RewardConfig(output_dir=str(root / "rm-out"), progress_bar=False), model, tiny_tokenizer, rows=rows
+        )
     with pytest.raises(DataFormatError, match="same.jsonl: chosen equals rejected in all 2"):
         load_preference_rows(str(root / "same.jsonl"))
     assert snapshot(root) == before

@@ -21,7 +21,11 @@ def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--json-out", str(out)],
-        check=False, capture_output=True, text=True, cwd=REPO, timeout=300,
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| workload | system | precision |" in proc.stdout
@@ -35,7 +39,16 @@ def test_benchmark_smoke(tmp_path):
     assert labels == [("ppo-rlhf", "fp32"), ("ppo-rlhf", "bf16")]
     for row in payload["rows"]:
         assert row["iterations"] == 1
-        for key in ("iter_s", "generate_s", "score_s", "update_s", "rollout_s", "tokens_per_s", "peak_rss_mib", "gflops"):
+        for key in (
+            "iter_s",
+            "generate_s",
+            "score_s",
+            "update_s",
+            "rollout_s",
+            "tokens_per_s",
+            "peak_rss_mib",
+            "gflops",
+        ):
             assert row[key] > 0, (key, row)
     assert len(payload["runs"]) == 2
     for run in payload["runs"]:
@@ -52,9 +65,23 @@ def test_benchmark_memory_switches_get_their_own_row(tmp_path):
     """--micro-batches and --gradient-checkpointing reach the trainer, and the row and the record say so."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--precision", "fp32",
-         "--micro-batches", "2", "--gradient-checkpointing", "--json-out", str(out)],
-        check=False, capture_output=True, text=True, cwd=REPO, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "run.py"),
+            "--smoke",
+            "--precision",
+            "fp32",
+            "--micro-batches",
+            "2",
+            "--gradient-checkpointing",
+            "--json-out",
+            str(out),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| smoke | ppo-rlhf, 2 micro-batches, gradient checkpointing |" in proc.stdout

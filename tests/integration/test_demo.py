@@ -16,7 +16,9 @@ from ppo.demo.run import main, run_demo
 
 
 def quick_config(path, **overrides) -> DemoConfig:
-    values = dict(output_dir=str(path), quick=True, progress_bar=False, threads=1, refresh_at=0.5)  # the online round too
+    values = dict(
+        output_dir=str(path), quick=True, progress_bar=False, threads=1, refresh_at=0.5
+    )  # the online round too
     values.update(overrides)
     return DemoConfig(**values)
 

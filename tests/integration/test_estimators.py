@@ -24,8 +24,17 @@ def words(completions, **kwargs):
 
 
 def config(tmp_path=None, **overrides):
-    values = dict(batch_size=4, num_generations=2, max_new_tokens=4, progress_bar=False, seed=0, precision="fp32",
-                  fp32_matmul="mkl", learning_rate=1e-3, ppo_epochs=1)
+    values = dict(
+        batch_size=4,
+        num_generations=2,
+        max_new_tokens=4,
+        progress_bar=False,
+        seed=0,
+        precision="fp32",
+        fp32_matmul="mkl",
+        learning_rate=1e-3,
+        ppo_epochs=1,
+    )
     if tmp_path is not None:
         values["output_dir"] = str(tmp_path)
     values.update(overrides)
@@ -41,9 +50,16 @@ def trained_numel(trainer) -> int:
 
 
 @pytest.mark.parametrize("estimator", CRITIC_FREE)
-def test_a_critic_free_run_trains_and_saves_the_policy_only(tiny_policy, tiny_tokenizer, tiny_reward_model, tmp_path, estimator):
-    trainer = PPOTrainer(config(tmp_path, advantage_estimator=estimator, save_steps=1), tiny_policy, tiny_tokenizer,
-                         reward_model=tiny_reward_model, reward_funcs=words)
+def test_a_critic_free_run_trains_and_saves_the_policy_only(
+    tiny_policy, tiny_tokenizer, tiny_reward_model, tmp_path, estimator
+):
+    trainer = PPOTrainer(
+        config(tmp_path, advantage_estimator=estimator, save_steps=1),
+        tiny_policy,
+        tiny_tokenizer,
+        reward_model=tiny_reward_model,
+        reward_funcs=words,
+    )
     assert trainer.critic is None and trainer.update_critic is None
     policy_numel = numel(tiny_policy.parameters())
     assert trained_numel(trainer) == policy_numel
@@ -54,20 +70,32 @@ def test_a_critic_free_run_trains_and_saves_the_policy_only(tiny_policy, tiny_to
     state = load_trainer_state(step)
     assert set(state["optimizers"]) == {"policy"}
     # The contrast: PPO-GAE trains (and saves) a critic of the reward model's size besides.
-    gae = PPOTrainer(config(), copy.deepcopy(tiny_policy), tiny_tokenizer, reward_model=tiny_reward_model, reward_funcs=words)
+    gae = PPOTrainer(
+        config(), copy.deepcopy(tiny_policy), tiny_tokenizer, reward_model=tiny_reward_model, reward_funcs=words
+    )
     assert trained_numel(gae) == policy_numel + numel(gae.critic.module.parameters()) > policy_numel
 
 
 def test_groups_are_checked_at_config_load_and_a_value_model_is_refused(tiny_policy, tiny_tokenizer, tiny_reward_model):
-    with pytest.raises(ConfigError, match="advantage_estimator=rloo .* needs num_generations >= 2, got num_generations=1"):
+    with pytest.raises(
+        ConfigError, match="advantage_estimator=rloo .* needs num_generations >= 2, got num_generations=1"
+    ):
         load_config(PPOConfig, overrides=["advantage_estimator=rloo"])
     with pytest.raises(ConfigError, match="critic_warmup_steps=2: advantage_estimator=grpo trains no critic"):
         PPOConfig(advantage_estimator="grpo", num_generations=2, critic_warmup_steps=2)
-    with pytest.raises(ConfigError, match="advantage_estimator must be one of gae, grpo, rloo, reinforce_pp; got 'ppo'"):
+    with pytest.raises(
+        ConfigError, match="advantage_estimator must be one of gae, grpo, rloo, reinforce_pp; got 'ppo'"
+    ):
         PPOConfig(advantage_estimator="ppo")
     assert PPOConfig(advantage_estimator="reinforce_pp").num_generations == 1  # no groups needed
     with pytest.raises(ValueError, match="value_model= was passed but advantage_estimator=grpo trains no critic"):
-        PPOTrainer(config(advantage_estimator="grpo"), tiny_policy, tiny_tokenizer, reward_funcs=words, value_model=tiny_reward_model)
+        PPOTrainer(
+            config(advantage_estimator="grpo"),
+            tiny_policy,
+            tiny_tokenizer,
+            reward_funcs=words,
+            value_model=tiny_reward_model,
+        )
 
 
 def scored(trainer):
@@ -82,7 +110,9 @@ def test_group_estimators_give_each_response_its_groups_advantage(tiny_policy, t
     overrides = dict(num_generations=3, kl_coef=0.5, adap_kl_ctrl=False, missing_eos_penalty=1.0)
     if scale is not None:
         overrides["grpo_scale_rewards"] = scale
-    trainer = PPOTrainer(config(advantage_estimator=estimator, **overrides), tiny_policy, tiny_tokenizer, reward_funcs=words)
+    trainer = PPOTrainer(
+        config(advantage_estimator=estimator, **overrides), tiny_policy, tiny_tokenizer, reward_funcs=words
+    )
     trainer.step(PROMPTS)  # the policy moves away from the reference: a non-zero KL penalty below
     batch, stats = scored(trainer)
     mask = batch.response_mask.bool()
@@ -103,7 +133,12 @@ def test_group_estimators_give_each_response_its_groups_advantage(tiny_policy, t
 
 
 def test_reinforce_pp_normalises_the_discounted_returns_over_the_batch(tiny_policy, tiny_tokenizer):
-    trainer = PPOTrainer(config(advantage_estimator="reinforce_pp", num_generations=1, gamma=0.9), tiny_policy, tiny_tokenizer, reward_funcs=words)
+    trainer = PPOTrainer(
+        config(advantage_estimator="reinforce_pp", num_generations=1, gamma=0.9),
+        tiny_policy,
+        tiny_tokenizer,
+        reward_funcs=words,
+    )
     batch, stats = scored(trainer)
     returns = F.discounted_returns(batch.rewards, batch.response_mask, 0.9)
     torch.testing.assert_close(batch.returns, returns)
@@ -114,8 +149,12 @@ def test_reinforce_pp_normalises_the_discounted_returns_over_the_batch(tiny_poli
 def test_kl_in_the_loss_leaves_the_reward_and_adds_its_term_to_the_policy_loss(tiny_policy, tiny_tokenizer):
     from ppo.update import policy_loss
 
-    trainer = PPOTrainer(config(advantage_estimator="grpo", kl_in_loss=True, kl_loss_estimator="k2", kl_coef=0.3),
-                         tiny_policy, tiny_tokenizer, reward_funcs=words)
+    trainer = PPOTrainer(
+        config(advantage_estimator="grpo", kl_in_loss=True, kl_loss_estimator="k2", kl_coef=0.3),
+        tiny_policy,
+        tiny_tokenizer,
+        reward_funcs=words,
+    )
     stats = trainer.step(PROMPTS)
     assert stats["non_score_reward"] == 0.0 and stats["kl_loss"] >= 0.0  # no KL in the reward
     batch, _ = scored(trainer)
@@ -132,8 +171,13 @@ def test_kl_in_the_loss_leaves_the_reward_and_adds_its_term_to_the_policy_loss(t
 
 @pytest.mark.parametrize("value_head", ["separate", "shared"])
 def test_critic_warmup_trains_the_critic_alone(tiny_policy, tiny_tokenizer, tiny_reward_model, value_head):
-    trainer = PPOTrainer(config(critic_warmup_steps=2, value_head=value_head, adap_kl_ctrl=True, target_kl=1e-6, ppo_epochs=2),
-                         tiny_policy, tiny_tokenizer, reward_model=tiny_reward_model, reward_funcs=words)
+    trainer = PPOTrainer(
+        config(critic_warmup_steps=2, value_head=value_head, adap_kl_ctrl=True, target_kl=1e-6, ppo_epochs=2),
+        tiny_policy,
+        tiny_tokenizer,
+        reward_model=tiny_reward_model,
+        reward_funcs=words,
+    )
     policy_before = copy.deepcopy(tiny_policy.state_dict())
     for _ in range(2):
         critic_before = copy.deepcopy(trainer.critic.module.state_dict())
@@ -170,8 +214,20 @@ def demo_sft(tmp_path_factory, one_thread):
     tokenizer = build_tokenizer(task.vocabulary())
     policy = build_policy(tokenizer, TinyModelSpec(hidden_size=64, num_layers=2), seed=0)
     out = tmp_path_factory.mktemp("sft")
-    train_sft(SFTConfig(output_dir=str(out), learning_rate=3e-3, batch_size=32, num_epochs=3, seed=0, progress_bar=False, max_length=32),
-              model=policy, tokenizer=tokenizer, rows=splits["sft"])
+    train_sft(
+        SFTConfig(
+            output_dir=str(out),
+            learning_rate=3e-3,
+            batch_size=32,
+            num_epochs=3,
+            seed=0,
+            progress_bar=False,
+            max_length=32,
+        ),
+        model=policy,
+        tokenizer=tokenizer,
+        rows=splits["sft"],
+    )
     return policy, tokenizer, splits, held_out_gold(policy, tokenizer, splits["eval"])
 
 
@@ -181,7 +237,9 @@ def held_out_gold(policy, tokenizer, rows) -> float:
     from ppo.rollout import SamplingParams
 
     sampling = SamplingParams(8, 1.0, stop_token_ids=(tokenizer.eos_token_id,))
-    return evaluate_policy(policy, tokenizer, rows, reward_funcs=[gold_reward], sampling=sampling, seed=0)["rewards/gold_reward"]
+    return evaluate_policy(policy, tokenizer, rows, reward_funcs=[gold_reward], sampling=sampling, seed=0)[
+        "rewards/gold_reward"
+    ]
 
 
 def gold_fraction(prompts, completions, **kwargs):
@@ -197,9 +255,23 @@ def test_each_estimator_trains_the_demo_policy_above_its_sft_start(demo_sft, tmp
     is tested is the estimator, not a reward model); then the held-out gold score, sampled."""
     sft, tokenizer, splits, sft_gold = demo_sft
     gens = 4 if estimator in ("grpo", "rloo") else 1
-    cfg = PPOConfig(output_dir=str(tmp_path), batch_size=64 // gens, num_generations=gens, mini_batch_size=32, ppo_epochs=2,
-                    learning_rate=3e-3, max_new_tokens=8, kl_coef=0.05, adap_kl_ctrl=False, missing_eos_penalty=1.0,
-                    precision="fp32", fp32_matmul="mkl", progress_bar=False, advantage_estimator=estimator, seed=0)
+    cfg = PPOConfig(
+        output_dir=str(tmp_path),
+        batch_size=64 // gens,
+        num_generations=gens,
+        mini_batch_size=32,
+        ppo_epochs=2,
+        learning_rate=3e-3,
+        max_new_tokens=8,
+        kl_coef=0.05,
+        adap_kl_ctrl=False,
+        missing_eos_penalty=1.0,
+        precision="fp32",
+        fp32_matmul="mkl",
+        progress_bar=False,
+        advantage_estimator=estimator,
+        seed=0,
+    )
     trainer = PPOTrainer(cfg, copy.deepcopy(sft), tokenizer, reward_funcs=gold_fraction, ref_model=copy.deepcopy(sft))
     prompts = [row["prompt"] for row in splits["ppo"]]
     rewards = []
@@ -213,8 +285,12 @@ def test_each_estimator_trains_the_demo_policy_above_its_sft_start(demo_sft, tmp
 
 @pytest.mark.parametrize("estimator", ["grpo", "reinforce_pp"])
 def test_critic_free_advantages_are_fp32_under_bf16_autocast(tiny_policy, tiny_tokenizer, estimator):
-    trainer = PPOTrainer(config(advantage_estimator=estimator, precision="bf16", max_new_tokens=3, kl_in_loss=True), tiny_policy,
-                         tiny_tokenizer, reward_funcs=words)
+    trainer = PPOTrainer(
+        config(advantage_estimator=estimator, precision="bf16", max_new_tokens=3, kl_in_loss=True),
+        tiny_policy,
+        tiny_tokenizer,
+        reward_funcs=words,
+    )
     stats = trainer.step(PROMPTS[:2])
     batch, _ = scored(trainer)
     for name in ("logprobs", "ref_logprobs", "scores", "rewards", "advantages", "returns"):

@@ -36,8 +36,14 @@ def n_words(completions, **kwargs):
 
 
 def test_kl_of_a_model_to_itself_is_zero(tiny_policy, tiny_tokenizer):
-    result = evaluate_policy(tiny_policy, tiny_tokenizer, PROMPTS, ref_model=copy.deepcopy(tiny_policy),
-                             sampling=sampling(tiny_tokenizer, temperature=0.7), seed=0)
+    result = evaluate_policy(
+        tiny_policy,
+        tiny_tokenizer,
+        PROMPTS,
+        ref_model=copy.deepcopy(tiny_policy),
+        sampling=sampling(tiny_tokenizer, temperature=0.7),
+        seed=0,
+    )
     assert result["kl"] == pytest.approx(0.0, abs=1e-6)
     assert all(g["kl"] == pytest.approx(0.0, abs=1e-6) for g in result["generations"])
 
@@ -47,8 +53,14 @@ def test_kl_is_the_log_ratio_of_the_sampled_token_at_the_sampling_temperature(ti
     # can be computed by hand from one forward pass of each model over the prompt.
     ref = build_policy(tiny_tokenizer, TinyModelSpec(), seed=7)
     temperature = 0.7
-    result = evaluate_policy(tiny_policy, tiny_tokenizer, PROMPTS, ref_model=ref,
-                             sampling=sampling(tiny_tokenizer, max_new_tokens=1, top_k=1, temperature=temperature), seed=0)
+    result = evaluate_policy(
+        tiny_policy,
+        tiny_tokenizer,
+        PROMPTS,
+        ref_model=ref,
+        sampling=sampling(tiny_tokenizer, max_new_tokens=1, top_k=1, temperature=temperature),
+        seed=0,
+    )
     expected = []
     for prompt in PROMPTS:
         ids = torch.tensor([tiny_tokenizer(prompt)["input_ids"]])
@@ -69,8 +81,13 @@ def test_accuracy_is_whitespace_normalised_exact_match_as_the_reward_function_se
     first = evaluate_policy(tiny_policy, tiny_tokenizer, PROMPTS, sampling=params, seed=3)
     # Half the rows get their own (re-spaced) sample as the answer, the others an impossible one;
     # the same seed reproduces the same samples.
-    rows = [{"prompt": g["prompt"], "answer": "  " + g["completion"].replace(" ", "   ") + " " if i % 2 == 0 else "w0 w0 w0 w0 w0 w0"}
-            for i, g in enumerate(first["generations"])]
+    rows = [
+        {
+            "prompt": g["prompt"],
+            "answer": "  " + g["completion"].replace(" ", "   ") + " " if i % 2 == 0 else "w0 w0 w0 w0 w0 w0",
+        }
+        for i, g in enumerate(first["generations"])
+    ]
     result = evaluate_policy(tiny_policy, tiny_tokenizer, rows, reward_funcs=[exact_match], sampling=params, seed=3)
     assert [g["completion"] for g in result["generations"]] == [g["completion"] for g in first["generations"]]
     assert result["accuracy"] == pytest.approx(0.5)
@@ -79,7 +96,9 @@ def test_accuracy_is_whitespace_normalised_exact_match_as_the_reward_function_se
 
 
 def test_rows_without_answers_have_no_accuracy_and_lengths_are_counted(tiny_policy, tiny_tokenizer):
-    result = evaluate_policy(tiny_policy, tiny_tokenizer, PROMPTS, sampling=sampling(tiny_tokenizer, max_new_tokens=3), seed=0)
+    result = evaluate_policy(
+        tiny_policy, tiny_tokenizer, PROMPTS, sampling=sampling(tiny_tokenizer, max_new_tokens=3), seed=0
+    )
     assert "accuracy" not in result and "reward" not in result and "kl" not in result
     assert result["num_prompts"] == len(result["generations"]) == len(PROMPTS)
     assert 1.0 <= result["response_length"] <= 3.0
@@ -90,7 +109,9 @@ def test_rows_without_answers_have_no_accuracy_and_lengths_are_counted(tiny_poli
 
 
 @pytest.mark.parametrize("source", ["function", "model"])
-def test_best_of_n_keeps_the_highest_scored_of_the_same_n_samples(tiny_policy, tiny_tokenizer, tiny_reward_model, source):
+def test_best_of_n_keeps_the_highest_scored_of_the_same_n_samples(
+    tiny_policy, tiny_tokenizer, tiny_reward_model, source
+):
     n = 4
     kwargs = {"reward_funcs": [n_words]} if source == "function" else {"reward_model": tiny_reward_model}
     key = "rewards/n_words" if source == "function" else "reward_model"
@@ -98,9 +119,12 @@ def test_best_of_n_keeps_the_highest_scored_of_the_same_n_samples(tiny_policy, t
     # Each prompt written n times in a row is the batch best-of-n samples from internally, so the
     # same seed draws the very same n samples per prompt.
     repeated = [p for p in PROMPTS for _ in range(n)]
-    plain = evaluate_policy(tiny_policy, tiny_tokenizer, repeated, sampling=params, seed=5, batch_size=len(repeated), **kwargs)
-    best = evaluate_policy(tiny_policy, tiny_tokenizer, PROMPTS, sampling=params, seed=5, batch_size=len(PROMPTS),
-                           best_of_n=n, **kwargs)
+    plain = evaluate_policy(
+        tiny_policy, tiny_tokenizer, repeated, sampling=params, seed=5, batch_size=len(repeated), **kwargs
+    )
+    best = evaluate_policy(
+        tiny_policy, tiny_tokenizer, PROMPTS, sampling=params, seed=5, batch_size=len(PROMPTS), best_of_n=n, **kwargs
+    )
     name = key.removeprefix("rewards/")
     for i, chosen in enumerate(best["generations"]):
         group = plain["generations"][i * n : (i + 1) * n]
@@ -133,7 +157,9 @@ def test_perplexity_is_exp_of_the_mean_nll_by_hand(tiny_policy, tiny_tokenizer):
                 nll -= logp[t - 1, ids[t]].item()
                 count += 1
     assert count == 2 + 1 + 4
-    assert perplexity(tiny_policy, tiny_tokenizer, texts, batch_size=3) == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert perplexity(tiny_policy, tiny_tokenizer, texts, batch_size=3) == pytest.approx(
+        math.exp(nll / count), rel=1e-5
+    )
 
 
 # --- the CLI ------------------------------------------------------------------------------------
@@ -144,21 +170,40 @@ def saved(tiny_policy, tiny_tokenizer, tiny_reward_model, tmp_path):
     tiny_policy.save_pretrained(tmp_path / "policy")
     tiny_tokenizer.save_pretrained(tmp_path / "policy")
     tiny_reward_model.save_pretrained(tmp_path / "rm")
-    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p, "answer": "w1"}) for p in PROMPTS), encoding="utf-8")
+    (tmp_path / "prompts.jsonl").write_text(
+        "\n".join(json.dumps({"prompt": p, "answer": "w1"}) for p in PROMPTS), encoding="utf-8"
+    )
     (tmp_path / "texts.txt").write_text("w3 w4 w5\nw6 w7\n", encoding="utf-8")
     return tmp_path
 
 
 def test_cli_writes_eval_json(saved, capsys):
     out = saved / "eval"
-    args = [f"model_name_or_path={saved / 'policy'}", f"ref_model_path={saved / 'policy'}", f"reward_model_path={saved / 'rm'}",
-            "reward_funcs=[exact_match]", f"prompts_file={saved / 'prompts.jsonl'}", f"text_file={saved / 'texts.txt'}",
-            "max_new_tokens=4", "best_of_n=2", "num_samples=4", f"output_dir={out}"]
+    args = [
+        f"model_name_or_path={saved / 'policy'}",
+        f"ref_model_path={saved / 'policy'}",
+        f"reward_model_path={saved / 'rm'}",
+        "reward_funcs=[exact_match]",
+        f"prompts_file={saved / 'prompts.jsonl'}",
+        f"text_file={saved / 'texts.txt'}",
+        "max_new_tokens=4",
+        "best_of_n=2",
+        "num_samples=4",
+        f"output_dir={out}",
+    ]
     assert main(args) == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["num_prompts"] == len(result["generations"]) == 4
     assert result["kl"] == pytest.approx(0.0, abs=1e-6)
-    for key in ("reward", "rewards/reward_model", "rewards/exact_match", "accuracy", "perplexity", "eos_fraction", "response_length"):
+    for key in (
+        "reward",
+        "rewards/reward_model",
+        "rewards/exact_match",
+        "accuracy",
+        "perplexity",
+        "eos_fraction",
+        "response_length",
+    ):
         assert math.isfinite(result[key]), key
     assert (out / "config.yaml").is_file()
     assert "perplexity" in capsys.readouterr().out
@@ -188,8 +233,18 @@ def test_cli_scores_a_reward_model_with_its_own_tokenizer_on_re_tokenized_text(s
     rm.save_pretrained(saved / "rm_own")
     rm_tokenizer.save_pretrained(saved / "rm_own")
     out = saved / "eval_own"
-    assert main([f"model_name_or_path={saved / 'policy'}", f"reward_model_path={saved / 'rm_own'}",
-                 f"prompts_file={saved / 'prompts.jsonl'}", "max_new_tokens=4", f"output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                f"model_name_or_path={saved / 'policy'}",
+                f"reward_model_path={saved / 'rm_own'}",
+                f"prompts_file={saved / 'prompts.jsonl'}",
+                "max_new_tokens=4",
+                f"output_dir={out}",
+            ]
+        )
+        == 0
+    )
     generations = json.loads((out / "eval.json").read_text())["generations"]
     expected, on_policy_ids = [], []
     with torch.no_grad():
@@ -207,5 +262,11 @@ def test_a_nan_reward_model_score_stops_evaluation_naming_the_source(tiny_policy
     with torch.no_grad():
         tiny_reward_model.score.weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="reward_model gave nan for sample 0"):
-        evaluate_policy(tiny_policy, tiny_tokenizer, PROMPTS, reward_model=tiny_reward_model,
-                        sampling=sampling(tiny_tokenizer), seed=0)
+        evaluate_policy(
+            tiny_policy,
+            tiny_tokenizer,
+            PROMPTS,
+            reward_model=tiny_reward_model,
+            sampling=sampling(tiny_tokenizer),
+            seed=0,
+        )

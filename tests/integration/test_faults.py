@@ -39,9 +39,15 @@ class Driver:
     """The fork server: `run(kind=..., ...)` -> {"code", "log", "events"} of one forked run."""
 
     def __init__(self, tmp: Path):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1",
+        }
         self.tmp, self.count = tmp, 0
-        self.proc = subprocess.Popen([sys.executable, str(DRIVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(DRIVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
 
     def run(self, **job) -> dict:
         self.count += 1
@@ -71,7 +77,11 @@ def reference(driver, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
     done = driver.run(kind="api", out=str(out))
     assert done["code"] == 0, done["log"]
-    return {"weights": load_file(out / "final" / "model.safetensors"), "metrics": metrics(out), "events": done["events"]}
+    return {
+        "weights": load_file(out / "final" / "model.safetensors"),
+        "metrics": metrics(out),
+        "events": done["events"],
+    }
 
 
 def metrics(out: Path) -> list[dict]:
@@ -118,7 +128,10 @@ CHOSEN = {
     "before step_4 is renamed into place": lambda r: [event(r, "rename OUT/.tmp-step_4 OUT/step_4")],
     # step_4 complete but `latest` still step_2: the resumed run replaces step_4, and is killed
     # half-way through deleting the replaced one.
-    "latest not yet updated, then mid-replace": lambda r: [event(r, "rename OUT/latest.tmp", 2), ["remove_tree OUT/.trash-step_4", 1]],
+    "latest not yet updated, then mid-replace": lambda r: [
+        event(r, "rename OUT/latest.tmp", 2),
+        ["remove_tree OUT/.trash-step_4", 1],
+    ],
     "half-way through pruning step_2": lambda r: [event(r, "remove_tree OUT/.trash-step_2")],
     "torn metrics line": lambda r: [event(r, "metrics step 3")],
     "before final/ is renamed into place": lambda r: [event(r, "rename OUT/.tmp-final OUT/final")],
@@ -150,9 +163,23 @@ def cli_files(driver, tmp_path_factory):
 
 
 def cli_argv(files: Path, out: Path, *extra: str) -> list[str]:
-    return [f"model_name_or_path={files / 'policy'}", f"prompts_file={files / 'prompts.txt'}", f"reward_funcs=[{files / 'rewards.py'}:words]",
-            "batch_size=3", "mini_batch_size=2", "max_new_tokens=4", "num_epochs=2", "save_steps=2", "precision=fp32", "fp32_matmul=mkl",
-            "learning_rate=1e-3", "seed=7", "progress_bar=false", f"output_dir={out}", *extra]
+    return [
+        f"model_name_or_path={files / 'policy'}",
+        f"prompts_file={files / 'prompts.txt'}",
+        f"reward_funcs=[{files / 'rewards.py'}:words]",
+        "batch_size=3",
+        "mini_batch_size=2",
+        "max_new_tokens=4",
+        "num_epochs=2",
+        "save_steps=2",
+        "precision=fp32",
+        "fp32_matmul=mkl",
+        "learning_rate=1e-3",
+        "seed=7",
+        "progress_bar=false",
+        f"output_dir={out}",
+        *extra,
+    ]
 
 
 def last_line(log: str) -> str:
@@ -173,8 +200,10 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(driver, cli_files, cli
     stopped = driver.run(kind="cli", argv=cli_argv(cli_files, out), env={"FAULT_SIGNALS": f"3:{sig}"})  # during step 3
     assert stopped["code"] == code, stopped["log"]
     assert "Traceback" not in stopped["log"] and "KeyboardInterrupt" not in stopped["log"]
-    assert last_line(stopped["log"]) == (f"ppo-rlhf train: stopped by SIG{sig} after step 3; checkpoint {out / 'step_3'}; "
-                                         "resume with the same command plus resume_from_checkpoint=latest")
+    assert last_line(stopped["log"]) == (
+        f"ppo-rlhf train: stopped by SIG{sig} after step 3; checkpoint {out / 'step_3'}; "
+        "resume with the same command plus resume_from_checkpoint=latest"
+    )
     assert durable.problem(out / "step_3") is None and not (out / "final").exists()
     resumed = driver.run(kind="cli", argv=cli_argv(cli_files, out, "resume_from_checkpoint=latest"))
     assert resumed["code"] == 0, resumed["log"]
@@ -188,8 +217,11 @@ def test_second_signal_abandons_the_step(driver, cli_files, tmp_path):
     stopped = driver.run(kind="cli", argv=cli_argv(cli_files, out), env={"FAULT_SIGNALS": "3:INT,3:INT"})
     assert stopped["code"] == 130, stopped["log"]
     assert "Traceback" not in stopped["log"]
-    assert last_line(stopped["log"]) == (f"ppo-rlhf train: stopped by a second SIGINT, abandoning the step in progress (nothing saved "
-                                         f"for it); the last checkpoint is {out / 'step_2'}; resume with the same command plus resume_from_checkpoint=latest")
+    assert last_line(stopped["log"]) == (
+        f"ppo-rlhf train: stopped by a second SIGINT, abandoning the step in progress (nothing saved "
+        f"for it); the last checkpoint is {out / 'step_2'}; resume with the same command plus "
+        "resume_from_checkpoint=latest"
+    )
     assert sorted(p.name for p in ckpt.list_checkpoints(out)) == ["step_2"]
 
 
@@ -197,10 +229,15 @@ def test_file_size_limit_during_a_save_keeps_the_previous_checkpoint(driver, cli
     out = tmp_path / "run"
     limit = 64 * 1024
     assert (cli_files / "policy" / "model.safetensors").stat().st_size > limit  # step_4's weights cannot be written
-    failed = driver.run(kind="cli", argv=cli_argv(cli_files, out), env={"FAULT_FSIZE": f"3:{limit}"})  # limit set in step 3
+    failed = driver.run(
+        kind="cli", argv=cli_argv(cli_files, out), env={"FAULT_FSIZE": f"3:{limit}"}
+    )  # limit set in step 3
     assert failed["code"] == 1, failed["log"]
     line = last_line(failed["log"])
-    assert line.startswith(f"ppo-rlhf train: error: could not write checkpoint {out / 'step_4'}: ") and "File too large" in line, line
+    assert (
+        line.startswith(f"ppo-rlhf train: error: could not write checkpoint {out / 'step_4'}: ")
+        and "File too large" in line
+    ), line
     assert line.endswith(f"the previous checkpoint {out / 'step_2'} is intact")
     assert "Traceback" not in failed["log"]
     assert durable.problem(out / "step_2") is None and not (out / "step_4").exists()
@@ -219,8 +256,17 @@ PROMPTS = ["w3 w4", "w5", "w6 w7 w8", "w9", "w10 w11"]
 
 
 def tiny_run(policy, tokenizer, out: Path, **overrides) -> PPOTrainer:
-    config = {"batch_size": 2, "max_new_tokens": 3, "ppo_epochs": 1, "save_steps": 1, "output_dir": str(out),
-              "progress_bar": False, "precision": "fp32", "fp32_matmul": "mkl", "seed": 3}
+    config = {
+        "batch_size": 2,
+        "max_new_tokens": 3,
+        "ppo_epochs": 1,
+        "save_steps": 1,
+        "output_dir": str(out),
+        "progress_bar": False,
+        "precision": "fp32",
+        "fp32_matmul": "mkl",
+        "seed": 3,
+    }
     trainer = PPOTrainer(PPOConfig(**{**config, **overrides}), policy, tokenizer, reward_funcs=words)
     trainer.train(PROMPTS[:4], num_epochs=1)
     return trainer
@@ -236,15 +282,28 @@ def test_full_disk_keeps_the_previous_checkpoint(one_thread, tiny_policy, tiny_t
         real_fsync(path)
 
     monkeypatch.setattr(durable, "fsync_file", fsync_until_full)
-    with pytest.raises(ckpt.CheckpointWriteError, match=r"could not write checkpoint .*step_2: OSError: \[Errno 28\] No space left on device") as err:
+    with pytest.raises(
+        ckpt.CheckpointWriteError,
+        match=r"could not write checkpoint .*step_2: OSError: \[Errno 28\] No space left on device",
+    ) as err:
         tiny_run(tiny_policy, tiny_tokenizer, tmp_path)
     assert f"the previous checkpoint {tmp_path / 'step_1'} is intact" in str(err.value)
     assert durable.problem(tmp_path / "step_1") is None and not (tmp_path / "step_2").exists()
     assert (tmp_path / "latest").read_text() == "step_1" and not list(tmp_path.glob(".tmp-*"))
 
 
-@pytest.mark.parametrize("damage", ["truncate model.safetensors", "truncate trainer_state.safetensors", "remove manifest.json", "alter trainer_state.json"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(one_thread, tiny_policy, tiny_tokenizer, tmp_path, damage):
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "truncate model.safetensors",
+        "truncate trainer_state.safetensors",
+        "remove manifest.json",
+        "alter trainer_state.json",
+    ],
+)
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(
+    one_thread, tiny_policy, tiny_tokenizer, tmp_path, damage
+):
     tiny_run(tiny_policy, tiny_tokenizer, tmp_path)  # step_1, step_2
     how, name = damage.split()
     path = tmp_path / "step_2" / name
@@ -272,12 +331,22 @@ def test_torn_metrics_line_is_dropped_with_a_warning(tmp_path):
         ckpt.repair_metrics(path, through_step=2)
 
 
-def test_changed_batch_plan_or_nothing_left_is_refused_and_nothing_changes(one_thread, tiny_policy, tiny_tokenizer, tmp_path):
+def test_changed_batch_plan_or_nothing_left_is_refused_and_nothing_changes(
+    one_thread, tiny_policy, tiny_tokenizer, tmp_path
+):
     tiny_run(tiny_policy, tiny_tokenizer, tmp_path)  # 2 steps, finished: final/
     before = {p: p.read_bytes() for p in [tmp_path / "metrics.jsonl", *sorted((tmp_path / "final").iterdir())]}
-    config = PPOConfig(batch_size=4, output_dir=str(tmp_path), resume_from_checkpoint=str(tmp_path / "step_1"), progress_bar=False, seed=3)
+    config = PPOConfig(
+        batch_size=4,
+        output_dir=str(tmp_path),
+        resume_from_checkpoint=str(tmp_path / "step_1"),
+        progress_bar=False,
+        seed=3,
+    )
     trainer = PPOTrainer(config, tiny_policy, tiny_tokenizer, reward_funcs=words)
-    with pytest.raises(ckpt.CheckpointError, match=r"the batch plan changed since it was written \(batch_size 2 -> 4\)"):
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"the batch plan changed since it was written \(batch_size 2 -> 4\)"
+    ):
         trainer.train(PROMPTS[:4])
     trainer.config.batch_size, trainer.config.resume_from_checkpoint = 2, "latest"
     with pytest.raises(ckpt.CheckpointError, match=r"nothing to train: .*step_2 is already at the end of this run"):
@@ -306,9 +375,14 @@ def test_a_pickle_planted_as_trainer_state_is_never_run(one_thread, tiny_policy,
     torch.save({"global_step": Evil(marker)}, tmp_path / "zip.pt")  # torch.save's zip layout too
     for planted in (tmp_path / "raw.pt", tmp_path / "zip.pt"):
         shutil.copy(planted, old / LEGACY_STATE)
-        config = PPOConfig(batch_size=2, output_dir=str(tmp_path / "run"), resume_from_checkpoint=str(old), progress_bar=False, seed=3)
+        config = PPOConfig(
+            batch_size=2, output_dir=str(tmp_path / "run"), resume_from_checkpoint=str(old), progress_bar=False, seed=3
+        )
         trainer = PPOTrainer(config, tiny_policy, tiny_tokenizer, reward_funcs=words)
-        with pytest.warns(UserWarning, match="older ppo-rlhf"), pytest.raises(UnsafeCheckpointError, match=rf"{LEGACY_STATE} is a pickle that would run code"):
+        with (
+            pytest.warns(UserWarning, match="older ppo-rlhf"),
+            pytest.raises(UnsafeCheckpointError, match=rf"{LEGACY_STATE} is a pickle that would run code"),
+        ):
             trainer.train(PROMPTS[:4])
         assert not marker.exists()
     # 2. Planted beside the state of a current checkpoint: never read.
@@ -319,8 +393,12 @@ def test_a_pickle_planted_as_trainer_state_is_never_run(one_thread, tiny_policy,
 
 def test_signal_without_save_on_interrupt_names_the_last_checkpoint(driver, cli_files, tmp_path):
     out = tmp_path / "run"
-    stopped = driver.run(kind="cli", argv=cli_argv(cli_files, out, "save_on_interrupt=false"), env={"FAULT_SIGNALS": "3:TERM"})
+    stopped = driver.run(
+        kind="cli", argv=cli_argv(cli_files, out, "save_on_interrupt=false"), env={"FAULT_SIGNALS": "3:TERM"}
+    )
     assert stopped["code"] == 143, stopped["log"]
-    assert last_line(stopped["log"]) == (f"ppo-rlhf train: stopped by SIGTERM after step 3 without a checkpoint of it (save_on_interrupt=false); "
-                                         f"the last checkpoint is {out / 'step_2'}; resume with the same command plus resume_from_checkpoint=latest")
+    assert last_line(stopped["log"]) == (
+        f"ppo-rlhf train: stopped by SIGTERM after step 3 without a checkpoint of it (save_on_interrupt=false); "
+        f"the last checkpoint is {out / 'step_2'}; resume with the same command plus resume_from_checkpoint=latest"
+    )
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_2"]

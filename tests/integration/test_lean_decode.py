@@ -19,14 +19,21 @@ from transformers import (
 )
 
 from ppo.batch import PromptBatch
-from ppo.rollout import HFRolloutEngine, SamplingParams
 from ppo.fastpath.compat import cache_kwargs
 from ppo.fastpath.kv_cache import rollout_cache
 from ppo.fastpath.lean_decode import LeanDecoder, unsupported_reason
+from ppo.rollout import HFRolloutEngine, SamplingParams
 
 VOCAB = 40
-SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def qwen3():
@@ -38,7 +45,9 @@ def qwen2():  # biases on q/k/v, no per-head norms
 
 
 def llama():  # a rope scaling the rotary module has to apply
-    return LlamaForCausalLM(LlamaConfig(**SHAPE, attention_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    return LlamaForCausalLM(
+        LlamaConfig(**SHAPE, attention_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    )
 
 
 def left_padded_prompts(batch=4, width=7):
@@ -62,15 +71,28 @@ def test_lean_steps_give_the_models_own_logits(build):
     positions = (full_mask.cumsum(1) - 1).clamp(min=0)
     caches = [rollout_cache(model, width + steps) for _ in range(2)]
     for cache in caches:
-        model(input_ids=ids, attention_mask=mask, position_ids=positions[:, :width], use_cache=True, **cache_kwargs(model, cache))
+        model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions[:, :width],
+            use_cache=True,
+            **cache_kwargs(model, cache),
+        )
     lean, lean_cache, own_cache = LeanDecoder(model), caches[0], caches[1]
     keys, values = [layer._keys for layer in lean_cache.layers], [layer._values for layer in lean_cache.layers]
     tokens = torch.randint(3, VOCAB, (steps, batch), generator=torch.Generator().manual_seed(5))
     for step in range(steps):
         column = width + step
-        own = model(input_ids=tokens[step][:, None], attention_mask=full_mask[:, : column + 1],
-                    position_ids=positions[:, column : column + 1], use_cache=True, **cache_kwargs(model, own_cache)).logits[:, -1]
-        mine = lean.step(tokens[step], positions[:, column], keys, values, column, full_mask.bool()[:, None, None, : column + 1])
+        own = model(
+            input_ids=tokens[step][:, None],
+            attention_mask=full_mask[:, : column + 1],
+            position_ids=positions[:, column : column + 1],
+            use_cache=True,
+            **cache_kwargs(model, own_cache),
+        ).logits[:, -1]
+        mine = lean.step(
+            tokens[step], positions[:, column], keys, values, column, full_mask.bool()[:, None, None, : column + 1]
+        )
         torch.testing.assert_close(mine, own, atol=1e-5, rtol=1e-5)
         # and the cache it wrote is the one the model's own forward wrote
         torch.testing.assert_close(keys[0][:, :, column], own_cache.layers[0].keys[:, :, column], atol=1e-5, rtol=1e-5)
@@ -80,7 +102,11 @@ class _Tokenizer:  # all the engine reads from a tokenizer when there are no sto
     pad_token_id = 0
 
 
-@pytest.mark.parametrize("autocast", [contextlib.nullcontext, functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "autocast",
+    [contextlib.nullcontext, functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)],
+    ids=["fp32", "bf16"],
+)
 @pytest.mark.parametrize("sampling", [dict(temperature=0.7), dict(temperature=1.0, top_k=5, top_p=0.9)])
 def test_engine_samples_the_same_responses_with_and_without_the_lean_step(sampling, autocast):
     torch.manual_seed(0)
@@ -110,4 +136,7 @@ def test_models_it_cannot_run_exactly_keep_their_own_forward():
 
     adapted = get_peft_model(qwen3(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert unsupported_reason(adapted) is not None
-    assert unsupported_reason(adapted.base_model.model) == "a projection is not a plain nn.Linear (adapter, quantisation or sharding)"
+    assert (
+        unsupported_reason(adapted.base_model.model)
+        == "a projection is not a plain nn.Linear (adapter, quantisation or sharding)"
+    )

@@ -28,8 +28,15 @@ def prompts(n=64):
 def test_random_policy_learns_a_rule_reward(tiny_tokenizer, tmp_path, precision):
     policy = build_policy(tiny_tokenizer, TinyModelSpec(hidden_size=64, num_layers=2), seed=0)
     config = PPOConfig(
-        batch_size=16, mini_batch_size=8, max_new_tokens=6, learning_rate=3e-3, kl_coef=0.01,
-        adap_kl_ctrl=False, progress_bar=False, output_dir=str(tmp_path), precision=precision,
+        batch_size=16,
+        mini_batch_size=8,
+        max_new_tokens=6,
+        learning_rate=3e-3,
+        kl_coef=0.01,
+        adap_kl_ctrl=False,
+        progress_bar=False,
+        output_dir=str(tmp_path),
+        precision=precision,
     )
     trainer = PPOTrainer(config, policy, tiny_tokenizer, reward_funcs=target_fraction)
     history = trainer.train(prompts(), num_epochs=4)  # 16 steps
@@ -53,7 +60,14 @@ def test_reward_model_from_disk_end_to_end(tiny_tokenizer, tmp_path):
     policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
     data = Dataset.from_dict({"prompt": prompts(8), "answer": ["w1"] * 8})
-    config = PPOConfig(batch_size=4, max_new_tokens=5, save_steps=1, save_total_limit=1, progress_bar=False, output_dir=str(tmp_path / "out"))
+    config = PPOConfig(
+        batch_size=4,
+        max_new_tokens=5,
+        save_steps=1,
+        save_total_limit=1,
+        progress_bar=False,
+        output_dir=str(tmp_path / "out"),
+    )
     trainer = PPOTrainer(config, policy, tokenizer, reward_model=reward_model)
     history = trainer.train(data, num_epochs=1)
     assert len(history) == 2

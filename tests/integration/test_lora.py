@@ -9,9 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ppo import PPOConfig, PPOTrainer
-from ppo.checkpoint import save_checkpoint
+from ppo.checkpoint import restore, save_checkpoint, trainer_state
 from ppo.forward import policy_logprobs
-from ppo.checkpoint import restore, trainer_state
 
 peft = pytest.importorskip("peft")
 
@@ -23,7 +22,9 @@ def length_reward(completions, **kwargs):
 
 
 def lora_config(**kw):
-    return PPOConfig(batch_size=4, max_new_tokens=4, lora_r=4, lora_alpha=8, learning_rate=1e-2, progress_bar=False, **kw)
+    return PPOConfig(
+        batch_size=4, max_new_tokens=4, lora_r=4, lora_alpha=8, learning_rate=1e-2, progress_bar=False, **kw
+    )
 
 
 def test_lora_reference_is_the_adapter_disabled_base(tiny_policy, tiny_tokenizer):
@@ -43,8 +44,12 @@ def test_lora_reference_is_the_adapter_disabled_base(tiny_policy, tiny_tokenizer
     want, _, _ = policy_logprobs(base, ids, mask, 3, 1.0)
     assert torch.allclose(ref, want, atol=1e-6)
     for name, tensor in base.state_dict().items():  # base weights never change
-        peft_name = name.replace("q_proj.weight", "q_proj.base_layer.weight").replace("k_proj.weight", "k_proj.base_layer.weight")
-        peft_name = peft_name.replace("v_proj.weight", "v_proj.base_layer.weight").replace("o_proj.weight", "o_proj.base_layer.weight")
+        peft_name = name.replace("q_proj.weight", "q_proj.base_layer.weight").replace(
+            "k_proj.weight", "k_proj.base_layer.weight"
+        )
+        peft_name = peft_name.replace("v_proj.weight", "v_proj.base_layer.weight").replace(
+            "o_proj.weight", "o_proj.base_layer.weight"
+        )
         assert torch.equal(trainer.policy.get_base_model().state_dict()[peft_name], tensor)
 
 
@@ -52,8 +57,13 @@ def test_peft_config_object_and_merged_save(tiny_policy, tiny_tokenizer, tmp_pat
     from peft import LoraConfig
 
     config = PPOConfig(batch_size=4, max_new_tokens=4, learning_rate=1e-2, save_merged=True, progress_bar=False)
-    trainer = PPOTrainer(config, tiny_policy, tiny_tokenizer, reward_funcs=length_reward,
-                         peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    trainer = PPOTrainer(
+        config,
+        tiny_policy,
+        tiny_tokenizer,
+        reward_funcs=length_reward,
+        peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    )
     trainer.step(PROMPTS)
     trainer.save_pretrained(str(tmp_path / "final"))
     assert (tmp_path / "final" / "adapter_config.json").exists()
@@ -64,12 +74,16 @@ def test_peft_config_object_and_merged_save(tiny_policy, tiny_tokenizer, tmp_pat
 
 
 def test_lora_critic_and_checkpoint_round_trip(tiny_policy, tiny_tokenizer, tmp_path):
-    trainer = PPOTrainer(lora_config(lora_critic=True, output_dir=str(tmp_path)), tiny_policy, tiny_tokenizer, reward_funcs=length_reward)
+    trainer = PPOTrainer(
+        lora_config(lora_critic=True, output_dir=str(tmp_path)), tiny_policy, tiny_tokenizer, reward_funcs=length_reward
+    )
     critic_trainable = {n for n, p in trainer.critic.module.named_parameters() if p.requires_grad}
     assert any("lora_" in n for n in critic_trainable) and any("score" in n for n in critic_trainable)
     assert all("lora_" in n or "score" in n for n in critic_trainable)
     trainer.step(PROMPTS)
-    save_checkpoint(tmp_path, "step_1", trainer.policy, tiny_tokenizer, trainer.critic.module, trainer_state(trainer, 0, 1))
+    save_checkpoint(
+        tmp_path, "step_1", trainer.policy, tiny_tokenizer, trainer.critic.module, trainer_state(trainer, 0, 1)
+    )
     policy_after = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     critic_after = {k: v.clone() for k, v in trainer.critic.module.state_dict().items()}
     trainer.step(PROMPTS)  # move away, then restore

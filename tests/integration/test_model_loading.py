@@ -21,7 +21,7 @@ from ppo.demo.tiny import (
 from ppo.models import ModelLoadError
 
 gguf = pytest.importorskip("gguf")
-from tiny_gguf import write_tiny_gguf  # after the skip: it imports gguf
+from tiny_gguf import write_tiny_gguf  # noqa: E402 - after the skip: it imports gguf
 
 WORDS = [f"w{i}" for i in range(29)] + ["user", "assistant", ":"]
 
@@ -56,7 +56,9 @@ def test_gguf_file_and_its_directory_load_the_written_weights(tiny_gguf_file):
         assert getattr(model, "hf_quantizer", None) is None  # a plain model: it can be saved
     tokenizer = models.load_tokenizer(path)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id == tokenizer.eos_token_id
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi 7"}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi 7"}], add_generation_prompt=True, tokenize=False
+    )
     assert text == "<|im_start|>user\nhi 7<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -66,7 +68,10 @@ def test_gguf_model_saves_as_a_plain_directory(tiny_gguf_file, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     tokenizer.save_pretrained(tmp_path / "saved")
     assert not list((tmp_path / "saved").glob("*.gguf")) and (tmp_path / "saved" / "model.safetensors").is_file()
-    plain, plain_tok = AutoModelForCausalLM.from_pretrained(tmp_path / "saved"), AutoTokenizer.from_pretrained(tmp_path / "saved")
+    plain, plain_tok = (
+        AutoModelForCausalLM.from_pretrained(tmp_path / "saved"),
+        AutoTokenizer.from_pretrained(tmp_path / "saved"),
+    )
     ids = torch.tensor([plain_tok("hi 7")["input_ids"]])
     torch.testing.assert_close(plain(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
     assert plain_tok("hi 7")["input_ids"] == tokenizer("hi 7")["input_ids"]
@@ -79,7 +84,9 @@ def test_reward_model_from_gguf_causal_lm_is_the_backbone_with_a_fresh_head(tiny
     reward, tokenizer = load_reward_model(RewardConfig(model_name_or_path=str(path), init_from_policy=True))
     assert reward.config.num_labels == 1 and reward.score.weight.shape == (1, 32)
     ids = torch.tensor([[5, 6, 7]])
-    torch.testing.assert_close(reward.model(ids).last_hidden_state, reference.model(ids).last_hidden_state, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        reward.model(ids).last_hidden_state, reference.model(ids).last_hidden_state, rtol=0, atol=1e-5
+    )
     assert tokenizer.pad_token_id is not None
 
 
@@ -109,7 +116,9 @@ def test_not_a_gguf_file_is_named(tmp_path):
 def test_unsupported_gguf_architecture_is_named(tmp_path):
     path = tmp_path / "odd.gguf"
     write_tiny_gguf(path, architecture="oddformer")
-    with pytest.raises(ModelLoadError, match=r"architecture 'oddformer' is not one transformers can load.*supported: .*llama"):
+    with pytest.raises(
+        ModelLoadError, match=r"architecture 'oddformer' is not one transformers can load.*supported: .*llama"
+    ):
         models.load_causal_lm(path)
 
 
@@ -177,7 +186,14 @@ def test_missing_path_through_create_trainer_and_the_cli(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("w1 w2\n")
     out = tmp_path / "run"
-    code = main([f"model_name_or_path={missing}", "reward_funcs=[length_penalty]", f"prompts_file={prompts}", f"output_dir={out}"])
+    code = main(
+        [
+            f"model_name_or_path={missing}",
+            "reward_funcs=[length_penalty]",
+            f"prompts_file={prompts}",
+            f"output_dir={out}",
+        ]
+    )
     assert code == 1
     assert f"model directory '{missing}' does not exist" in capsys.readouterr().err
     assert not out.exists()
@@ -188,7 +204,9 @@ def test_non_finite_weights_are_refused_naming_file_and_tensor(policy_dir):
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[3, 1] = float("nan")
     model.save_pretrained(policy_dir)
-    with pytest.raises(ModelLoadError, match=r"model\.safetensors' holds non-finite weights .* model\.layers\.0\.mlp\.up_proj\.weight"):
+    with pytest.raises(
+        ModelLoadError, match=r"model\.safetensors' holds non-finite weights .* model\.layers\.0\.mlp\.up_proj\.weight"
+    ):
         models.load_causal_lm(policy_dir)
 
 
@@ -199,7 +217,11 @@ def test_reward_model_smaller_than_its_tokenizer_is_refused_at_load(tmp_path):
     small = build_reward_model(build_tokenizer(WORDS[:10]), TinyModelSpec(hidden_size=32, num_layers=1))
     small.save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
-    with pytest.raises(ModelLoadError, match=rf"the reward model .*has {len(tokenizer) - 22} embedding rows but its tokenizer has {len(tokenizer)} tokens"):
+    with pytest.raises(
+        ModelLoadError,
+        match=rf"the reward model .*has {len(tokenizer) - 22} embedding rows "
+        rf"but its tokenizer has {len(tokenizer)} tokens",
+    ):
         load_reward_model(RewardConfig(model_name_or_path=str(tmp_path / "rm")))
 
 
@@ -210,10 +232,23 @@ def test_gguf_policy_trains_a_ppo_step_and_saves_plainly(tiny_gguf_file, tmp_pat
 
     path, _ = tiny_gguf_file
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": [{"role": "user", "content": "hi 1"}]}\n{"prompt": [{"role": "user", "content": "hi 2"}]}\n')
+    prompts.write_text(
+        '{"prompt": [{"role": "user", "content": "hi 1"}]}\n{"prompt": [{"role": "user", "content": "hi 2"}]}\n'
+    )
     out = tmp_path / "run"
-    code = main([f"model_name_or_path={path}", "reward_funcs=[length_penalty]", f"prompts_file={prompts}", f"output_dir={out}",
-                 "batch_size=2", "max_new_tokens=4", "ppo_epochs=1", "progress_bar=false", "save_steps=0"])
+    code = main(
+        [
+            f"model_name_or_path={path}",
+            "reward_funcs=[length_penalty]",
+            f"prompts_file={prompts}",
+            f"output_dir={out}",
+            "batch_size=2",
+            "max_new_tokens=4",
+            "ppo_epochs=1",
+            "progress_bar=false",
+            "save_steps=0",
+        ]
+    )
     assert code == 0
     final = out / "final"
     model, tokenizer = AutoModelForCausalLM.from_pretrained(final), AutoTokenizer.from_pretrained(final)
@@ -245,15 +280,33 @@ def test_self_pairs_from_a_policys_own_samples(policy_dir, tmp_path, monkeypatch
     def has_w1(completions, **kwargs):
         return [float("w1" in c.split()) for c in completions]
 
-    rows = "".join(json.dumps({"prompt": [{"role": "user", "content": f"w{i} w{i + 1}"}], "answer": "1"}) + "\n" for i in range(6))
+    rows = "".join(
+        json.dumps({"prompt": [{"role": "user", "content": f"w{i} w{i + 1}"}], "answer": "1"}) + "\n" for i in range(6)
+    )
     (tmp_path / "p.jsonl").write_text(rows)
     import sys
     import types
 
     monkeypatch.setitem(sys.modules, "_pairs_rule", types.SimpleNamespace(has_w1=has_w1))  # a `module:function` spec
     out = tmp_path / "pairs.jsonl"
-    code = self_pairs(["--model", str(policy_dir), "--prompts", str(tmp_path / "p.jsonl"), "--out", str(out), "--reward", "_pairs_rule:has_w1",
-                       "--samples", "8", "--max-new-tokens", "6", "--pairs-per-prompt", "3"])
+    code = self_pairs(
+        [
+            "--model",
+            str(policy_dir),
+            "--prompts",
+            str(tmp_path / "p.jsonl"),
+            "--out",
+            str(out),
+            "--reward",
+            "_pairs_rule:has_w1",
+            "--samples",
+            "8",
+            "--max-new-tokens",
+            "6",
+            "--pairs-per-prompt",
+            "3",
+        ]
+    )
     assert code == 0
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     assert pairs and all(has_w1([p["chosen"]]) == [1.0] and has_w1([p["rejected"]]) == [0.0] for p in pairs)

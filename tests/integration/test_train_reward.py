@@ -32,12 +32,16 @@ def marker_pairs(n: int, seed: int = 0) -> list[dict]:
         chosen = [f"w{rng.randrange(2, 20)}" for _ in range(3)]
         chosen.insert(rng.randrange(4), MARKER)
         rejected = [f"w{rng.randrange(2, 20)}" for _ in range(4)]
-        rows.append({"prompt": f"w1 w{rng.randrange(2, 20)}", "chosen": " ".join(chosen), "rejected": " ".join(rejected)})
+        rows.append(
+            {"prompt": f"w1 w{rng.randrange(2, 20)}", "chosen": " ".join(chosen), "rejected": " ".join(rejected)}
+        )
     return rows
 
 
 def small_config(tmp_path, **overrides) -> RewardConfig:
-    values = dict(output_dir=str(tmp_path / "out"), learning_rate=1e-3, batch_size=8, lr_scheduler="constant", progress_bar=False)
+    values = dict(
+        output_dir=str(tmp_path / "out"), learning_rate=1e-3, batch_size=8, lr_scheduler="constant", progress_bar=False
+    )
     values.update(overrides)
     return RewardConfig(**values)
 
@@ -72,6 +76,7 @@ def test_pairwise_loss_by_hand():
 @pytest.mark.parametrize("margin", [0.0, 1.5])
 def test_margin_moves_the_loss_of_a_fixed_batch_as_the_formula_says(tiny_reward_model, tiny_tokenizer, margin):
     rows = marker_pairs(3)
+
     # Reference scores: each sequence alone, unpadded.
     def score(ids: list[int]) -> float:
         return sequence_scores(tiny_reward_model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
@@ -109,7 +114,9 @@ def test_saved_model_loads_as_a_one_label_classifier_and_scores_the_same(trained
         ours = sequence_scores(model, batch.input_ids, batch.attention_mask)
         assert torch.allclose(sequence_scores(loaded, batch.input_ids, batch.attention_mask), ours, atol=1e-6)
         # Standalone use without ppo: transformers' own pooling finds the same last token.
-        assert torch.allclose(loaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0], ours, atol=1e-5)
+        assert torch.allclose(
+            loaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0], ours, atol=1e-5
+        )
     assert yaml.safe_load(open(f"{config.output_dir}/config.yaml"))["eval_fraction"] == 0.25
     last = json.loads(open(f"{config.output_dir}/metrics.jsonl").read().splitlines()[-1])
     assert last["accuracy"] == pytest.approx(metrics["accuracy"])
@@ -122,13 +129,19 @@ def test_init_from_policy_copies_the_backbone_exactly(tiny_policy, tiny_tokenize
             tiny_tokenizer.save_pretrained(source)
         reward = reward_model_from_policy(source)
         assert reward.config.num_labels == 1 and reward.score.weight.shape == (1, 64)
-        assert torch.equal(reward.model.layers[1].mlp.down_proj.weight, tiny_policy.model.layers[1].mlp.down_proj.weight)
+        assert torch.equal(
+            reward.model.layers[1].mlp.down_proj.weight, tiny_policy.model.layers[1].mlp.down_proj.weight
+        )
         assert torch.equal(reward.model.embed_tokens.weight, tiny_policy.model.embed_tokens.weight)
     # Through the recipe: a causal-LM directory with init_from_policy trains and saves a classifier.
-    config = small_config(tmp_path, model_name_or_path=str(tmp_path / "policy"), init_from_policy=True, eval_fraction=0.0)
+    config = small_config(
+        tmp_path, model_name_or_path=str(tmp_path / "policy"), init_from_policy=True, eval_fraction=0.0
+    )
     metrics = train_reward_model(config, rows=marker_pairs(8))
     assert metrics["steps"] == 1 and metrics["accuracy"] is None
-    assert json.load(open(tmp_path / "out" / "final" / "config.json"))["architectures"] == ["Qwen3ForSequenceClassification"]
+    assert json.load(open(tmp_path / "out" / "final" / "config.json"))["architectures"] == [
+        "Qwen3ForSequenceClassification"
+    ]
 
 
 def test_a_causal_lm_given_as_reward_model_is_refused(tiny_policy, tiny_tokenizer, tmp_path):
@@ -151,7 +164,12 @@ def test_refuses_a_different_run_in_output_dir(tiny_tokenizer, tmp_path):
     train_reward_model(small_config(tmp_path, save_final=False), model, tiny_tokenizer, rows=marker_pairs(8))
     with pytest.raises(OutputDirError, match="overwrite=true"):
         train_reward_model(small_config(tmp_path, margin=1.0), model, tiny_tokenizer, rows=marker_pairs(8))
-    train_reward_model(small_config(tmp_path, margin=1.0, overwrite=True, save_final=False), model, tiny_tokenizer, rows=marker_pairs(8))
+    train_reward_model(
+        small_config(tmp_path, margin=1.0, overwrite=True, save_final=False),
+        model,
+        tiny_tokenizer,
+        rows=marker_pairs(8),
+    )
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["margin"] == 1.0
 
 
@@ -167,8 +185,12 @@ def test_cli_trains_from_jsonl_and_rejects_misspelt_keys(tiny_reward_model, tiny
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in marker_pairs(16)))
     config_file = tmp_path / "reward.yaml"
-    config_file.write_text(f"model_name_or_path: {tmp_path / 'rm'}\ndata: {data}\nprogress_bar: false\neval_fraction: 0.25\n")
-    assert main(["--config", str(config_file), f"output_dir={tmp_path / 'out'}", "learning_rate=0.001"]) == 0, capsys.readouterr().err
+    config_file.write_text(
+        f"model_name_or_path: {tmp_path / 'rm'}\ndata: {data}\nprogress_bar: false\neval_fraction: 0.25\n"
+    )
+    assert main(["--config", str(config_file), f"output_dir={tmp_path / 'out'}", "learning_rate=0.001"]) == 0, (
+        capsys.readouterr().err
+    )
     assert "held-out accuracy" in capsys.readouterr().out
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
 
@@ -179,7 +201,9 @@ def test_shared_responses_are_scored_once_with_the_same_scores_and_gradients(tin
     from ppo.preference import pair_scores
 
     responses = ["w3 w4", "w5", "w6 w7 w8", "w9"]
-    rows = [{"prompt": "w1 w2", "chosen": a, "rejected": b} for i, a in enumerate(responses) for b in responses[i + 1 :]]
+    rows = [
+        {"prompt": "w1 w2", "chosen": a, "rejected": b} for i, a in enumerate(responses) for b in responses[i + 1 :]
+    ]
     pairs = encode_pairs(tiny_tokenizer, rows, 64)
     pad = tiny_tokenizer.pad_token_id
     calls = []
@@ -200,7 +224,9 @@ def test_shared_responses_are_scored_once_with_the_same_scores_and_gradients(tin
         pairwise_loss(chosen, rejected).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in tiny_reward_model.parameters() if p.grad is not None]))
     assert calls == [len(responses)]  # 6 pairs, 12 sequences, 4 distinct
-    assert torch.allclose(deduped[0], chosen.detach(), atol=1e-5) and torch.allclose(deduped[1], rejected.detach(), atol=1e-5)
+    assert torch.allclose(deduped[0], chosen.detach(), atol=1e-5) and torch.allclose(
+        deduped[1], rejected.detach(), atol=1e-5
+    )
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 

@@ -48,7 +48,9 @@ def first_minibatch_ratio(trainer, prompts, temperature):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("value_head", ["separate", "shared"])
 def test_first_minibatch_ratio_is_one(tiny_policy, tiny_tokenizer, temperature, value_head):
-    trainer = PPOTrainer(small_config(temperature=temperature, value_head=value_head), tiny_policy, tiny_tokenizer, reward_funcs=count_w1)
+    trainer = PPOTrainer(
+        small_config(temperature=temperature, value_head=value_head), tiny_policy, tiny_tokenizer, reward_funcs=count_w1
+    )
     stats = first_minibatch_ratio(trainer, PROMPTS, temperature)
     assert abs(stats["ratio_mean"].item() - 1.0) < 1e-5
     assert abs(stats["ratio_max"].item() - 1.0) < 1e-5
@@ -120,7 +122,9 @@ def test_update_steps_each_model_as_the_joint_schedule_does(tiny_policy, tiny_to
     from ppo.config import plan_batches
     from ppo.update import ppo_update
 
-    config = small_config(value_head=value_head, ppo_epochs=2, mini_batch_size=2, gradient_accumulation_steps=2, entropy_coef=0.01)
+    config = small_config(
+        value_head=value_head, ppo_epochs=2, mini_batch_size=2, gradient_accumulation_steps=2, entropy_coef=0.01
+    )
     results = []
     for schedule in ("ppo_update", "joint"):
         trainer = PPOTrainer(config, copy.deepcopy(tiny_policy), tiny_tokenizer, reward_funcs=count_w1)
@@ -129,11 +133,15 @@ def test_update_steps_each_model_as_the_joint_schedule_does(tiny_policy, tiny_to
         plan = plan_batches(config, n_prompts=len(PROMPTS))
         assert plan.micro_batch < plan.mini_batch < len(batch)  # micro-batches, mini-batches, epochs
         if schedule == "ppo_update":
-            loss = ppo_update(batch, trainer.policy, trainer.critic, trainer.optimizers, plan, config, trainer.shuffle_generator)["loss"]
+            loss = ppo_update(
+                batch, trainer.policy, trainer.critic, trainer.optimizers, plan, config, trainer.shuffle_generator
+            )["loss"]
             assert all(p.grad is None for m in (trainer.policy, trainer.critic.module) for p in m.parameters())
         else:
             loss = joint_update(batch, trainer, plan)
-        results.append((loss, [p.detach().clone() for m in (trainer.policy, trainer.critic.module) for p in m.parameters()]))
+        results.append(
+            (loss, [p.detach().clone() for m in (trainer.policy, trainer.critic.module) for p in m.parameters()])
+        )
     (loss_a, weights_a), (loss_b, weights_b) = results
     assert torch.allclose(torch.as_tensor(loss_a), loss_b, atol=1e-6)
     assert len(weights_a) == len(weights_b)
@@ -179,7 +187,9 @@ def test_a_step_on_onednn_fp32_kernels_matches_the_default_kernels(tiny_tokenize
     results = {}
     for kernel in ("mkl", "onednn"):
         policy = build_policy(tiny_tokenizer, TinyModelSpec(hidden_size=64, num_layers=2), seed=0)
-        trainer = PPOTrainer(small_config(fp32_matmul=kernel, learning_rate=1e-3), policy, tiny_tokenizer, reward_funcs=count_w1)
+        trainer = PPOTrainer(
+            small_config(fp32_matmul=kernel, learning_rate=1e-3), policy, tiny_tokenizer, reward_funcs=count_w1
+        )
         assert trainer.fp32_kernel == kernel
         results[kernel] = (trainer.step(PROMPTS), policy.state_dict())
     (mkl, mkl_weights), (onednn, onednn_weights) = results["mkl"], results["onednn"]
@@ -188,8 +198,12 @@ def test_a_step_on_onednn_fp32_kernels_matches_the_default_kernels(tiny_tokenize
         assert onednn[key] == pytest.approx(mkl[key], abs=1e-5), key
     for name, weight in mkl_weights.items():
         torch.testing.assert_close(onednn_weights[name], weight, atol=1e-5, rtol=1e-4)
-    assert any(not torch.equal(w, build_policy(tiny_tokenizer, TinyModelSpec(hidden_size=64, num_layers=2), seed=0).state_dict()[n])
-               for n, w in onednn_weights.items())  # the step did move the weights
+    assert any(
+        not torch.equal(
+            w, build_policy(tiny_tokenizer, TinyModelSpec(hidden_size=64, num_layers=2), seed=0).state_dict()[n]
+        )
+        for n, w in onednn_weights.items()
+    )  # the step did move the weights
 
 
 def test_dropout_is_off_in_rollout_and_update(tiny_tokenizer):
@@ -205,17 +219,46 @@ def test_dropout_is_off_in_rollout_and_update(tiny_tokenizer):
 def test_step_returns_api_stats_and_changes_only_the_policy_and_critic(tiny_policy, tiny_tokenizer, tiny_reward_model):
     before = copy.deepcopy(tiny_policy.state_dict())
     reward_before = copy.deepcopy(tiny_reward_model.state_dict())
-    trainer = PPOTrainer(small_config(), tiny_policy, tiny_tokenizer, reward_model=tiny_reward_model, reward_funcs=count_w1, reward_weights=[0.5, 2.0])
+    trainer = PPOTrainer(
+        small_config(),
+        tiny_policy,
+        tiny_tokenizer,
+        reward_model=tiny_reward_model,
+        reward_funcs=count_w1,
+        reward_weights=[0.5, 2.0],
+    )
     critic_before = copy.deepcopy(trainer.critic.module.state_dict())
     stats = trainer.step(PROMPTS)
-    for key in ["generated_texts", "rewards", "mean_reward", "policy_loss", "value_loss", "kl", "kl_coef", "entropy", "clipfrac", "response_length",
-                "advantages/mean", "advantages/std", "returns/mean", "explained_variance", "approx_kl", "vf_clipfrac", "eos_fraction",
-                "time/generate_s", "time/score_s", "time/update_s", "time/update_tokens_per_s"]:
+    for key in [
+        "generated_texts",
+        "rewards",
+        "mean_reward",
+        "policy_loss",
+        "value_loss",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "clipfrac",
+        "response_length",
+        "advantages/mean",
+        "advantages/std",
+        "returns/mean",
+        "explained_variance",
+        "approx_kl",
+        "vf_clipfrac",
+        "eos_fraction",
+        "time/generate_s",
+        "time/score_s",
+        "time/update_s",
+        "time/update_tokens_per_s",
+    ]:
         assert key in stats, key
     assert len(stats["generated_texts"]) == len(stats["rewards"]) == 4
     assert stats["mean_reward"] == pytest.approx(sum(stats["rewards"]) / 4, abs=1e-6)
     # The weighted sum: 0.5 * reward model + 2.0 * count_w1.
-    assert stats["mean_reward"] == pytest.approx(0.5 * stats["rewards/reward_model"] + 2.0 * stats["rewards/count_w1"], abs=1e-5)
+    assert stats["mean_reward"] == pytest.approx(
+        0.5 * stats["rewards/reward_model"] + 2.0 * stats["rewards/count_w1"], abs=1e-5
+    )
     assert all(isinstance(t, str) for t in stats["generated_texts"])
     assert any(not torch.equal(before[k], v) for k, v in tiny_policy.state_dict().items())
     assert any(not torch.equal(critic_before[k], v) for k, v in trainer.critic.module.state_dict().items())
@@ -230,7 +273,9 @@ def response_words(completions, **kwargs):
 
 
 def test_kl_is_zero_then_positive_and_adaptive_coef_moves(tiny_policy, tiny_tokenizer):
-    trainer = PPOTrainer(small_config(learning_rate=1e-3, kl_horizon=100), tiny_policy, tiny_tokenizer, reward_funcs=response_words)
+    trainer = PPOTrainer(
+        small_config(learning_rate=1e-3, kl_horizon=100), tiny_policy, tiny_tokenizer, reward_funcs=response_words
+    )
     first = trainer.step(PROMPTS)
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
     second = trainer.step(PROMPTS)
@@ -242,7 +287,12 @@ def test_missing_eos_penalty_and_masks_from_lengths_when_pad_is_eos(tiny_policy)
     # A tokenizer whose pad token is its EOS: masks must come from lengths, not ids.
     tokenizer = build_tokenizer([f"w{i}" for i in range(29)] + ["user", "assistant", ":"])
     tokenizer.pad_token = tokenizer.eos_token
-    trainer = PPOTrainer(small_config(max_new_tokens=4, missing_eos_penalty=3.0), tiny_policy, tokenizer, reward_funcs=lambda completions, **k: [0.0] * len(completions))
+    trainer = PPOTrainer(
+        small_config(max_new_tokens=4, missing_eos_penalty=3.0),
+        tiny_policy,
+        tokenizer,
+        reward_funcs=lambda completions, **k: [0.0] * len(completions),
+    )
     from ppo.data import collate_prompts
 
     prompts = collate_prompts(tokenizer, PROMPTS)
@@ -276,7 +326,12 @@ def test_top_k_one_is_greedy(tiny_policy, tiny_tokenizer):
 
 
 def test_stop_strings_end_a_response(tiny_policy, tiny_tokenizer):
-    trainer = PPOTrainer(small_config(max_new_tokens=12, stop_strings=["w5"], temperature=3.0), tiny_policy, tiny_tokenizer, reward_funcs=count_w1)
+    trainer = PPOTrainer(
+        small_config(max_new_tokens=12, stop_strings=["w5"], temperature=3.0),
+        tiny_policy,
+        tiny_tokenizer,
+        reward_funcs=count_w1,
+    )
     from ppo.data import collate_prompts
 
     rollout = trainer.engine.generate(collate_prompts(tiny_tokenizer, PROMPTS * 4), trainer.sampling)
@@ -374,9 +429,14 @@ def test_pruned_last_layer_step_matches_the_whole_layer(tiny_policy, tiny_tokeni
     results = {}
     for prune in (False, True):
         config = small_config(prune_last_layer=prune, ppo_epochs=2, mini_batch_size=2)
-        trainer = PPOTrainer(config, copy.deepcopy(tiny_policy), tiny_tokenizer, reward_model=copy.deepcopy(tiny_reward_model))
+        trainer = PPOTrainer(
+            config, copy.deepcopy(tiny_policy), tiny_tokenizer, reward_model=copy.deepcopy(tiny_reward_model)
+        )
         stats = trainer.step(PROMPTS)
-        results[prune] = (stats, [p.detach().clone() for p in [*trainer.policy.parameters(), *trainer.critic.module.parameters()]])
+        results[prune] = (
+            stats,
+            [p.detach().clone() for p in [*trainer.policy.parameters(), *trainer.critic.module.parameters()]],
+        )
     (whole, weights_whole), (pruned, weights_pruned) = results[False], results[True]
     assert whole["generated_texts"] == pruned["generated_texts"]
     for key in ("mean_reward", "kl", "loss", "policy_loss", "value_loss"):

@@ -19,7 +19,9 @@ CHAT_TEMPLATE = (
 
 def byte_tokens() -> list[str]:
     """GPT-2's printable stand-ins for the 256 bytes (the byte-level BPE alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = [], 0
     for b in range(256):
         if b in printable:
@@ -35,15 +37,27 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: str | Path, architecture: str = "llama", tokenizer: bool = True, seed: int = 0) -> LlamaForCausalLM:
+def write_tiny_gguf(
+    path: str | Path, architecture: str = "llama", tokenizer: bool = True, seed: int = 0
+) -> LlamaForCausalLM:
     """Write a 1-layer Llama (vocab: 256 bytes, one merge, 3 specials) to `path`; return the HF model it holds."""
     import gguf
 
     tokens = byte_tokens() + ["hi"] + SPECIALS  # one merge: transformers needs a non-empty list
-    config = LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5,
-                         bos_token_id=None, eos_token_id=tokens.index("<|im_end|>"), pad_token_id=tokens.index("<|im_end|>"))
+    config = LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        bos_token_id=None,
+        eos_token_id=tokens.index("<|im_end|>"),
+        pad_token_id=tokens.index("<|im_end|>"),
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     writer = gguf.GGUFWriter(str(path), architecture)

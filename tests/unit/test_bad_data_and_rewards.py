@@ -19,7 +19,11 @@ BAD_FILES = [
     ("empty.jsonl", "", ["empty.jsonl is empty"]),
     ("blank.jsonl", "  \n\n", ["blank.jsonl is empty"]),
     ("empty.csv", "", ["empty.csv is empty"]),
-    ("trailing.jsonl", '{"prompt": "a"}\n{"prompt": "b"} x\n', ["trailing.jsonl row 2:", "not valid JSON", "'{\"prompt\": \"b\"} x'"]),
+    (
+        "trailing.jsonl",
+        '{"prompt": "a"}\n{"prompt": "b"} x\n',
+        ["trailing.jsonl row 2:", "not valid JSON", '\'{"prompt": "b"} x\''],
+    ),
     ("gap.jsonl", '{"prompt": "a"}\n\n{"prompt": "b"\n', ["gap.jsonl row 2 (line 3):", "not valid JSON"]),
     ("list.jsonl", '{"prompt": "a"}\n[1, 2]\n', ["list.jsonl row 2:", "a JSON list, not an object"]),
     ("array.json", '[{"prompt": "a"},\n {"prompt": "b"', ["array.json line 2:", "not valid JSON"]),
@@ -48,13 +52,21 @@ def test_a_broken_line_error_carries_the_row(tmp_path):
 
 def test_identical_pairs_dropped_with_a_warning_or_refused_when_all(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "c", "rejected": " c "}\n'
-                    '{"prompt": "r", "chosen": "d", "rejected": "e"}\n')
-    with pytest.warns(UserWarning, match=r"dropped 1 of 3 rows of .*pairs.jsonl whose chosen equals rejected \(rows 2\)"):
+    path.write_text(
+        '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "c", "rejected": " c "}\n'
+        '{"prompt": "r", "chosen": "d", "rejected": "e"}\n'
+    )
+    with pytest.warns(
+        UserWarning, match=r"dropped 1 of 3 rows of .*pairs.jsonl whose chosen equals rejected \(rows 2\)"
+    ):
         rows = load_preference_rows(str(path))
     assert [r["prompt"] for r in rows] == ["p", "r"]
-    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "a"}\n{"prompt": "q", "chosen": "c", "rejected": "c"}\n')
-    with pytest.raises(DataFormatError, match=r"pairs.jsonl: chosen equals rejected in all 2 usable rows \(rows 1, 2\)"):
+    path.write_text(
+        '{"prompt": "p", "chosen": "a", "rejected": "a"}\n{"prompt": "q", "chosen": "c", "rejected": "c"}\n'
+    )
+    with pytest.raises(
+        DataFormatError, match=r"pairs.jsonl: chosen equals rejected in all 2 usable rows \(rows 1, 2\)"
+    ):
         load_preference_rows(str(path))
     # hh-rlhf text: the same whole text twice is the same reply
     text = "\n\nHuman: hi\n\nAssistant: hello"
@@ -64,7 +76,9 @@ def test_identical_pairs_dropped_with_a_warning_or_refused_when_all(tmp_path):
 
 def call(func, timeout_s=None, max_abs=None, n=2):
     prompts = [f"p{i}" for i in range(n)]
-    return call_reward_function(func, prompts, [f"c{i}" for i in range(n)], [[i] for i in range(n)], {}, timeout_s, max_abs)
+    return call_reward_function(
+        func, prompts, [f"c{i}" for i in range(n)], [[i] for i in range(n)], {}, timeout_s, max_abs
+    )
 
 
 def named(name, body):
@@ -74,7 +88,11 @@ def named(name, body):
 
 # (reward function, max_abs, fragments of the error)
 BAD_REWARDS = [
-    (named("numeric_strings", lambda completions, **k: ["0.5", "1"]), None, ["'numeric_strings'", "'0.5'", "sample 0", "prompt 'p0'"]),
+    (
+        named("numeric_strings", lambda completions, **k: ["0.5", "1"]),
+        None,
+        ["'numeric_strings'", "'0.5'", "sample 0", "prompt 'p0'"],
+    ),
     (named("as_bytes", lambda completions, **k: [0.0, b"1"]), None, ["'as_bytes'", "b'1'", "sample 1"]),
     (named("objects", lambda completions, **k: [0.0, object()]), None, ["'objects'", "sample 1", "not a number"]),
     (named("huge", lambda completions, **k: [0.0, 1e30]), 1e4, ["'huge'", "1e+30", "sample 1", "reward_max_abs=10000"]),
@@ -98,7 +116,9 @@ def test_bad_reward_functions_are_named(func, max_abs, fragments, timeout_s):
         assert fragment in str(caught.value), (fragment, str(caught.value))
 
 
-@pytest.mark.parametrize("values", [[True, 0], [np.float32(0.5), np.int64(2)], torch.tensor([0.5, 2.0]), (1, 2.5), [None, 3.0]])
+@pytest.mark.parametrize(
+    "values", [[True, 0], [np.float32(0.5), np.int64(2)], torch.tensor([0.5, 2.0]), (1, 2.5), [None, 3.0]]
+)
 def test_numbers_of_any_kind_are_accepted(values):
     expected = [float(v) if v is not None else 0.0 for v in values]
     if any(v is None for v in values):
@@ -117,7 +137,9 @@ def test_a_hanging_function_times_out_naming_it_and_the_limit():
 
     start = time.perf_counter()
     try:
-        with pytest.raises(RewardFunctionError, match=r"'stuck' did not return within reward_timeout_s=0.2 s.*cannot be killed"):
+        with pytest.raises(
+            RewardFunctionError, match=r"'stuck' did not return within reward_timeout_s=0.2 s.*cannot be killed"
+        ):
             call(stuck, timeout_s=0.2)
     finally:
         release.set()
@@ -128,7 +150,13 @@ def test_the_worker_thread_keeps_the_callers_grad_and_inference_modes():
     seen = []
 
     def probe(completions, **kwargs):
-        seen.append((threading.current_thread() is threading.main_thread(), torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+        seen.append(
+            (
+                threading.current_thread() is threading.main_thread(),
+                torch.is_grad_enabled(),
+                torch.is_inference_mode_enabled(),
+            )
+        )
         return [0.0] * len(completions)
 
     with torch.inference_mode():

@@ -30,8 +30,13 @@ def test_trainer_state_round_trips_exactly_without_pickle(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.9))
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    state = {"step": 3, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "optimizer": opt.state_dict(),
-             "nested": [1.5, float("inf"), None, True, "text", (1, (2, 3))], "bf16": torch.arange(4, dtype=torch.bfloat16)}
+    state = {
+        "step": 3,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "optimizer": opt.state_dict(),
+        "nested": [1.5, float("inf"), None, True, "text", (1, (2, 3))],
+        "bf16": torch.arange(4, dtype=torch.bfloat16),
+    }
     write_state(tmp_path, state)
     assert b"pickle" not in (tmp_path / STATE_JSON).read_bytes()
     back = read_state(tmp_path)
@@ -39,7 +44,11 @@ def test_trainer_state_round_trips_exactly_without_pickle(tmp_path):
     assert set(back["optimizer"]["state"]) == {0, 1}  # parameter ids stay ints
     for pid, entry in state["optimizer"]["state"].items():
         assert all(torch.equal(back["optimizer"]["state"][pid][k], v) for k, v in entry.items())
-    assert back["nested"] == state["nested"] and back["bf16"].dtype == torch.bfloat16 and torch.equal(back["bf16"], state["bf16"])
+    assert (
+        back["nested"] == state["nested"]
+        and back["bf16"].dtype == torch.bfloat16
+        and torch.equal(back["bf16"], state["bf16"])
+    )
     expected = random.random()
     random.setstate(back["rng"]["python"])
     assert random.random() == expected
@@ -75,13 +84,22 @@ def sealed(tmp_path):
     return root
 
 
-@pytest.mark.parametrize("damage, problem", [
-    (lambda r: (r / "a.bin").write_bytes(b"x" * 50), r"a.bin is truncated or altered \(50 bytes, the manifest says 100\)"),
-    (lambda r: (r / "a.bin").write_bytes(b"y" * 100), r"a.bin is corrupt"),
-    (lambda r: (r / "sub" / "b.txt").unlink(), r"sub/b.txt is missing"),
-    (lambda r: (r / durable.MANIFEST).unlink(), r"manifest.json is missing \(the directory was not completely written\)"),
-    (lambda r: (r / durable.MANIFEST).write_text("{"), r"manifest.json is damaged"),
-])
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (
+            lambda r: (r / "a.bin").write_bytes(b"x" * 50),
+            r"a.bin is truncated or altered \(50 bytes, the manifest says 100\)",
+        ),
+        (lambda r: (r / "a.bin").write_bytes(b"y" * 100), r"a.bin is corrupt"),
+        (lambda r: (r / "sub" / "b.txt").unlink(), r"sub/b.txt is missing"),
+        (
+            lambda r: (r / durable.MANIFEST).unlink(),
+            r"manifest.json is missing \(the directory was not completely written\)",
+        ),
+        (lambda r: (r / durable.MANIFEST).write_text("{"), r"manifest.json is damaged"),
+    ],
+)
 def test_a_sealed_directory_names_what_is_wrong(tmp_path, damage, problem):
     root = sealed(tmp_path)
     assert durable.problem(root) is None
@@ -117,7 +135,10 @@ def test_dcp_metadata_is_read_through_an_allow_list(tmp_path):
     model(torch.randn(1, 3)).sum().backward()
     opt.step()
     with pytest.warns(UserWarning, match="single process"):
-        dcp.save({"m": get_model_state_dict(model), "o": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path / "dcp")
+        dcp.save(
+            {"m": get_model_state_dict(model), "o": get_optimizer_state_dict(model, opt)},
+            checkpoint_id=tmp_path / "dcp",
+        )
     other = torch.nn.Linear(3, 2)
     other_opt = torch.optim.AdamW(other.parameters())
     state = {"m": get_model_state_dict(other), "o": get_optimizer_state_dict(other, other_opt)}
@@ -160,5 +181,7 @@ def test_a_metrics_write_error_names_the_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pathlib.Path, "open", full_disk)
-    with pytest.raises(OSError, match=rf"could not append step 3 to {re.escape(str(tmp_path / 'metrics.jsonl'))}: No space left"):
+    with pytest.raises(
+        OSError, match=rf"could not append step 3 to {re.escape(str(tmp_path / 'metrics.jsonl'))}: No space left"
+    ):
         logger.log(3, {"kl": 0.1})

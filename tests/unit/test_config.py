@@ -12,7 +12,16 @@ def test_defaults_match_the_public_contract():
     assert (c.adap_kl_ctrl, c.target_kl, c.kl_horizon, c.vf_coef, c.entropy_coef) == (True, 0.01, 10000, 0.1, 0.0)
     assert (c.max_grad_norm, c.temperature, c.whiten_advantages, c.whiten_rewards) == (1.0, 1.0, True, False)
     assert c.missing_eos_penalty is None
-    for name in ["mini_batch_size", "max_new_tokens", "top_k", "top_p", "value_learning_rate", "seed", "output_dir", "save_steps"]:
+    for name in [
+        "mini_batch_size",
+        "max_new_tokens",
+        "top_k",
+        "top_p",
+        "value_learning_rate",
+        "seed",
+        "output_dir",
+        "save_steps",
+    ]:
         assert hasattr(c, name)
 
 
@@ -62,11 +71,14 @@ def test_batch_plan_is_derived_not_written_back():
         plan_batches(c, world_size=3)
 
 
-@pytest.mark.parametrize("flags, capability, expected", [
-    ("fpu avx2 avx512f avx512_bf16", "AVX512", "bf16"),
-    ("fpu avx2 amx_bf16 avx512f", "AVX512", "bf16"),
-    ("fpu avx2 fma", "AVX2", "fp32"),  # bf16 would be emulated: many times slower than fp32
-])
+@pytest.mark.parametrize(
+    "flags, capability, expected",
+    [
+        ("fpu avx2 avx512f avx512_bf16", "AVX512", "bf16"),
+        ("fpu avx2 amx_bf16 avx512f", "AVX512", "bf16"),
+        ("fpu avx2 fma", "AVX2", "fp32"),  # bf16 would be emulated: many times slower than fp32
+    ],
+)
 def test_auto_precision_is_bf16_only_where_the_cpu_is_fast_at_it(monkeypatch, flags, capability, expected):
     import torch
 

@@ -22,7 +22,13 @@ from ppo.config import (
 from ppo.config_io import ConfigError
 from ppo.stage_configs import DEMO_RULES, EVAL_RULES, REWARD_RULES, SFT_RULES
 
-RULES = {PPOConfig: PPO_RULES, SFTConfig: SFT_RULES, RewardConfig: REWARD_RULES, EvalConfig: EVAL_RULES, DemoConfig: DEMO_RULES}
+RULES = {
+    PPOConfig: PPO_RULES,
+    SFTConfig: SFT_RULES,
+    RewardConfig: REWARD_RULES,
+    EvalConfig: EVAL_RULES,
+    DemoConfig: DEMO_RULES,
+}
 
 # (config class, keyword arguments, fragments the message must hold)
 BAD = [
@@ -36,7 +42,11 @@ BAD = [
     (PPOConfig, {"mini_batch_size": -1}, ["mini_batch_size", ">= 1", "-1"]),
     (PPOConfig, {"mini_batch_size": 0}, ["mini_batch_size", ">= 1", "got 0"]),
     (PPOConfig, {"mini_batch_size": 8}, ["mini_batch_size", "<= the 4 samples", "got 8"]),
-    (PPOConfig, {"mini_batch_size": 4, "gradient_accumulation_steps": 8}, ["gradient_accumulation_steps", "<= the mini-batch's 4", "got 8"]),
+    (
+        PPOConfig,
+        {"mini_batch_size": 4, "gradient_accumulation_steps": 8},
+        ["gradient_accumulation_steps", "<= the mini-batch's 4", "got 8"],
+    ),
     (PPOConfig, {"top_p": 1.5}, ["top_p", "in (0, 1]", "1.5"]),
     (PPOConfig, {"top_p": 0.0}, ["top_p", "in (0, 1]", "0.0"]),
     (PPOConfig, {"top_k": -1}, ["top_k", ">= 0", "-1"]),
@@ -73,7 +83,11 @@ BAD = [
     (PPOConfig, {"dist_timeout_s": 0.0}, ["dist_timeout_s", "> 0"]),
     (PPOConfig, {"progress_bar": "yes"}, ["progress_bar", "bool", "'yes'"]),
     (PPOConfig, {"output_dir": None}, ["output_dir", "str", "None"]),
-    (PPOConfig, {"resume_from_checkpoint": "latest", "overwrite": True}, ["resume_from_checkpoint", "overwrite", "contradict"]),
+    (
+        PPOConfig,
+        {"resume_from_checkpoint": "latest", "overwrite": True},
+        ["resume_from_checkpoint", "overwrite", "contradict"],
+    ),
     (PPOConfig, {"output_dir": ""}, ["output_dir", "a non-empty string", "''"]),
     (PPOConfig, {"prompt_column": " "}, ["prompt_column", "a non-empty string"]),
     (SFTConfig, {"output_dir": ""}, ["SFTConfig.output_dir", "non-empty"]),
@@ -118,7 +132,9 @@ def test_bad_values_are_refused_naming_key_value_and_rule(cls, kwargs, fragments
 def test_defaults_pass_and_every_number_has_a_rule(cls):
     cls()
     hints = typing.get_type_hints(cls)
-    numeric = [f.name for f in dataclasses.fields(cls) if {int, float} & set(typing.get_args(hints[f.name]) or [hints[f.name]])]
+    numeric = [
+        f.name for f in dataclasses.fields(cls) if {int, float} & set(typing.get_args(hints[f.name]) or [hints[f.name]])
+    ]
     assert numeric and not [name for name in numeric if name not in RULES[cls]]
     assert not [name for name in RULES[cls] if name not in hints]  # no rule for a key that is gone
 
@@ -151,7 +167,9 @@ def test_the_error_names_the_file_or_the_override(tmp_path):
         load_config(PPOConfig, path)
     with pytest.raises(ConfigError, match=r"^override 'kl_coef=-1': PPOConfig.kl_coef must be >= 0, got -1"):
         load_config(PPOConfig, path, ["top_p=0.9", "kl_coef=-1"])
-    with pytest.raises(ConfigError, match=r"^override 'batch_size=four': key 'batch_size' expects int, got 'four' \(str\)"):
+    with pytest.raises(
+        ConfigError, match=r"^override 'batch_size=four': key 'batch_size' expects int, got 'four' \(str\)"
+    ):
         load_config(SFTConfig, None, ["batch_size=four"])
     path.write_text("mini_batch_size: 16\n")  # a relation: names the key that broke it
     with pytest.raises(ConfigError, match=rf"^{path}: PPOConfig.mini_batch_size must be <= the 4 samples"):

@@ -113,8 +113,7 @@ def splits():
 
 
 def test_make_splits_shapes_and_determinism(splits):
-    assert {k: len(v) for k, v in splits.items()} == {
-        "sft": 300, "preference": 300, "ppo": 100, "eval": 100}
+    assert {k: len(v) for k, v in splits.items()} == {"sft": 300, "preference": 300, "ppo": 100, "eval": 100}
     assert set(splits["sft"][0]) >= {"prompt", "completion"}
     assert set(splits["preference"][0]) >= {"prompt", "chosen", "rejected"}
     assert set(splits["ppo"][0]) >= {"prompt", "answer"} and set(splits["eval"][0]) >= {"prompt", "answer"}

@@ -12,9 +12,8 @@ import transformers
 from transformers.models.qwen3 import modeling_qwen3
 
 from ppo.batch import PromptBatch
-from ppo.fastpath import gate
+from ppo.fastpath import gate, onednn_linear
 from ppo.fastpath import kv_cache as kv_cache_module
-from ppo.fastpath import onednn_linear
 from ppo.fastpath.kv_cache import PreallocatedLayer, rollout_cache
 from ppo.fastpath.last_layer import last_layer_rows, pruning
 from ppo.forward import policy_logprobs
@@ -32,13 +31,23 @@ def fresh_gate():
 
 def qwen3(seed: int = 0):
     torch.manual_seed(seed)
-    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0)
+    config = transformers.Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        pad_token_id=0,
+    )
     return transformers.Qwen3ForCausalLM(config).eval()
 
 
 def gpt2():
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB)).eval()
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB)
+    ).eval()
 
 
 def batch():
@@ -175,7 +184,9 @@ def test_kv_cache_turns_off_outside_the_tested_window(monkeypatch):
     monkeypatch.setitem(gate.TESTED_WINDOW, "transformers", ("99.0", "100.0"))
     with pytest.warns(gate.FastPathWarning, match="'kv_cache' is off for qwen3: transformers"):
         cache = kv_cache_module.rollout_cache(qwen3(), 16)
-    assert type(cache) is transformers.DynamicCache and not any(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+    assert type(cache) is transformers.DynamicCache and not any(
+        isinstance(layer, PreallocatedLayer) for layer in cache.layers
+    )
 
 
 # --- onednn_linear -------------------------------------------------------------------------------

@@ -116,7 +116,9 @@ def test_custom_prompt_column_and_extra_columns_pass_through(tmp_path):
 
 
 def test_prompts_from_hh_rlhf_chosen_column():
-    rows = load_prompt_rows([{"chosen": "\n\nHuman: w1\n\nAssistant: w2\n\nHuman: w3\n\nAssistant: w4", "rejected": "x"}])
+    rows = load_prompt_rows(
+        [{"chosen": "\n\nHuman: w1\n\nAssistant: w2\n\nHuman: w3\n\nAssistant: w4", "rejected": "x"}]
+    )
     assert rows[0]["prompt"] == "\n\nHuman: w1\n\nAssistant: w2\n\nHuman: w3\n\nAssistant:"
     assert rows[0]["rejected"] == "x"
     conversational = load_prompt_rows([{"chosen": [user("w1"), bot("w2")]}])
@@ -251,7 +253,11 @@ def test_preference_prompt_messages_with_assistant_replies(tmp_path, tok):
 
 def test_preference_conversational_without_and_with_prompt(tok):
     chosen, rejected = [user("w1"), bot("w2"), user("w3"), bot("w4")], [user("w1"), bot("w2"), user("w3"), bot("w5")]
-    expected = {"prompt": "user : w1 assistant : w2 <eos> user : w3 assistant : ", "chosen": "w4 <eos> ", "rejected": "w5 <eos> "}
+    expected = {
+        "prompt": "user : w1 assistant : w2 <eos> user : w3 assistant : ",
+        "chosen": "w4 <eos> ",
+        "rejected": "w5 <eos> ",
+    }
     assert load_preference_rows([{"chosen": chosen, "rejected": rejected}], tok) == [expected]
     # ultrafeedback_binarized style: a prompt column beside full conversations.
     assert load_preference_rows([{"prompt": "w3", "chosen": chosen, "rejected": rejected}], tok) == [expected]
@@ -285,7 +291,9 @@ def test_bad_row_error_names_file_row_field_and_value(tmp_path):
     assert (info.value.row, info.value.field) == (3, "prompt")
     with pytest.raises(DataFormatError, match=r"<list> row 4: field 'prompt' is missing \(null\)"):
         load_prompt_rows([good] * 3 + [{"prompt": None}])
-    with pytest.raises(DataFormatError, match=r"<list> row 5: field 'prompt' must be a string or a list of .*, not int; got 5"):
+    with pytest.raises(
+        DataFormatError, match=r"<list> row 5: field 'prompt' must be a string or a list of .*, not int; got 5"
+    ):
         load_prompt_rows([good] * 4 + [{"prompt": 5}])
     with pytest.raises(DataFormatError, match=r"row 1: field 'prompt' message 0 must be a dict with string 'role'"):
         load_prompt_rows([{"prompt": [{"role": "user", "content": 3}]}])
@@ -316,7 +324,10 @@ def test_skip_bad_rows_skips_and_warns_once(tmp_path):
 
 
 def test_skip_bad_rows_in_preference_data(tok):
-    rows = [{"prompt": "w1", "chosen": "w2", "rejected": "w3"}, {"prompt": "w1", "chosen": "w2", "rejected": [bot("w3")]}]
+    rows = [
+        {"prompt": "w1", "chosen": "w2", "rejected": "w3"},
+        {"prompt": "w1", "chosen": "w2", "rejected": [bot("w3")]},
+    ]
     with pytest.warns(UserWarning, match="skipped 1 of 2 rows"):
         assert load_preference_rows(rows, tok, skip_bad_rows=True) == rows[:1]
 
@@ -332,10 +343,14 @@ def test_zero_usable_rows_is_an_error(tmp_path):
 
 def test_missing_column_lists_columns_and_close_match(tmp_path):
     source = write_jsonl(tmp_path / "data.jsonl", [{"prompts": "w1", "answer": "5"}])
-    expected = r"data\.jsonl has no column 'prompt' \(did you mean 'prompts'\?\); columns present: \['prompts', 'answer'\]"
+    expected = (
+        r"data\.jsonl has no column 'prompt' \(did you mean 'prompts'\?\); columns present: \['prompts', 'answer'\]"
+    )
     with pytest.raises(DataFormatError, match=expected):
         load_prompt_rows(str(source))
-    with pytest.raises(DataFormatError, match=r"has no column 'completion' \(did you mean 'completions'\?\) or 'messages'"):
+    with pytest.raises(
+        DataFormatError, match=r"has no column 'completion' \(did you mean 'completions'\?\) or 'messages'"
+    ):
         load_sft_rows([{"prompt": "w1", "completions": "w2"}], None)
     with pytest.raises(DataFormatError, match=r"has no column 'rejected' \(did you mean 'Rejected'\?\)"):
         load_preference_rows([{"chosen": "w1", "Rejected": "w2"}])

@@ -95,14 +95,21 @@ def test_group_advantages_see_only_their_own_group():
     scores, G = group_scores(3, seed=4), 3
     shifted = scores.clone()
     shifted[3:6] += 100.0  # one group moved: its own centred advantages do not change, nor any other group's
-    for fn in (lambda s: F.group_advantages(s, G), lambda s: F.group_advantages(s, G, scale=False),
-               lambda s: F.leave_one_out_advantages(s, G)):
+    for fn in (
+        lambda s: F.group_advantages(s, G),
+        lambda s: F.group_advantages(s, G, scale=False),
+        lambda s: F.leave_one_out_advantages(s, G),
+    ):
         torch.testing.assert_close(fn(shifted), fn(scores), rtol=0, atol=2e-5)
 
 
 def test_a_group_of_equal_rewards_has_zero_advantage_not_nan():
     scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 2.0, 1.0])
-    for adv in (F.group_advantages(scores, 3), F.group_advantages(scores, 3, scale=False), F.leave_one_out_advantages(scores, 3)):
+    for adv in (
+        F.group_advantages(scores, 3),
+        F.group_advantages(scores, 3, scale=False),
+        F.leave_one_out_advantages(scores, 3),
+    ):
         assert torch.isfinite(adv).all()
         assert adv[:3].tolist() == [0.0, 0.0, 0.0]
     assert F.group_advantages(scores, 3)[3:].tolist() == pytest.approx([-1.0, 1.0, 0.0], abs=1e-5)

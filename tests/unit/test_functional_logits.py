@@ -32,6 +32,7 @@ def set_chunk(monkeypatch, chunk: int) -> None:
     monkeypatch.setattr(F, "_CHUNK_NUMEL", chunk)
     monkeypatch.setattr(F, "_CPU_CHUNK_NUMEL", chunk)
 
+
 # ----------------------------------------------------------------------------- logits
 
 

@@ -193,8 +193,6 @@ def _masked_calls(dtype):
     return mask, base, calls
 
 
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fill", FILLS)
 def test_masked_positions_never_leak(dtype, fill):

@@ -20,8 +20,10 @@ def case():
 def test_truncated_importance_weights_by_hand():
     old, rollout, mask = case()
     w = F.truncated_importance_weights(old, rollout, mask, cap=1.1)
-    expected = [[min(math.exp(0.2), 1.1), math.exp(-1.0), 1.0, math.exp(-2.0)],
-                [min(math.exp(0.2), 1.1), math.exp(-0.1), 0.0, 0.0]]
+    expected = [
+        [min(math.exp(0.2), 1.1), math.exp(-1.0), 1.0, math.exp(-2.0)],
+        [min(math.exp(0.2), 1.1), math.exp(-0.1), 0.0, 0.0],
+    ]
     torch.testing.assert_close(w, torch.tensor(expected), atol=1e-7, rtol=1e-6)
     assert not w.requires_grad
 

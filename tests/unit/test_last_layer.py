@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers
 
-from ppo.forward import policy_logprobs, sequence_scores, token_values
 from ppo.fastpath.compat import enable_activation_checkpointing
 from ppo.fastpath.last_layer import _prunable_last_layer, last_layer_rows, pruning
+from ppo.forward import policy_logprobs, sequence_scores, token_values
 
 FAMILIES = {
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, transformers.Qwen3ForSequenceClassification),
@@ -23,8 +23,16 @@ RESPONSE = 5
 def build(family: str, attn: str = "sdpa", seed: int = 0):
     config_class, lm_class, cls_class = FAMILIES[family]
     config = config_class(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, pad_token_id=0, num_labels=1, attn_implementation=attn,
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        pad_token_id=0,
+        num_labels=1,
+        attn_implementation=attn,
     )
     torch.manual_seed(seed)
     # float64 where transformers allows it (its eager attention gives NaN at padding in float64):

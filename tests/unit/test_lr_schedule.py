@@ -18,7 +18,9 @@ def test_factors_of_each_schedule():
     cosine = [lr_factor(s, 4, "cosine") for s in range(4)]
     assert cosine == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))])
     # Warm-up: 1/3, 2/3, then the decay spans the remaining 4 of the 6 steps.
-    assert [lr_factor(s, 6, "linear", warmup_steps=2) for s in range(6)] == pytest.approx([1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25])
+    assert [lr_factor(s, 6, "linear", warmup_steps=2) for s in range(6)] == pytest.approx(
+        [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25]
+    )
 
 
 def test_bad_schedules_say_what_is_missing():
@@ -41,8 +43,17 @@ def count_w1(completions, **kwargs):
 
 
 def make_trainer(tiny_policy, tiny_tokenizer, **overrides):
-    config = PPOConfig(batch_size=2, max_new_tokens=3, progress_bar=False, seed=0, precision="fp32", fp32_matmul="mkl",
-                       learning_rate=1e-3, value_learning_rate=4e-3, **overrides)
+    config = PPOConfig(
+        batch_size=2,
+        max_new_tokens=3,
+        progress_bar=False,
+        seed=0,
+        precision="fp32",
+        fp32_matmul="mkl",
+        learning_rate=1e-3,
+        value_learning_rate=4e-3,
+        **overrides,
+    )
     return PPOTrainer(config, tiny_policy, tiny_tokenizer, reward_funcs=count_w1)
 
 
@@ -51,7 +62,13 @@ def test_step_sets_both_models_rates_from_the_schedule(tiny_policy, tiny_tokeniz
     seen = []
     for _ in range(3):
         stats = trainer.step(["w3 w4", "w5"])
-        seen.append((stats["learning_rate"], trainer.optimizers["policy"].param_groups[0]["lr"], trainer.optimizers["critic"].param_groups[0]["lr"]))
+        seen.append(
+            (
+                stats["learning_rate"],
+                trainer.optimizers["policy"].param_groups[0]["lr"],
+                trainer.optimizers["critic"].param_groups[0]["lr"],
+            )
+        )
     for (reported, policy_lr, critic_lr), factor in zip(seen, (1.0, 0.75, 0.5)):
         assert reported == policy_lr == pytest.approx(1e-3 * factor)
         assert critic_lr == pytest.approx(4e-3 * factor)

