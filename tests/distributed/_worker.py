@@ -7,8 +7,8 @@
     torchrun --nproc_per_node=2 tests/distributed/_worker.py hang OUT   # rank 1 stops answering
 
 `all` runs, one after the other in the same processes: PPO with DDP and a shared value head, PPO
-with FSDP2, a separate critic and gradient checkpointing (both checkpointing at step 2), SFT and
-reward-model training.
+with FSDP2, a separate critic and gradient checkpointing (both checkpointing at step 2), GRPO with
+DDP (no critic), SFT and reward-model training.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def failing_reward(completions, **kwargs):
 failing_reward.calls, failing_reward.mode = 0, "crash"
 
 
-def ppo(out: Path, strategy: str, value_head: str, resume: str | None = None, reward=words_reward) -> None:
+def ppo(
+    out: Path, strategy: str, value_head: str, resume: str | None = None, reward=words_reward, estimator: str = "gae"
+) -> None:
     """3 PPO iterations of 4 prompts x 2 samples; 2 optimizer steps of 4 samples per epoch, 2 epochs.
 
     Why 1 process and 2 ranks compute the same thing: both draw the same responses (per-row seeds
@@ -82,7 +84,6 @@ def ppo(out: Path, strategy: str, value_head: str, resume: str | None = None, re
         max_new_tokens=4,
         learning_rate=1e-3,
         temperature=0.9,
-        whiten_rewards=True,
         save_steps=2,
         output_dir=str(out),
         progress_bar=False,
@@ -92,6 +93,9 @@ def ppo(out: Path, strategy: str, value_head: str, resume: str | None = None, re
         strategy=strategy,
         dist_timeout_s=TIMEOUT_S,
         resume_from_checkpoint=resume,
+        # grpo: each rank samples its prompts' groups; the gathered batch must keep them together
+        advantage_estimator=estimator,
+        whiten_rewards=estimator == "gae",
         # pi_old from a full forward: the KV-cache decode's rounding depends on how many rows share a
         # rank, which would add batch-dependent noise to a 1-process/2-rank comparison at 1e-5
         # (the sampling-pass log-probs have their own test against this forward).
@@ -154,6 +158,7 @@ def main(job: str, out: str, source: str | None = None) -> None:
     if job == "all":
         ppo(out / "ppo_ddp", "ddp", "shared")
         ppo(out / "ppo_fsdp", "fsdp", "separate")
+        ppo(out / "ppo_grpo", "ddp", "separate", estimator="grpo")
         sft(out / "sft")
         reward(out / "reward")
     elif job == "resume":  # a 2-rank run's step_2 checkpoint, finished on this run's ranks

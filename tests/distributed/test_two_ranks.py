@@ -91,7 +91,7 @@ def assert_same_metrics(a: Path, b: Path, exact: tuple[str, ...] = ()) -> None:
                 assert ra[key] == pytest.approx(rb[key], abs=tolerance), (ra["step"], key)
 
 
-@pytest.mark.parametrize("run", ["ppo_ddp", "ppo_fsdp"])
+@pytest.mark.parametrize("run", ["ppo_ddp", "ppo_fsdp", "ppo_grpo"])
 def test_ppo_on_two_ranks_equals_one_process(one, two, run):
     diff = max_weight_diff(one / run, two / run)
     print(f"{run}: max |1-process - 2-rank| weight difference {diff:.3g}")

@@ -215,3 +215,14 @@ def test_k2_and_k3_kl_loss_gradients_are_the_hand_derived_ones():
         lp.grad = None
         F.kl_loss(lp, ref, mask, est).backward()
         torch.testing.assert_close(lp.grad, grad * mask, rtol=1e-6, atol=1e-7)
+
+
+def test_adjusted_scores_penalise_missing_eos_then_clip():
+    scores = torch.tensor([0.5, 2.0, -0.2, 3.0])
+    ended = torch.tensor([True, False, False, True])
+    assert F.adjusted_scores(scores, ended).tolist() == scores.tolist()  # both steps off
+    assert F.adjusted_scores(scores, ended, missing_eos_penalty=1.0).tolist() == pytest.approx([0.5, 1.0, -1.2, 3.0])
+    # The penalty comes first: 2.0 - 1.0 = 1.0 survives a clip at 1.5 that 3.0 does not.
+    assert F.adjusted_scores(scores, ended, missing_eos_penalty=1.0, clip=1.5).tolist() == pytest.approx(
+        [0.5, 1.0, -1.2, 1.5]
+    )
