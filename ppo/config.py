@@ -324,8 +324,6 @@ PPO_RULES = {
     "logging_steps": at_least(1),
     "torch_dtype": one_of("float32", "bfloat16", "float16", "auto"),
     "strategy": one_of("ddp", "fsdp"),
-    "advantage_estimator": one_of(*ADVANTAGE_ESTIMATORS),
-    "kl_loss_estimator": one_of("k1", "k2", "k3"),
     "critic_warmup_steps": at_least(0),
     "tis_cap": at_least(1),
     "dist_timeout_s": above(0),
