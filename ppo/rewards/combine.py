@@ -57,12 +57,16 @@ class RewardSources:
         per_source = self.score_each(
             input_ids, attention_mask, prompts, completions, completion_ids, extras, rows_per_forward
         )
+        scores = self.combine(per_source)
+        means = {f"rewards/{name}": per_source[:, i].mean().item() for i, name in enumerate(self.names)}
+        return scores.to(input_ids.device), means
+
+    def combine(self, per_source: Tensor) -> Tensor:
+        """`[B]` fp32 weighted sum of `[B, sources]` scores (`score_each`'s float64 columns)."""
         # float64 (the Python floats themselves) and rounded to fp32 once, at the end. Not a matmul:
         # this runs inside the scoring pass's autocast, where `per_source @ weights` became a bf16
         # matmul and a reward of 1/9 reached GAE as 0.111328125.
-        scores = (per_source * torch.tensor(self.weights, dtype=torch.float64)).sum(dim=1).float()
-        means = {f"rewards/{name}": per_source[:, i].mean().item() for i, name in enumerate(self.names)}
-        return scores.to(input_ids.device), means
+        return (per_source.double() * torch.tensor(self.weights, dtype=torch.float64)).sum(dim=1).float()
 
     def score_each(
         self,
