@@ -60,7 +60,7 @@ def matmul_peak(dtype_name: str, seconds: float = 2.0) -> dict:
     import torch
 
     if dtype_name == "float32-onednn":  # the kernel `PPOConfig.fp32_matmul=onednn` runs (a @ b.T)
-        from ppo.onednn_linear import onednn_mm
+        from ppo.fastpath.onednn_linear import onednn_mm
 
         dtype = torch.float32
 

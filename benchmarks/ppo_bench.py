@@ -123,6 +123,8 @@ def main(argv=None) -> None:
     import torch
     import transformers
 
+    from ppo.fastpath.compat import is_activation_checkpointing
+
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     w = SMOKE if args.workload == "smoke" else WORKLOADS[args.workload]
@@ -159,7 +161,7 @@ def main(argv=None) -> None:
         "host_release_memory": args.release_memory,
         "micro_batches": args.micro_batches,
         # Read back from the model, so the record says what ran, not what was asked.
-        "gradient_checkpointing": bool(getattr(trainer.policy, "is_gradient_checkpointing", False)),
+        "gradient_checkpointing": is_activation_checkpointing(trainer.policy),
         "threads": torch.get_num_threads(),
         "seed": args.seed,
         "warmup_iters": args.warmup,

@@ -126,3 +126,19 @@ class ScoredBatch:
     def _tensors(self) -> dict[str, Tensor]:
         """The fields that hold a tensor (optional ones may be None)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
+class RolloutScores:
+    """What the no-grad scoring pass gives (`ppo.scoring`), over the global batch: every rank's rows
+    in rank order, the same on every rank. All fp32 and free of inference-mode tensors."""
+
+    rollout: Rollout  # the global rollout (prompts left-padded, responses right-padded to the widest rank)
+    completions: list[str]  # [B] the decoded responses
+    logprobs: Tensor  # [B, R] log pi_old(a_t|s_t) at the sampling temperature
+    ref_logprobs: Tensor  # [B, R] log pi_ref(a_t|s_t) at the same temperature
+    entropy: Tensor  # [B, R] entropy of pi_old at each response position
+    values: Tensor | None  # [B, R] V_old(s_t) from the critic; None when the run has no critic
+    scores: Tensor  # [B] weighted sum of the reward sources (before missing_eos_penalty and clipping)
+    source_means: dict[str, float]  # "rewards/<source>": each reward source's mean over the batch
+    rollout_logprobs: Tensor | None = None  # [B, R] log pi_rollout from the sampling pass, when the engine gave them

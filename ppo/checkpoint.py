@@ -117,13 +117,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(output_dir: str | Path, name: str, policy, tokenizer, critic_module, trainer_state: dict[str, Any], total_limit: int | None = None) -> Path:
     """Write output_dir/name atomically; return its path. Prunes old step_N beyond total_limit.
-    Under torchrun rank 0 writes (the models are replicated) while the other ranks wait."""
+    Under torchrun rank 0 writes (the models are replicated) while the other ranks wait.
+    `critic_module` None (a critic-free estimator): no critic/ directory."""
     output_dir = Path(output_dir)
     if dist.is_main():
-        check_finite({"policy": policy, "critic": critic_module})
+        check_finite({"policy": policy, **({"critic": critic_module} if critic_module is not None else {})})
         tmp = _fresh_tmp(output_dir, name)
         save_model_dir(tmp, policy, tokenizer)
-        save_critic(tmp / "critic", critic_module)
+        if critic_module is not None:
+            save_critic(tmp / "critic", critic_module)
         torch.save(trainer_state, tmp / STATE_FILE)
         _publish(tmp, output_dir, name, total_limit)
     dist.barrier()

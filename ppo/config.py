@@ -49,7 +49,7 @@ class PPOConfig:
     # --- optimisation ---
     learning_rate: float = opt(1e-5, "AdamW learning rate of the policy.")
     value_learning_rate: float | None = opt(None, "AdamW learning rate of the critic; None: learning_rate.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only (not biases or norms).")
     batch_size: int = opt(4, "Prompts per PPO iteration (global, across all ranks).")
     mini_batch_size: int | None = opt(None, "Samples per optimizer step; None: the whole rollout (one step per epoch).")
     gradient_accumulation_steps: int = opt(1, "Micro-batches each mini-batch is split into (memory, not maths).")
@@ -57,7 +57,7 @@ class PPOConfig:
     ppo_epochs: int = opt(4, "Passes of the update over each rollout.")
     lr_scheduler: str = opt("constant", "Learning-rate schedule of policy and critic over the PPO steps: constant, linear or cosine (decaying towards 0).")
     lr_schedule_steps: int | None = opt(None, "Steps the schedule spans; None: the steps train() runs (set it when you call step() yourself).")
-    warmup_steps: int = opt(0, "Steps of linear learning-rate warm-up at the start.")
+    warmup_steps: int = opt(0, "Steps of linear learning-rate warm-up at the start (from 1/(warmup_steps+1) of the rate).")
     max_grad_norm: float | None = opt(1.0, "Gradient-norm clip per model; None disables.")
     seed: int = opt(0, "Seeds sampling, shuffling and initialisation.")
 
@@ -71,7 +71,10 @@ class PPOConfig:
     whiten_advantages: bool = opt(True, "Normalise advantages over the batch's real tokens.")
     whiten_rewards: bool = opt(False, "Normalise per-token rewards (mean kept) before GAE.")
     reward_clip: float | None = opt(None, "Clip scores to [-reward_clip, reward_clip] before the KL penalty.")
-    approx_kl_stop: float | None = opt(None, "Stop the epochs early when a mini-batch's approx-KL exceeds this.")
+    approx_kl_stop: float | None = opt(None, "Skip a rollout's remaining update epochs when an epoch's mean approx-KL (over its mini-batches, all ranks) exceeds this.")
+    advantage_estimator: str = opt("gae", "gae (PPO with a critic), grpo (group-normalised outcome reward), rloo (leave-one-out baseline) or reinforce_pp (REINFORCE++: batch-normalised discounted returns); the last three train no critic. See docs/estimators.md.")
+    grpo_scale_rewards: bool = opt(True, "grpo: divide each group's centred rewards by the group's std (False: Dr. GRPO).")
+    critic_warmup_steps: int = opt(0, "gae: the first N iterations train only the critic on their rollouts (the policy and the KL coefficient stay put).")
 
     # --- KL to the reference ---
     kl_coef: float = opt(0.1, "Initial KL penalty coefficient.")
@@ -79,6 +82,8 @@ class PPOConfig:
     target_kl: float = opt(0.01, "Target of the adaptive controller (summed KL per response).")
     kl_horizon: int = opt(10000, "Horizon of the adaptive controller.")
     kl_estimator: str = opt("k1", "Per-token KL estimator in the reward: k1, k2 or k3.")
+    kl_in_loss: bool = opt(False, "Put the KL to the reference in the policy loss (coefficient: the KL controller's value) instead of the reward, as the GRPO family does.")
+    kl_loss_estimator: str = opt("k3", "KL estimator of kl_in_loss: k1, k2 or k3 (k1's gradient is 0 in expectation).")
 
     # --- sampling ---
     max_new_tokens: int = opt(32, "Longest response in tokens.")
@@ -96,9 +101,9 @@ class PPOConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     rollout_logprobs: bool | str = opt("auto", "Where pi_old's log-probs come from. true: the sampling pass (no second policy forward; same maths, float rounding apart); false: a scoring forward, the computation the update repeats, so the first PPO ratio is 1 to rounding; auto: the sampling pass in fp32, a scoring forward under bf16 (there the KV-cache decode rounds differently; docs/precision.md) or with tis_cap.")
     tis_cap: float | None = opt(None, "Truncated importance sampling (Yao et al., 2025): weight each token's policy loss by min(pi_old / pi_rollout, tis_cap), pi_old from the scoring forward, pi_rollout from the sampling pass, correcting for their mismatch. Needs rollout_logprobs false or auto. None: off.")
-    prune_last_layer: bool = opt(True, "Run the models' last decoder layer only at the positions that are read (the states before response tokens; a reward model's last token): keys and values everywhere, queries and MLP there only. Same maths, float rounding apart; Qwen3/Qwen2/Llama without gradient checkpointing. W1 update ~10% fewer matmul FLOPs.")
-    lean_decode: bool = opt(True, "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same maths, float rounding apart; W3 sampling ~30% faster on CPU). Other models, and adapters, always use their forward.")
-    host_release_memory: bool = opt(False, "CPU runs: hand freed heap memory back to the OS (glibc malloc_trim) before and after sampling, after scoring and after each model's pass of the update. W2 benchmark: peak RSS 2078 -> 1971-1985 MiB (-5%), time +9-15% (pages fault back in). glibc only.")
+    prune_last_layer: bool = opt(True, "Run the models' last decoder layer only at the positions that are read (the states before response tokens; a reward model's last token): keys and values everywhere, queries and MLP there only. Same maths, float rounding apart; Qwen3/Qwen2/Llama without gradient checkpointing.")
+    lean_decode: bool = opt(True, "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same maths, float rounding apart; faster sampling on CPU, see docs/performance.md). Other models, and adapters, always use their forward.")
+    host_release_memory: bool = opt(False, "CPU runs: hand freed heap memory back to the OS (glibc malloc_trim) before and after sampling, after scoring and after each model's pass of the update: a lower peak RSS for some time (pages fault back in; see docs/performance.md). glibc only.")
 
     # --- LoRA (peft) ---
     lora_r: int = opt(0, "LoRA rank of the policy's adapter (0: full fine-tuning).")
@@ -106,7 +111,7 @@ class PPOConfig:
     lora_dropout: float = opt(0.0, "Dropout inside the adapter (kept 0 in rollout/update by design).")
     lora_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get adapters ('all-linear' works too).")
     lora_critic: bool = opt(False, "Give the separate critic its own LoRA adapter instead of full weights.")
-    save_merged: bool = opt(False, "With LoRA, also write output_dir/final-merged: the adapter merged into the base.")
+    save_merged: bool = opt(False, "With LoRA, also write merged/ inside each saved model directory (output_dir/final/merged): the adapter merged into the base.")
     optimizer: str = opt("adamw", "adamw, or adamw_8bit (bitsandbytes, CUDA only).")
 
     # --- output ---
@@ -152,8 +157,34 @@ class PPOConfig:
         check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         check_choice("optimizer", self.optimizer, ("adamw", "adamw_8bit"))
         check_choice("strategy", self.strategy, ("ddp", "fsdp"))
+        self._check_estimator()
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ConfigError(f"missing_eos_penalty must be positive (it is subtracted), got {self.missing_eos_penalty}")
+
+
+    @property
+    def uses_critic(self) -> bool:
+        """Only GAE learns a value function; the other estimators' baselines come from the rewards."""
+        return self.advantage_estimator == "gae"
+
+    def _check_estimator(self) -> None:
+        check_choice("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        check_choice("kl_loss_estimator", self.kl_loss_estimator, ("k1", "k2", "k3"))
+        check_range(self, "critic_warmup_steps", self.critic_warmup_steps, 0)
+        name = self.advantage_estimator
+        if name in GROUP_ESTIMATORS and self.num_generations < 2:
+            raise ConfigError(f"advantage_estimator={name} compares the samples of each prompt: it needs num_generations >= 2, "
+                              f"got num_generations={self.num_generations}")
+        if name in GROUP_ESTIMATORS and self.whiten_rewards:
+            raise ConfigError(f"whiten_rewards would mix the groups of advantage_estimator={name}; it applies to gae and reinforce_pp only")
+        if not self.uses_critic and self.critic_warmup_steps:
+            raise ConfigError(f"critic_warmup_steps={self.critic_warmup_steps}: advantage_estimator={name} trains no critic")
+        if not self.uses_critic and self.value_model_path:
+            raise ConfigError(f"value_model_path={self.value_model_path!r}: advantage_estimator={name} trains no critic")
+
+
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+GROUP_ESTIMATORS = ("grpo", "rloo")  # a baseline from the other samples of the same prompt
 
 
 @dataclass(frozen=True)

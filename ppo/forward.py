@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from ppo import functional as F
-from ppo.last_layer import last_layer_rows
+from ppo.collate import IGNORE_INDEX, TokenBatch
+from ppo.fastpath.last_layer import last_layer_rows
 from ppo.rollout.hf import position_ids_from_mask
 
 
@@ -139,3 +140,24 @@ def by_rows(fn, rows: int | None, *batches):
     if isinstance(parts[0], tuple):
         return tuple(None if pieces[0] is None else torch.cat(pieces) for pieces in zip(*parts))
     return torch.cat(parts)
+
+
+def completion_loss_sum(model, batch: TokenBatch) -> tuple[Tensor, int]:
+    """Summed cross-entropy over the batch's completion tokens (0-d) and how many there are.
+
+    A sum, not a mean, so that gradient accumulation can divide by the token count of the whole
+    optimizer step: every completion token then weighs the same, however the batch was split.
+    """
+    device = next(model.parameters()).device
+    logits = model(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        position_ids=batch.position_ids.to(device),
+        use_cache=False,
+    ).logits
+    # The logits at column t predict the token at column t + 1.
+    targets = batch.labels[:, 1:].to(device)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((targets != IGNORE_INDEX).sum())

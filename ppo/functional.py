@@ -1,5 +1,8 @@
 """Pure tensor maths for PPO on language models: no modules, no config objects, scalars passed in.
 
+Why one file over ~400 lines: API.md fixes ``ppo.functional`` as the one place of the maths; the
+critic-free advantage estimators (GRPO, RLOO, REINFORCE++) sit at the end, next to GAE's kin.
+
 Conventions:
 * Shapes are ``[B, T]`` over response tokens unless a docstring says otherwise; logits ``[B, T, V]``.
 * ``mask`` has the same shape as the data and may be float or bool: non-zero marks a real response
@@ -26,7 +29,9 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "logprobs_from_logits", "entropy_from_logits", "masked_mean", "masked_var", "masked_whiten",
     "compute_gae", "kl_penalty", "clipped_policy_loss", "clipped_value_loss", "token_level_rewards",
-    "explained_variance", "FixedKLController", "AdaptiveKLController",
+    "adjusted_scores", "explained_variance", "discounted_returns", "group_advantages",
+    "leave_one_out_advantages", "group_reward_stats", "sequence_to_tokens", "kl_loss", "truncated_importance_weights", "mean_abs_diff",
+    "FixedKLController", "AdaptiveKLController",
 ]
 
 # Most elements of one fp32 temporary made from logits; tests shrink both to cover the loop.
@@ -334,6 +339,17 @@ def token_level_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float
     return torch.where(m, -kl_coef * klz, 0) + torch.where(at_last, _acc(scores).unsqueeze(1), 0)
 
 
+def adjusted_scores(scores: Tensor, ended: Tensor, missing_eos_penalty: float | None = None,
+                    clip: float | None = None) -> Tensor:
+    """Sequence scores ``[B]`` after the missing-EOS penalty (``penalty`` subtracted from each row
+    whose ``ended [B]`` is False) and then clipping to ``[-clip, clip]``; None turns a step off."""
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~ended).float()
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores
+
+
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """``1 - Var(returns - values) / Var(returns)`` over real positions, ``[B, T]`` -> 0-d, with
     biased variances. Returns 0 (not NaN) when ``Var(returns) == 0``, which includes an empty mask
@@ -344,6 +360,80 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     var_ret, var_err = (masked_mean((x - masked_mean(x, m)) ** 2, m) for x in (ret, ret - v))
     ok = var_ret > 0
     return torch.where(ok, 1 - var_err / torch.where(ok, var_ret, 1), 0)
+
+
+# ----------------------------------------------------------------------------- critic-free estimators
+# Groups: the batch holds `group_size` consecutive samples of each prompt (rows g*G .. g*G+G-1),
+# which is how the trainer lays out num_generations samples.
+
+
+def _groups(scores: Tensor, group_size: int) -> Tensor:
+    """``[B]`` -> ``[B / G, G]`` in the accumulation dtype; rejects groups of one and ragged groups."""
+    if scores.dim() != 1:
+        raise ValueError(f"need scores [B], got shape {tuple(scores.shape)}")
+    if group_size < 2:
+        raise ValueError(f"a group baseline needs at least 2 samples per prompt, got group_size={group_size}")
+    if scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores do not split into groups of {group_size}")
+    return _acc(scores).view(-1, group_size)
+
+
+def group_advantages(scores: Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> Tensor:
+    """GRPO's outcome advantage, ``[B]`` -> ``[B]``: each score minus its group's mean, divided by
+    ``std + eps`` (the group's unbiased standard deviation) when ``scale`` (Shao et al., 2024,
+    DeepSeekMath). ``scale=False`` is Dr. GRPO (Liu et al., 2025): no division, so groups whose
+    rewards barely differ are not blown up. A group with equal scores gets 0 either way."""
+    g = _groups(scores, group_size)
+    centred = g - g.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (g.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def leave_one_out_advantages(scores: Tensor, group_size: int) -> Tensor:
+    """RLOO's advantage, ``[B]`` -> ``[B]``: each score minus the mean of the *other* scores of its
+    group (Kool et al., 2019; Ahmadian et al., 2024), an unbiased baseline. Equals
+    ``G / (G - 1) * (r - group mean)``; computed as the leave-one-out mean itself."""
+    g = _groups(scores, group_size)
+    others = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - others).reshape(-1)
+
+
+def group_reward_stats(scores: Tensor, group_size: int) -> dict[str, Tensor]:
+    """Statistics of the groups, ``[B]`` -> 0-d tensors: ``reward_std`` (mean over groups of the
+    unbiased within-group std) and ``zero_std_fraction`` (share of groups whose scores are all
+    equal: their group-normalised advantage is 0, so they teach nothing)."""
+    g = _groups(scores, group_size)
+    flat = (g.amax(dim=1) == g.amin(dim=1)).to(g.dtype)
+    return {"reward_std": g.std(dim=1).mean(), "zero_std_fraction": flat.mean()}
+
+
+def sequence_to_tokens(advantages: Tensor, mask: Tensor) -> Tensor:
+    """A per-sequence value ``[B]`` at every real token of its row: ``[B, T]``, 0 at masked ones."""
+    m = mask if mask.dtype == torch.bool else mask != 0
+    if advantages.shape != m.shape[:1] or m.dim() != 2:
+        raise ValueError(f"need advantages [B] and mask [B, T], got {tuple(advantages.shape)}, {tuple(m.shape)}")
+    return torch.where(m, _acc(advantages).unsqueeze(1), 0)
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Reward-to-go ``G_t = r_t + gamma * G_{t+1}``, ``[B, T]`` -> ``[B, T]``; a masked position ends
+    the episode (``G`` restarts after it) and holds 0. REINFORCE++'s return (Hu, 2025) before its
+    batch normalisation; the same as GAE with zero values and ``lam = 1``."""
+    r, m = _masked(rewards, mask)
+    return compute_gae(r, torch.zeros_like(r), m, gamma, 1.0)[0]
+
+
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str = "k3") -> Tensor:
+    """The KL term of a loss (KL in the loss, as GRPO puts it): ``masked_mean(kl_penalty(...))``,
+    ``[B, T]`` -> 0-d, differentiable w.r.t. ``logprobs``. Masked positions are zeroed before the
+    estimator, so no value there (not even one whose ``exp`` overflows) reaches the result or the
+    gradient. k1's gradient is 0 in expectation over on-policy samples; k2 and k3 are the usual
+    choices (k2's gradient is that of the reverse KL)."""
+    m = mask if mask.dtype == torch.bool else mask != 0
+    lp = torch.where(m, _acc(logprobs), 0)
+    ref = torch.where(m, _acc(ref_logprobs), 0)
+    return masked_mean(kl_penalty(lp, ref, estimator), m)
 
 
 class FixedKLController:

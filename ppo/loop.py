@@ -8,6 +8,7 @@ the progress bar. Checkpoints are collective: see `save_training_checkpoint`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ppo import checkpoint as ckpt
 from ppo import distributed as dist
-from ppo.stage import main_logger
+from ppo.metrics import main_logger
 
 
 def prompt_rows(prompts, prompt_column: str = "prompt") -> list[dict[str, Any]]:
@@ -68,7 +69,7 @@ def trainer_state(trainer, epoch: int, next_batch: int, with_optimizers: bool = 
 def _sharded_parts(trainer):
     """(models, optimizers) of a DCP checkpoint: each optimizer with the model that names its
     parameters (the plain critic module, whose names do not depend on the wrapper)."""
-    models = {"policy": trainer.policy, "critic": trainer.critic.module}
+    models = {"policy": trainer.policy, **({"critic": trainer.critic.module} if trainer.critic else {})}
     return models, {name: (models[name], trainer.optimizers[name]) for name in models}
 
 
@@ -81,7 +82,8 @@ def save_training_checkpoint(trainer, out: Path, epoch: int, next_batch: int) ->
         state = trainer_state(trainer, epoch, next_batch, with_optimizers=False)
         return ckpt.save_sharded_checkpoint(out, name, models, optimizers, trainer.policy, trainer.tokenizer, state, cfg.save_total_limit)
     state = trainer_state(trainer, epoch, next_batch)
-    return ckpt.save_checkpoint(out, name, trainer.policy, trainer.tokenizer, trainer.critic.module, state, cfg.save_total_limit)
+    critic = trainer.critic.module if trainer.critic else None  # a critic-free estimator has none to save
+    return ckpt.save_checkpoint(out, name, trainer.policy, trainer.tokenizer, critic, state, cfg.save_total_limit)
 
 
 def restore(trainer, path: Path) -> tuple[int, int]:
@@ -119,7 +121,8 @@ def _load_model_dirs(trainer, path: Path) -> None:
         # Tied embeddings are saved once; anything else missing means a different model.
         if unexpected or [m for m in missing if "lm_head" not in m]:
             raise ValueError(f"checkpoint {path} does not match the policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    ckpt.load_critic_weights(path / "critic", trainer.critic.module)
+    if trainer.critic is not None:
+        ckpt.load_critic_weights(path / "critic", trainer.critic.module)
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
@@ -131,13 +134,23 @@ def drop_metrics_after(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = None) -> list[dict[str, Any]]:
+# What `on_step` is called with after each step: the step's statistics and the rows of the global
+# batch (dicts with the prompt column and any other columns; under torchrun every rank gets all of
+# them, in the order of the gathered `generated_texts`). What it returns joins the statistics.
+StepCallback = Callable[[dict[str, Any], list[dict[str, Any]]], "dict[str, Any] | None"]
+
+
+def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = None,
+               on_step: StepCallback | None = None, max_steps: int | None = None) -> list[dict[str, Any]]:
+    """`num_epochs` passes over `prompts` (stopping early once `trainer.global_step` reaches
+    `max_steps`); returns every step's statistics without the generated texts. `on_step(stats,
+    rows)` runs after each step, before logging: the metrics it returns are logged with the step's."""
     cfg = trainer.config
     rows = prompt_rows(prompts, cfg.prompt_column)
     if not rows:
         raise ValueError("no prompts given: the prompt list is empty")
     if max_length is not None:
-        trainer.max_prompt_tokens = trainer._prompt_budget(max_length)
+        trainer.max_prompt_tokens = trainer.prompt_budget(max_length)
     out = Path(cfg.output_dir)
     start_epoch, start_batch = 0, 0
     if cfg.resume_from_checkpoint:
@@ -145,9 +158,10 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
         if dist.is_main():
             drop_metrics_after(out / "metrics.jsonl", trainer.global_step)
     bounds = batch_bounds(len(rows), cfg.batch_size, dist.world_size())
-    trainer.planned_steps = num_epochs * len(bounds)  # what an lr schedule spans, unless configured
+    planned = num_epochs * len(bounds) if max_steps is None else min(num_epochs * len(bounds), max_steps)
+    trainer.planned_steps = planned  # what an lr schedule spans, unless configured
     logger = main_logger(out, getattr(cfg, "report_to", None))
-    bar = tqdm(total=num_epochs * len(bounds), initial=trainer.global_step, desc="ppo",
+    bar = tqdm(total=planned, initial=trainer.global_step, desc="ppo",
                disable=not (cfg.progress_bar and dist.is_main()), dynamic_ncols=True)
     history = []
     try:
@@ -162,6 +176,8 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
                     extras = {k: [r[k] for r in chunk] for k in chunk[0] if k != cfg.prompt_column}
                     stats = trainer.step([r[cfg.prompt_column] for r in chunk], extras, row_offset=mine.start)
                     stats["epoch"] = epoch + (b + 1) / len(bounds)
+                    if on_step is not None:
+                        stats.update(on_step(stats, [rows[i] for i in batch]) or {})
                     history.append({k: v for k, v in stats.items() if k != "generated_texts"})
                     if trainer.global_step % cfg.logging_steps == 0:
                         logger.log(trainer.global_step, stats)
@@ -169,6 +185,10 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
                     bar.set_postfix(reward=f"{stats['mean_reward']:.3f}", kl=f"{stats['kl']:.3f}")
                     if cfg.save_steps and trainer.global_step % cfg.save_steps == 0:
                         save_training_checkpoint(trainer, out, epoch, b + 1)
+                    if max_steps is not None and trainer.global_step >= max_steps:
+                        break
+                if max_steps is not None and trainer.global_step >= max_steps:
+                    break
             trainer.save_pretrained(str(out / "final"))
     finally:
         bar.close()

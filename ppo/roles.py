@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification
 
 from ppo.critic import SeparateCritic, SharedCritic
 from ppo.host_cpu import cpu_flags
-from ppo.onednn_linear import fp32_linear_context
+from ppo.fastpath.onednn_linear import fp32_linear_context
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -131,7 +131,7 @@ def _cpu_has_bf16() -> bool:
 
 def autocast_context(precision: str, device: torch.device, fp32_kernel: str = "mkl"):
     """A fresh context for the resolved precision: bf16 autocast, or in fp32 the linear-layer kernel
-    (`ppo.onednn_linear`; 'mkl' is torch's default: no context)."""
+    (`ppo.fastpath.onednn_linear`; 'mkl' is torch's default: no context)."""
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return fp32_linear_context(fp32_kernel)

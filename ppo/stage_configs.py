@@ -12,15 +12,13 @@ from typing import Any
 from ppo.config_io import ConfigError, check_choice, check_range, opt
 from ppo.lr_schedule import SCHEDULES
 
-_SCHEDULERS = ("constant", "linear", "cosine")
-
 
 def _check_stage_common(cfg: Any) -> None:
-    """Checks shared by SFTConfig and RewardConfig (both have these fields)."""
+    """The checks of StageConfig's fields (SFTConfig, RewardConfig)."""
     for name in ("batch_size", "num_epochs", "gradient_accumulation_steps", "logging_steps"):
         check_range(cfg, name, getattr(cfg, name), 1)
     check_range(cfg, "max_length", cfg.max_length, 2)
-    check_choice("lr_scheduler", cfg.lr_scheduler, _SCHEDULERS)
+    check_choice("lr_scheduler", cfg.lr_scheduler, SCHEDULES)
     if not 0.0 <= cfg.eval_fraction < 1.0:
         raise ConfigError(f"{type(cfg).__name__}.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
     if not 0.0 <= cfg.warmup_ratio <= 1.0:
@@ -30,35 +28,34 @@ def _check_stage_common(cfg: Any) -> None:
 
 
 @dataclass
-class SFTConfig:
-    """Supervised fine-tuning on prompt/completion pairs: the loss is on completion tokens only."""
+class StageConfig:
+    """The fields SFT and reward-model training share; each stage redefines those whose default or
+    meaning differs (a redefined field keeps its place in the help and the option tables)."""
 
     # --- model and data ---
-    model_name_or_path: str | None = opt(None, "Causal LM to fine-tune: a Hugging Face model directory or hub name.")
+    model_name_or_path: str | None = opt(None, "The model to train: a Hugging Face model directory or hub name.")
     data: str | None = opt(None, "Training data: a JSONL/JSON/CSV/Parquet file or a `datasets` directory.")
     prompt_column: str = opt("prompt", "Column holding the prompt (a string or chat messages).")
-    completion_column: str = opt("completion", "Column holding the target completion.")
-    messages_column: str = opt("messages", "Column holding a whole conversation; the last assistant turn is the completion.")
     skip_bad_rows: bool = opt(False, "Drop malformed rows with a warning instead of stopping at the first one.")
     max_length: int = opt(512, "Cap on prompt + completion tokens; the prompt is cut from the left first.")
 
     # --- optimisation ---
-    learning_rate: float = opt(2e-5, "AdamW peak learning rate (the tiny demo model needs ~1e-3).")
+    learning_rate: float = opt(1e-5, "AdamW peak learning rate (the tiny demo model needs ~1e-3).")
     batch_size: int = opt(8, "Examples per forward/backward pass.")
     gradient_accumulation_steps: int = opt(1, "Passes per optimizer step (effective batch = batch_size * this).")
     num_epochs: int = opt(1, "Passes over the training rows.")
     weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only (not biases or norms).")
-    warmup_ratio: float = opt(0.0, "Share of optimizer steps spent warming the learning rate up from 0.")
+    warmup_ratio: float = opt(0.0, "Share of optimizer steps spent warming the learning rate up linearly (the warm-up of PPO's warmup_steps).")
     lr_scheduler: str = opt("linear", "Learning-rate schedule after warmup: constant, linear or cosine.")
     max_grad_norm: float | None = opt(1.0, "Gradient-norm clip; None disables.")
     seed: int = opt(0, "Seeds shuffling, the eval split and initialisation.")
     eval_fraction: float = opt(0.0, "Share of rows held out to report an eval loss (0: none).")
 
     # --- output ---
-    output_dir: str = opt("sft_output", "Where config.yaml, metrics.jsonl and final/ go.")
+    output_dir: str = opt("stage_output", "Where config.yaml, metrics.jsonl and final/ go.")
     logging_steps: int = opt(10, "Write a metrics.jsonl line every N optimizer steps.")
     progress_bar: bool = opt(True, "Show a progress bar.")
-    save_final: bool = opt(True, "Save the fine-tuned model and tokenizer to output_dir/final.")
+    save_final: bool = opt(True, "Save the trained model and tokenizer to output_dir/final.")
     overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
     dist_timeout_s: float = opt(1800.0, "Under torchrun: seconds a collective waits for the other ranks before the run fails.")
 
@@ -67,47 +64,41 @@ class SFTConfig:
 
 
 @dataclass
-class RewardConfig:
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning on prompt/completion pairs: the loss is on completion tokens only."""
+
+    model_name_or_path: str | None = opt(None, "Causal LM to fine-tune: a Hugging Face model directory or hub name.")
+    learning_rate: float = opt(2e-5, "AdamW peak learning rate (the tiny demo model needs ~1e-3).")
+    output_dir: str = opt("sft_output", "Where config.yaml, metrics.jsonl and final/ go.")
+    save_final: bool = opt(True, "Save the fine-tuned model and tokenizer to output_dir/final.")
+    # --- data (SFT's own columns) ---
+    completion_column: str = opt("completion", "Column holding the target completion.")
+    messages_column: str = opt("messages", "Column holding a whole conversation; the last assistant turn is the completion.")
+
+
+@dataclass
+class RewardConfig(StageConfig):
     """Reward-model training on preference pairs with the Bradley–Terry loss
     `-logsigmoid(r_chosen - r_rejected - margin)`."""
 
-    # --- model and data ---
     model_name_or_path: str | None = opt(None, "A sequence classifier with one label, or a causal LM with init_from_policy.")
-    init_from_policy: bool = opt(False, "Start from a causal-LM checkpoint: same backbone, fresh scalar head.")
     data: str | None = opt(None, "Preference data: a JSONL/JSON/CSV/Parquet file or a `datasets` directory.")
     prompt_column: str = opt("prompt", "Column holding the prompt (may be empty when chosen/rejected are whole texts).")
+    batch_size: int = opt(8, "Preference pairs per forward/backward pass (2x sequences).")
+    num_epochs: int = opt(1, "Passes over the training pairs.")
+    seed: int = opt(0, "Seeds shuffling, the eval split and the fresh score head.")
+    eval_fraction: float = opt(0.1, "Share of pairs held out for pairwise accuracy before and after training.")
+    output_dir: str = opt("reward_output", "Where config.yaml, metrics.jsonl and final/ go.")
+    save_final: bool = opt(True, "Save the reward model and tokenizer to output_dir/final.")
+    # --- model and data (the reward model's own) ---
+    init_from_policy: bool = opt(False, "Start from a causal-LM checkpoint: same backbone, fresh scalar head.")
     chosen_column: str = opt("chosen", "Column holding the preferred completion.")
     rejected_column: str = opt("rejected", "Column holding the dispreferred completion.")
-    skip_bad_rows: bool = opt(False, "Drop malformed rows with a warning instead of stopping at the first one.")
-    max_length: int = opt(512, "Cap on prompt + completion tokens; the prompt is cut from the left first.")
 
     # --- loss ---
     margin: float = opt(0.0, "Bradley–Terry margin: the chosen score must beat the rejected one by this much.")
     group_by_prompt: bool = opt(True, "Shuffle whole prompts, not pairs, so a prompt's pairs share a step and each distinct response is scored once (same loss, less compute when prompts have several pairs).")
     center_rewards_coefficient: float = opt(0.0, "Weight of the auxiliary loss (r_chosen + r_rejected)^2 that keeps scores near 0 (TRL suggests 0.01).")
-
-    # --- optimisation ---
-    learning_rate: float = opt(1e-5, "AdamW peak learning rate (the tiny demo model needs ~1e-3).")
-    batch_size: int = opt(8, "Preference pairs per forward/backward pass (2x sequences).")
-    gradient_accumulation_steps: int = opt(1, "Passes per optimizer step (effective batch = batch_size * this).")
-    num_epochs: int = opt(1, "Passes over the training pairs.")
-    weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only (not biases or norms).")
-    warmup_ratio: float = opt(0.0, "Share of optimizer steps spent warming the learning rate up from 0.")
-    lr_scheduler: str = opt("linear", "Learning-rate schedule after warmup: constant, linear or cosine.")
-    max_grad_norm: float | None = opt(1.0, "Gradient-norm clip; None disables.")
-    seed: int = opt(0, "Seeds shuffling, the eval split and the fresh score head.")
-    eval_fraction: float = opt(0.1, "Share of pairs held out for pairwise accuracy before and after training.")
-
-    # --- output ---
-    output_dir: str = opt("reward_output", "Where config.yaml, metrics.jsonl and final/ go.")
-    logging_steps: int = opt(10, "Write a metrics.jsonl line every N optimizer steps.")
-    progress_bar: bool = opt(True, "Show a progress bar.")
-    save_final: bool = opt(True, "Save the reward model and tokenizer to output_dir/final.")
-    overwrite: bool = opt(False, "Replace the outputs of a different run already in output_dir.")
-    dist_timeout_s: float = opt(1800.0, "Under torchrun: seconds a collective waits for the other ranks before the run fails.")
-
-    def __post_init__(self) -> None:
-        _check_stage_common(self)
 
 
 # ---- stage configs: evaluation and demo ----
@@ -170,7 +161,7 @@ class DemoConfig:
 
     # --- model (a from-scratch Qwen3) ---
     hidden_size: int = opt(128, "Hidden size of the tiny Qwen3 (heads = hidden_size / 32).")
-    num_layers: int = opt(6, "Transformer layers (the reward model reaches 91.6% held-out accuracy with 6, 86% with 4).")
+    num_layers: int = opt(6, "Transformer layers (fewer layers give a less accurate reward model; see docs/demo.md).")
     intermediate_multiple: int = opt(2, "MLP width as a multiple of hidden_size.")
 
     # --- data (prompts are disjoint across splits) ---
@@ -216,7 +207,9 @@ class DemoConfig:
     missing_eos_penalty: float | None = opt(1.0, "Subtracted from the score of responses that never ended.")
     vf_coef: float = opt(0.1, "Weight of the value loss.")
     value_head: str = opt("separate", "'separate': critic copied from the reward model; 'shared': a head on the policy.")
-    precision: str = opt("fp32", "PPO's precision. fp32: these tiny models are bound by per-op overhead, not matmuls, so bf16 buys no time (with bf16 autocast one run reached +23 gold, not +26); bf16 or auto as in PPOConfig.")
+    advantage_estimator: str = opt("gae", "gae (PPO with a critic), grpo, rloo (both need num_generations >= 2) or reinforce_pp; see docs/estimators.md.")
+    kl_in_loss: bool = opt(False, "Put the KL to the reference in the policy loss instead of the reward (as the GRPO family does).")
+    precision: str = opt("fp32", "PPO's precision. fp32: these tiny models are bound by per-op overhead, not matmuls, so bf16 buys no time (see docs/demo.md); bf16 or auto as in PPOConfig.")
 
     # --- evaluation and report ---
     best_of_n: int = opt(4, "Samples per prompt of the best-of-n baseline (picked by the reward model).")
@@ -232,5 +225,8 @@ class DemoConfig:
         if not 0 <= self.refresh_at < 1:
             raise ConfigError(f"DemoConfig.refresh_at must be in [0, 1), got {self.refresh_at}")
         check_choice("value_head", self.value_head, ("separate", "shared"))
+        check_choice("advantage_estimator", self.advantage_estimator, ("gae", "grpo", "rloo", "reinforce_pp"))
+        if self.advantage_estimator in ("grpo", "rloo") and self.num_generations < 2:
+            raise ConfigError(f"DemoConfig: advantage_estimator={self.advantage_estimator} needs num_generations >= 2, got {self.num_generations}")
         check_choice("precision", self.precision, ("fp32", "bf16", "auto"))
         check_choice("ppo_lr_scheduler", self.ppo_lr_scheduler, SCHEDULES)  # the PPO trainer's own

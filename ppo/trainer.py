@@ -1,12 +1,11 @@
 """PPOTrainer: wires the roles together; `step()` is the PPO recipe, `train()` the loop around it.
 
     step(prompts):
-      1. collate the prompts                                  (data)
-      2. sample responses                                     (rollout engine)
-      3. score: policy/reference log-probs, values, rewards   (forward, rewards) - no grad
-      4. per-token rewards, GAE, whitening                    (functional)
-      5. the PPO update                                       (update)
-      6. adapt the KL coefficient, return the statistics
+      1. sample: collate the prompts, sample responses             (data, rollout engine)
+      2. score: policy/reference log-probs, values, rewards         (scoring) - no grad
+      3. rewards and advantages: KL penalty, GAE, whitening         (advantages -> functional)
+      4. the PPO update                                             (update)
+      5. bookkeeping: adapt the KL coefficient, return the statistics
 
 Under torchrun each rank passes its share of the global batch (`row_offset`: where its rows start):
 it samples and scores its own rows, then the scored rows are gathered so that every rank holds the
@@ -21,16 +20,18 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ppo import advantages
 from ppo import distributed as dist
 from ppo import functional as F
 from ppo.batch import PromptBatch, Rollout, ScoredBatch
-from ppo.config import PPOConfig, plan_batches
+from ppo.config import BatchPlan, PPOConfig, plan_batches
 from ppo.data import collate_prompts, ensure_pad_token
-from ppo.forward import by_rows, policy_logprobs
-from ppo.last_layer import pruning
+from ppo.fastpath.compat import enable_activation_checkpointing
+from ppo.fastpath.last_layer import pruning
 from ppo.lr_schedule import lr_factor, set_learning_rates
-from ppo.host_memory import memory_releaser
-from ppo.onednn_linear import resolve_fp32_matmul
+from ppo.fastpath.host_memory import memory_releaser
+from ppo.fastpath.onednn_linear import resolve_fp32_matmul
+from ppo.optim import build_adamw
 from ppo.rewards import RewardSources
 from ppo.roles import (
     apply_lora,
@@ -39,10 +40,10 @@ from ppo.roles import (
     default_reference,
     freeze,
     is_peft_model,
-    reference_context,
     resolve_precision,
 )
 from ppo.rollout import HFRolloutEngine, RolloutEngine, SamplingParams
+from ppo.scoring import Scorer
 from ppo.update import ppo_update
 from ppo.metrics import PhaseTimer
 
@@ -104,25 +105,28 @@ class PPOTrainer:
         lora_source = peft_config if peft_config is not None else config
         # The critic copies the policy's plain weights, so it is built before adapters go in.
         critic_lora = lora_source if use_lora and config.lora_critic else None
-        self.critic = build_critic(config.value_head, model, reward_model, value_model, reward_tokenizer, critic_lora)
+        if value_model is not None and not config.uses_critic:
+            raise ValueError(f"value_model= was passed but advantage_estimator={config.advantage_estimator} trains no critic")
+        # A critic-free estimator holds no critic at all: not built, trained, checkpointed or in memory.
+        self.critic = build_critic(config.value_head, model, reward_model, value_model, reward_tokenizer, critic_lora) if config.uses_critic else None
         if use_lora:
             model = apply_lora(model, lora_source)
         self.policy = model
         # With LoRA and no explicit reference, the reference is the policy with adapters disabled.
         self.ref_model = default_reference(model, ref_model)
-        for module in (self.policy, self.critic.module):
+        for module in [self.policy] + ([self.critic.module] if self.critic else []):
             disable_dropout(module)
             if config.gradient_checkpointing:
-                enable = getattr(module, "activation_checkpointing_enable", None) or getattr(module, "gradient_checkpointing_enable", None)
-                if enable is None:
-                    raise ValueError(f"gradient_checkpointing: {type(module).__name__} does not support it")
-                enable()
+                enable_activation_checkpointing(module)
                 module.train()  # HF checkpoints only in train mode; dropout is already off
         self._distribute(config.strategy)  # before the optimizers: FSDP2 replaces the parameters
         self.optimizers = {
-            "policy": self._adamw(self.policy, config.learning_rate),
-            "critic": self._adamw(self.critic.module, config.value_learning_rate or config.learning_rate),
+            "policy": build_adamw(self.policy, config.learning_rate, config.weight_decay, config.optimizer),
         }
+        if self.critic is not None:  # critic-free estimators train the policy only
+            self.optimizers["critic"] = build_adamw(
+                self.critic.module, config.value_learning_rate or config.learning_rate, config.weight_decay, config.optimizer
+            )
         if config.adap_kl_ctrl:
             self.kl_controller = F.AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         else:
@@ -137,7 +141,9 @@ class PPOTrainer:
         self.timer = PhaseTimer()
         self.global_step = 0
         self.planned_steps: int | None = None  # set by train(): the length of an lr schedule
-        self.max_prompt_tokens: int | None = self._prompt_budget(config.max_length)
+        self.max_prompt_tokens: int | None = self.prompt_budget(config.max_length)
+        self.scorer = Scorer(self.policy, self.ref_model, self.update_critic, self.rewards, config, self.autocast, tokenizer.pad_token_id,
+                             self.precision)
 
     def _distribute(self, strategy: str) -> None:
         """The update trains through DDP / FSDP2 wrappers (the modules themselves in one process);
@@ -145,32 +151,15 @@ class PPOTrainer:
         if is_peft_model(self.policy) and strategy == "fsdp" and dist.world_size() > 1:
             raise ValueError("strategy=fsdp does not support LoRA yet; use strategy=ddp (adapters are small)")
         self.update_policy = dist.wrap(self.policy, strategy)
-        self.update_critic = CriticCall(self.critic, strategy)
+        self.update_critic = CriticCall(self.critic, strategy) if self.critic is not None else None
         if self.ref_model is not None:
             self.ref_model = dist.wrap_frozen(self.ref_model, strategy)
-
-    def _adamw(self, module: torch.nn.Module, lr: float) -> torch.optim.AdamW:
-        params = [p for p in module.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(f"{type(module).__name__} has no trainable parameters")
-        if self.config.optimizer == "adamw_8bit":
-            if not torch.cuda.is_available():
-                raise ValueError("optimizer=adamw_8bit needs a CUDA GPU (bitsandbytes); use optimizer=adamw on CPU")
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise ImportError("optimizer=adamw_8bit needs bitsandbytes: pip install bitsandbytes") from None
-            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=self.config.weight_decay)
-        # fused: one kernel over all parameters (CPU and CUDA, fp32/bf16 params); the per-tensor
-        # foreach path was ~4x slower per step on CPU and issued ~10k small ops per PPO iteration.
-        fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) and p.device.type in ("cpu", "cuda") for p in params)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay, fused=fused or None)
 
     def autocast(self):
         """A fresh mixed-precision context for one forward pass (a no-op in fp32)."""
         return autocast_context(self.precision, self.device, self.fp32_kernel)
 
-    def _prompt_budget(self, max_length: int | None) -> int | None:
+    def prompt_budget(self, max_length: int | None) -> int | None:
         """Longest prompt in tokens: what max_length and the model's context leave for the prompt."""
         limits = [max_length, getattr(self.policy.config, "max_position_embeddings", None)]
         limits = [n - self.config.max_new_tokens for n in limits if n is not None]
@@ -189,40 +178,37 @@ class PPOTrainer:
         columns for the reward functions; `row_offset` is the index of prompts[0] in the global
         batch (for sampling seeds when ranks share a batch). Returns the statistics."""
         cfg = self.config
-        shares = dist.all_gather_objects(len(prompts))  # prompts on each rank
-        if len(shares) == 1 and not prompts:
-            raise ValueError("no prompts given: the prompt list is empty")
-        if min(shares) == 0 or len(set(shares)) > 1:
-            raise ValueError(f"every rank must pass the same, non-zero number of prompts to step(); got {shares} "
-                             "(make batch_size a multiple of the number of ranks)")
-        plan = plan_batches(cfg, n_prompts=sum(shares), world_size=len(shares))
+        plan = self.plan_step(len(prompts))
         # Before sampling, so that a schedule without a length fails before any work is done.
         factor = lr_factor(self.global_step, cfg.lr_schedule_steps or self.planned_steps, cfg.lr_scheduler, cfg.warmup_steps)
         learning_rate = set_learning_rates(self.optimizers.values(), factor)
+        # 1. sample: collate the prompts, then num_generations responses per prompt
         with self.timer.phase("generate"):
-            self.release_memory()  # what building the models, or the last iteration, left behind
-            prompt_batch = collate_prompts(self.tokenizer, prompts, extras, self.max_prompt_tokens, self.device)
-            prompt_batch.seeds = self.sample_seeds(len(prompts), row_offset)
-            prompt_batch = prompt_batch.repeat(cfg.num_generations)
-            with dist.full_weights(self.policy):  # FSDP2: sampling loops must not all-gather
-                rollout = self.engine.generate(prompt_batch, self.sampling)
-            self.release_memory()
+            prompt_batch, rollout = self.sample(prompts, extras, row_offset)
         with self.timer.phase("score"), pruning(cfg.prune_last_layer):
+            # 2. score: log-probs, values and rewards, no grad; then the global batch on every rank
             completions = self.tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
-            batch, score_stats = self.score(rollout, prompt_batch, completions)
-            completions = [text for share in dist.all_gather_objects(completions) for text in share]
+            scored = self.scorer(rollout, prompt_batch, completions)
+            # 3. rewards and advantages
+            batch, score_stats = advantages.estimate(scored, cfg, self.kl_controller.value)
             self.release_memory()
+        # 4. the update: epochs x mini-batches of clipped policy and value losses (during the
+        #    critic warm-up the critic's only: the policy, and so the KL, do not move)
+        warming_up = self.global_step < cfg.critic_warmup_steps
         with self.timer.phase("update"), pruning(cfg.prune_last_layer):
             update_stats = ppo_update(batch, self.update_policy, self.update_critic, self.optimizers, plan, cfg,
-                                      self.shuffle_generator, self.autocast, self.release_memory)
+                                      self.shuffle_generator, self.autocast, self.release_memory,
+                                      kl_coef=self.kl_controller.value, train_policy=not warming_up)
             self.engine.update_weights(())  # the HF engine shares the policy: nothing to copy
+        # 5. bookkeeping: the KL coefficient adapts to this step's KL; the statistics
         kl_coef_used = self.kl_controller.value
-        self.kl_controller.update(score_stats["kl"], len(batch))
+        if not warming_up:
+            self.kl_controller.update(score_stats["kl"], len(batch))
         self.global_step += 1
         n_tokens = int(rollout.attention_mask.sum())
         timing = self.timer.finish_step({"generate": int(rollout.response_mask.sum()), "score": n_tokens, "update": n_tokens * cfg.ppo_epochs})
         return {
-            "generated_texts": completions,
+            "generated_texts": scored.completions,
             "rewards": batch.scores.tolist(),
             "mean_reward": batch.scores.mean().item(),
             "kl_coef": float(kl_coef_used),
@@ -232,89 +218,41 @@ class PPOTrainer:
             **timing,
         }
 
-    def reuses_rollout_logprobs(self, rollout: Rollout) -> bool:
-        """pi_old from the sampling pass instead of a second policy forward: when configured, when the
-        engine gave them, and when no shared value head needs the policy's hidden states anyway."""
-        return (self.wants_rollout_logprobs() and rollout.logprobs is not None and rollout.entropy is not None
-                and not self.critic.uses_policy_hidden)
+    def plan_step(self, n_prompts: int) -> BatchPlan:
+        """The batch sizes of a step on `n_prompts` prompts per rank (every rank must pass as many)."""
+        shares = dist.all_gather_objects(n_prompts)  # prompts on each rank
+        if len(shares) == 1 and not n_prompts:
+            raise ValueError("no prompts given: the prompt list is empty")
+        if min(shares) == 0 or len(set(shares)) > 1:
+            raise ValueError(f"every rank must pass the same, non-zero number of prompts to step(); got {shares} "
+                             "(make batch_size a multiple of the number of ranks)")
+        return plan_batches(self.config, n_prompts=sum(shares), world_size=len(shares))
 
-    def wants_rollout_logprobs(self) -> bool:
-        """`rollout_logprobs`, with auto resolved: the sampling pass's in fp32 (it agrees with a full
-        forward to ~1e-6), a scoring forward under bf16 or with tis_cap (docs/precision.md)."""
-        choice = self.config.rollout_logprobs
-        return choice is True or (choice == "auto" and self.precision == "fp32" and self.config.tis_cap is None)
-
-    def rows_per_scoring_forward(self, rows_on_rank: int) -> int:
-        """`forward_batch_size`, or by default the update's micro-batch: a no-grad forward of as
-        many rows as a forward that also keeps activations for backward cannot need more memory."""
-        cfg = self.config
-        if cfg.forward_batch_size is not None:
-            return cfg.forward_batch_size
-        world = dist.world_size()
-        return plan_batches(cfg, n_prompts=max(1, rows_on_rank * world // cfg.num_generations), world_size=world).micro_batch
+    def sample(self, prompts: Sequence[Any], extras: dict[str, list[Any]] | None, row_offset: int) -> tuple[PromptBatch, Rollout]:
+        """Step 1: the prompts collated (each repeated num_generations times) and their responses."""
+        self.release_memory()  # what building the models, or the last iteration, left behind
+        prompt_batch = collate_prompts(self.tokenizer, prompts, extras, self.max_prompt_tokens, self.device)
+        prompt_batch.seeds = self.sample_seeds(len(prompts), row_offset)
+        prompt_batch = prompt_batch.repeat(self.config.num_generations)
+        with dist.full_weights(self.policy):  # FSDP2: sampling loops must not all-gather
+            rollout = self.engine.generate(prompt_batch, self.sampling)
+        self.release_memory()
+        return prompt_batch, rollout
 
     def score(self, rollout: Rollout, prompts: PromptBatch, completions: list[str]) -> tuple[ScoredBatch, dict[str, float]]:
-        """Steps 3-4: one no-grad pass of every model over this rank's rollout, then - over the
-        global batch gathered from all ranks - rewards, GAE and whitening."""
-        cfg = self.config
-        ids, mask, width = rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1]
-        rows = self.rows_per_scoring_forward(len(ids))
-        with torch.inference_mode(), self.autocast():
-            if self.reuses_rollout_logprobs(rollout):
-                logprobs, entropy, hidden = rollout.logprobs, rollout.entropy, None
-            else:
-                logprobs, entropy, hidden = by_rows(lambda i, m: policy_logprobs(
-                    self.policy, i, m, width, cfg.temperature,
-                    with_entropy=True, output_hidden=self.critic.uses_policy_hidden,
-                ), rows, ids, mask)
-            ref_model, ref_context = reference_context(self.policy, self.ref_model)
-            with ref_context:
-                ref_logprobs, _, _ = by_rows(lambda i, m: policy_logprobs(ref_model, i, m, width, cfg.temperature), rows, ids, mask)
-            values = by_rows(lambda i, m, h: self.update_critic.values(i, m, width, h), rows, ids, mask, hidden)
-            scores, source_means = self.rewards.score(ids, mask, prompts.texts, completions, rollout.completion_ids(), prompts.extras, rows)
-        # Inference tensors cannot be saved for backward: clone what enters the losses.
-        logprobs, ref_logprobs, values, scores, entropy = (t.clone().float() for t in (logprobs, ref_logprobs, values, scores, entropy))
-        rollout_lp = rollout.logprobs
-        # The global batch on every rank (rank order is row order; padding widened to the widest rank).
-        rollout, source_means = gather_rollout(rollout, self.tokenizer.pad_token_id), dist.all_reduce_mean(source_means)
-        logprobs, ref_logprobs, values, entropy, scores = (dist.all_gather_rows(t) for t in (logprobs, ref_logprobs, values, entropy, scores))
-        sampled = None if rollout_lp is None else dist.all_gather_rows(rollout_lp.clone().float())  # pi_rollout, for the mismatch
-        ids, mask = rollout.input_ids, rollout.attention_mask
-        response_mask = rollout.response_mask.float()
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * (~rollout.ended).float()
-        if cfg.reward_clip is not None:
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        kl = F.kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * response_mask
-        rewards = F.token_level_rewards(scores, kl, response_mask, self.kl_controller.value)
-        if cfg.whiten_rewards:
-            rewards = F.masked_whiten(rewards, response_mask, shift_mean=False) * response_mask
-        advantages, returns = F.compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = F.masked_whiten(advantages, response_mask) * response_mask
-        batch = ScoredBatch(ids, mask, response_mask, logprobs, ref_logprobs, values, scores, rewards, advantages, returns, sampled)
-        lengths = response_mask.sum(dim=1)
-        stats = {
-            "kl": kl.sum(dim=1).mean().item(),
-            "entropy": F.masked_mean(entropy, response_mask).item(),
-            "response_length": lengths.mean().item(),
-            "eos_fraction": rollout.ended.float().mean().item(),
-            "advantages/mean": F.masked_mean(advantages, response_mask).item(),
-            "advantages/std": F.masked_var(advantages, response_mask).sqrt().item() if response_mask.sum() > 1 else 0.0,
-            "returns/mean": F.masked_mean(returns, response_mask).item(),
-            "values/mean": F.masked_mean(values, response_mask).item(),
-            "explained_variance": float(F.explained_variance(values, returns, response_mask)),
-            "non_score_reward": (rewards.sum(dim=1) - scores).mean().item(),
-            **source_means,
-        }
-        return batch, stats
+        """Steps 2-3 on a rollout of this rank: scored, gathered, rewards and advantages."""
+        return advantages.estimate(self.scorer(rollout, prompts, completions), self.config, self.kl_controller.value)
 
     # ------------------------------------------------------------------------------------------
-    def train(self, prompts, num_epochs: int = 1, max_length: int | None = None) -> list[dict[str, Any]]:
-        """The PPO loop over a prompt list or a `datasets.Dataset`; see ppo.loop.train_loop."""
+    def train(self, prompts, num_epochs: int | None = None, max_length: int | None = None,
+              on_step=None, max_steps: int | None = None) -> list[dict[str, Any]]:
+        """The PPO loop over a prompt list or a `datasets.Dataset`; see ppo.loop.train_loop (also for
+        the per-step callback `on_step` and `max_steps`). `num_epochs=None`: the config's `num_epochs`
+        (an explicit argument wins); `max_length=None`: the config's, already applied in __init__."""
         from ppo.loop import train_loop  # the loop lives in its own file (checkpointing, logging)
 
-        return train_loop(self, prompts, num_epochs=num_epochs, max_length=max_length)
+        epochs = self.config.num_epochs if num_epochs is None else num_epochs
+        return train_loop(self, prompts, num_epochs=epochs, max_length=max_length, on_step=on_step, max_steps=max_steps)
 
     def save_pretrained(self, output_dir: str) -> None:
         """The policy and tokenizer as a plain Hugging Face directory. With LoRA: the adapter (peft
@@ -332,14 +270,3 @@ class PPOTrainer:
                 save_model_dir(Path(output_dir) / "merged", merged, self.tokenizer)
             dist.barrier()
 
-
-def gather_rollout(rollout: Rollout, pad_id: int) -> Rollout:
-    """Every rank's rollout rows, in rank order: prompts left-padded and responses right-padded to
-    the widest rank, exactly the layout one process gives the same global batch."""
-    return Rollout(
-        prompt_ids=dist.all_gather_rows(rollout.prompt_ids, pad_id, left=True),
-        prompt_mask=dist.all_gather_rows(rollout.prompt_mask, 0, left=True),
-        response_ids=dist.all_gather_rows(rollout.response_ids, pad_id),
-        response_mask=dist.all_gather_rows(rollout.response_mask, 0),
-        ended=dist.all_gather_rows(rollout.ended),
-    )

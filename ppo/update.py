@@ -10,6 +10,9 @@ gone before the critic's activations exist, and no gradient outlives its step (n
 the rollout), which lowers the peak memory of the run. A shared value head reads the policy's
 hidden states, so there it is one joint pass that steps both.
 
+A critic-free estimator (GRPO, RLOO, REINFORCE++) has no critic: one pass, the policy's. During the
+critic warm-up (`critic_warmup_steps`) it is the other way round: the critic's pass alone.
+
 The same code runs on 1 or N ranks. Every rank holds the whole (gathered) batch and draws the same
 permutation; each takes its contiguous share of every mini-batch, and DDP / FSDP2 average the
 gradients over ranks on the last micro-batch. So a mini-batch's gradient is the one a single
@@ -43,13 +46,14 @@ FIRST_MINIBATCH_STATS = {
 }
 
 
-def policy_loss(mb: ScoredBatch, policy, critic, config: PPOConfig):
-    """The clipped policy loss (minus the entropy bonus) of a micro-batch, its statistics, and the
-    policy's hidden states when a shared value head needs them."""
+def policy_loss(mb: ScoredBatch, policy, critic, config: PPOConfig, kl_coef: float = 0.0):
+    """The clipped policy loss (minus the entropy bonus, plus `kl_coef` x the KL to the reference
+    with `kl_in_loss`) of a micro-batch, its statistics, and the policy's hidden states when a shared
+    value head needs them. `critic` is None for a critic-free estimator."""
     want_entropy = config.entropy_coef != 0.0
     logprobs, entropy, hidden = policy_logprobs(
         policy, mb.input_ids, mb.attention_mask, mb.response_width, config.temperature,
-        with_entropy=want_entropy, output_hidden=critic.uses_policy_hidden,
+        with_entropy=want_entropy, output_hidden=critic is not None and critic.uses_policy_hidden,
     )
     weights = None
     if config.tis_cap is not None and mb.rollout_logprobs is not None:
@@ -60,6 +64,10 @@ def policy_loss(mb: ScoredBatch, policy, critic, config: PPOConfig):
         stats["tis_weight_mean"] = F.masked_mean(weights, mb.response_mask)
     if mb.rollout_logprobs is not None:  # kept for the first mini-batch only (ppo_update)
         stats[ROLLOUT_DIFF] = F.mean_abs_diff(logprobs.detach(), mb.rollout_logprobs, mb.response_mask)
+    if config.kl_in_loss:
+        kl = F.kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, config.kl_loss_estimator)
+        loss = loss + kl_coef * kl
+        stats["kl_loss"] = kl.detach()
     if want_entropy:
         mean_entropy = F.masked_mean(entropy, mb.response_mask)
         loss = loss - config.entropy_coef * mean_entropy
@@ -74,19 +82,33 @@ def value_loss(mb: ScoredBatch, critic, config: PPOConfig, policy_hidden=None):
     return config.vf_coef * loss, {"value_loss": loss.detach(), **stats}
 
 
-def micro_batch_loss(mb: ScoredBatch, policy, critic, config: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def micro_batch_loss(mb: ScoredBatch, policy, critic, config: PPOConfig, kl_coef: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """The whole PPO loss of one (trimmed) micro-batch and its statistics, as one graph."""
-    pg_loss, pg_stats, hidden = policy_loss(mb, policy, critic, config)
+    pg_loss, pg_stats, hidden = policy_loss(mb, policy, critic, config, kl_coef)
     vf_loss, vf_stats = value_loss(mb, critic, config, hidden)
     return pg_loss + vf_loss, {**pg_stats, **vf_stats}
 
 
-def _passes(policy, critic, config: PPOConfig):
-    """[(modules, optimizer names, loss of a micro-batch)]: the passes of one mini-batch, in order."""
+def warmup_value_loss(mb: ScoredBatch, policy, critic, config: PPOConfig):
+    """The value loss alone, for the critic warm-up. A shared head reads the policy's hidden states,
+    taken without gradient: the policy must not move (nor keep gradients) while the critic warms up."""
+    hidden = None
     if critic.uses_policy_hidden:
-        return [((policy, critic.module), ("policy", "critic"), lambda mb: micro_batch_loss(mb, policy, critic, config))]
+        with torch.no_grad():
+            hidden = policy_logprobs(policy, mb.input_ids, mb.attention_mask, mb.response_width, config.temperature, output_hidden=True)[2]
+    return value_loss(mb, critic, config, hidden)
+
+
+def _passes(policy, critic, config: PPOConfig, kl_coef: float, train_policy: bool):
+    """[(modules, optimizer names, loss of a micro-batch)]: the passes of one mini-batch, in order."""
+    if critic is None:  # a critic-free estimator
+        return [((policy,), ("policy",), lambda mb: policy_loss(mb, policy, None, config, kl_coef)[:2])]
+    if not train_policy:  # the critic warm-up
+        return [((critic.module,), ("critic",), lambda mb: warmup_value_loss(mb, policy, critic, config))]
+    if critic.uses_policy_hidden:
+        return [((policy, critic.module), ("policy", "critic"), lambda mb: micro_batch_loss(mb, policy, critic, config, kl_coef))]
     return [
-        ((policy,), ("policy",), lambda mb: policy_loss(mb, policy, critic, config)[:2]),
+        ((policy,), ("policy",), lambda mb: policy_loss(mb, policy, critic, config, kl_coef)[:2]),
         ((critic.module,), ("critic",), lambda mb: value_loss(mb, critic, config)),
     ]
 
@@ -101,6 +123,8 @@ def ppo_update(
     generator: torch.Generator,
     autocast=contextlib.nullcontext,
     after_pass=lambda: None,
+    kl_coef: float = 0.0,
+    train_policy: bool = True,
 ) -> dict[str, float]:
     """Run `config.ppo_epochs` passes over `batch`; return the mean statistics.
 
@@ -110,11 +134,13 @@ def ppo_update(
     was split (the factor world_size undoes the averaging over ranks). `autocast` makes a fresh
     mixed-precision context per forward pass. `policy` and `critic.module` may be DDP / FSDP2
     wrapped (`ppo.distributed.wrap`); the statistics returned are means over ranks. `after_pass` is
-    called after each model's pass (the trainer's `release_memory`).
+    called after each model's pass (the trainer's `release_memory`). `kl_coef` weighs the KL term
+    of the policy loss with `kl_in_loss`; `train_policy=False` trains the critic alone (its warm-up),
+    `critic=None` the policy alone (a critic-free estimator).
     """
     # Clipped per model: a critic with large early gradients must not shrink the policy's step.
     param_sets = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in optimizers.items()}
-    passes = _passes(policy, critic, config)
+    passes = _passes(policy, critic, config, kl_coef, train_policy)
     history: dict[str, list[Tensor]] = defaultdict(list)
     epochs_run = 0
     for epoch in range(config.ppo_epochs):
@@ -147,13 +173,15 @@ def ppo_update(
                     optimizers[name].zero_grad(set_to_none=True)  # no gradient outlives its step
                 after_pass()
             history["loss"].extend(total_loss)
-            epoch_kl.extend(history["approx_kl"][-len(micros):])
+            epoch_kl.extend(history["approx_kl"][-len(micros):] if train_policy else [])
         epochs_run += 1
         # cleanrl's early stop: once the policy moved too far from the rollout policy, more
         # epochs on the same data only overfit it. Decided on the mean over ranks: all stop together.
         stop = config.approx_kl_stop
-        if stop is not None and dist.all_reduce_mean({"approx_kl": torch.stack(epoch_kl).mean()})["approx_kl"] > stop:
+        if stop is not None and epoch_kl and dist.all_reduce_mean({"approx_kl": torch.stack(epoch_kl).mean()})["approx_kl"] > stop:
             break
     means = dist.all_reduce_mean({key: torch.stack([v.float() for v in values]).mean() for key, values in history.items()})
     means["ppo_epochs_run"] = epochs_run
+    if not train_policy:  # the policy did not move: no policy statistics to report
+        means.update(policy_loss=float("nan"), clipfrac=float("nan"), critic_warmup=1.0)
     return means

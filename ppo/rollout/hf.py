@@ -22,8 +22,9 @@ from transformers.generation.logits_process import (
 
 from ppo.batch import PromptBatch, Rollout
 from ppo.rollout.base import SamplingParams
-from ppo.rollout.kv_cache import PreallocatedLayer, rollout_cache
-from ppo.rollout.lean_decode import LeanDecoder, unsupported_reason
+from ppo.fastpath.kv_cache import PreallocatedLayer, rollout_cache
+from ppo.fastpath.compat import cache_kwargs
+from ppo.fastpath.lean_decode import lean_decoder_for
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -75,8 +76,8 @@ class HFRolloutEngine:
         self.tokenizer = tokenizer
         self.autocast = autocast  # a factory of fresh mixed-precision contexts
         # Decode steps without transformers' per-layer machinery where the architecture allows it
-        # (`ppo.rollout.lean_decode`); the prompt always goes through the model's own forward.
-        self.lean_decoder = LeanDecoder(model) if lean_decode and unsupported_reason(model) is None else None
+        # (`ppo.fastpath.lean_decode`); the prompt always goes through the model's own forward.
+        self.lean_decoder = lean_decoder_for(model) if lean_decode else None
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         # The engine holds the trained module itself: there is nothing to copy.
@@ -118,7 +119,7 @@ class HFRolloutEngine:
             for seed in seeds
         ]).to(device)
 
-        cache = rollout_cache(self.model.config, prompt_width + steps)
+        cache = rollout_cache(self.model, prompt_width + steps)
         # Positions after a row's end are fed too (as padding, unmasked): their outputs are never read.
         full_mask = torch.cat([attention_mask.long(), attention_mask.new_ones(batch, steps, dtype=torch.long)], dim=1)
         positions = position_ids_from_mask(full_mask)
@@ -162,8 +163,8 @@ class HFRolloutEngine:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(self.model, cache),
             logits_to_keep=1,
         )
         return out.logits[:, -1, :]

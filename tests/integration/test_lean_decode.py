@@ -20,8 +20,9 @@ from transformers import (
 
 from ppo.batch import PromptBatch
 from ppo.rollout import HFRolloutEngine, SamplingParams
-from ppo.rollout.kv_cache import rollout_cache
-from ppo.rollout.lean_decode import LeanDecoder, unsupported_reason
+from ppo.fastpath.compat import cache_kwargs
+from ppo.fastpath.kv_cache import rollout_cache
+from ppo.fastpath.lean_decode import LeanDecoder, unsupported_reason
 
 VOCAB = 40
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -59,16 +60,16 @@ def test_lean_steps_give_the_models_own_logits(build):
     batch, width, steps = *ids.shape, 6
     full_mask = torch.cat([mask, torch.ones(batch, steps, dtype=torch.long)], dim=1)
     positions = (full_mask.cumsum(1) - 1).clamp(min=0)
-    caches = [rollout_cache(model.config, width + steps) for _ in range(2)]
+    caches = [rollout_cache(model, width + steps) for _ in range(2)]
     for cache in caches:
-        model(input_ids=ids, attention_mask=mask, position_ids=positions[:, :width], past_key_values=cache, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, position_ids=positions[:, :width], use_cache=True, **cache_kwargs(model, cache))
     lean, lean_cache, own_cache = LeanDecoder(model), caches[0], caches[1]
     keys, values = [layer._keys for layer in lean_cache.layers], [layer._values for layer in lean_cache.layers]
     tokens = torch.randint(3, VOCAB, (steps, batch), generator=torch.Generator().manual_seed(5))
     for step in range(steps):
         column = width + step
         own = model(input_ids=tokens[step][:, None], attention_mask=full_mask[:, : column + 1],
-                    position_ids=positions[:, column : column + 1], past_key_values=own_cache, use_cache=True).logits[:, -1]
+                    position_ids=positions[:, column : column + 1], use_cache=True, **cache_kwargs(model, own_cache)).logits[:, -1]
         mine = lean.step(tokens[step], positions[:, column], keys, values, column, full_mask.bool()[:, None, None, : column + 1])
         torch.testing.assert_close(mine, own, atol=1e-5, rtol=1e-5)
         # and the cache it wrote is the one the model's own forward wrote

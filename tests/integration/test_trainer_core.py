@@ -160,7 +160,7 @@ def test_rollout_logprobs_match_a_second_forward(tiny_policy, tiny_tokenizer, to
         prompts = collate_prompts(tiny_tokenizer, PROMPTS)
         prompts.seeds = [11, 12, 13, 14]
         rollout = trainer.engine.generate(prompts, trainer.sampling)
-        assert rollout.logprobs is not None and trainer.reuses_rollout_logprobs(rollout) == reuse
+        assert rollout.logprobs is not None and trainer.scorer.reuses_rollout_logprobs(rollout) == reuse
         completions = tiny_tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
         scored[reuse] = trainer.score(rollout, prompts, completions)
     (fast, fast_stats), (slow, slow_stats) = scored[True], scored[False]
@@ -348,7 +348,7 @@ def test_gumbel_sampling_matches_the_softmax(tiny_policy, tiny_tokenizer):
 def test_host_release_memory_changes_nothing_but_the_allocator(tiny_policy, tiny_tokenizer, monkeypatch):
     """The memory releaser runs before sampling, after sampling, after scoring and after each
     model's pass, and the step's numbers are the same with and without it."""
-    import ppo.host_memory as host_memory
+    import ppo.fastpath.host_memory as host_memory
     from ppo.config import plan_batches
 
     calls = []

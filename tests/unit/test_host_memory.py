@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppo.host_memory import _glibc, memory_releaser, release_free_memory
+from ppo.fastpath.host_memory import _glibc, memory_releaser, release_free_memory
 
 PROBE = r"""
 import sys, torch
-from ppo.host_memory import release_free_memory
+from ppo.fastpath.host_memory import release_free_memory
 def rss_mib():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
 a = torch.ones(16 * 2**18); del a  # freeing a 16 MiB mmap block raises glibc's threshold past it

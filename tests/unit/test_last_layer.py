@@ -1,4 +1,4 @@
-"""The last decoder layer run at the read positions only (`ppo.last_layer`) against the whole layer:
+"""The last decoder layer run at the read positions only (`ppo.fastpath.last_layer`) against the whole layer:
 the same log-probs, entropies, hidden states, values, scores and gradients, on the three model
 families it knows, both attention implementations, with and without padding."""
 
@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from ppo.forward import policy_logprobs, sequence_scores, token_values
-from ppo.last_layer import _prunable_last_layer, last_layer_rows, pruning
+from ppo.fastpath.compat import enable_activation_checkpointing
+from ppo.fastpath.last_layer import _prunable_last_layer, last_layer_rows, pruning
 
 FAMILIES = {
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, transformers.Qwen3ForSequenceClassification),
@@ -125,7 +126,7 @@ def test_unknown_or_checkpointed_models_run_the_whole_layer():
         assert layer.forward is hooked
     assert layer.forward is hooked
     del layer.forward
-    policy.gradient_checkpointing_enable()
+    enable_activation_checkpointing(policy)
     assert _prunable_last_layer(policy) is None  # recomputation in backward runs outside the block
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     assert _prunable_last_layer(gpt2) is None

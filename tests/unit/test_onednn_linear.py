@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ppo import onednn_linear as onednn
+from ppo.fastpath import onednn_linear as onednn
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 

@@ -14,6 +14,9 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ppo.fastpath.compat import cache_kwargs
+from ppo.fastpath.gate import fast_path_allowed, max_error, tiny_batch
+
 
 class PreallocatedLayer(DynamicLayer):
     """A `DynamicLayer` whose keys/values are views into a buffer of `capacity` positions."""
@@ -45,14 +48,47 @@ class PreallocatedLayer(DynamicLayer):
 
     def buffers(self) -> tuple[Tensor, Tensor]:
         """The whole key and value buffers, `[B, kv_heads, capacity, D]`, for a decoder that writes
-        positions itself (`ppo.rollout.lean_decode`); `length` is then no longer kept up to date."""
+        positions itself (`ppo.fastpath.lean_decode`); `length` is then no longer kept up to date."""
         return self._keys, self._values
 
 
-def rollout_cache(config, capacity: int) -> DynamicCache:
-    """A cache for one rollout of at most `capacity` positions. Models whose layers are not all
-    plain full-attention layers (sliding windows, linear attention) keep transformers' own."""
+def preallocated_cache(config, capacity: int) -> DynamicCache | None:
+    """A cache of `PreallocatedLayer`s for `config`'s model, or None when its layers are not all
+    plain full-attention layers (sliding windows, linear attention)."""
     cache = DynamicCache(config=config)
-    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    if not cache.layers or not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
     return cache
+
+
+def architecture_reason(config) -> str | None:
+    """Why this architecture keeps transformers' own cache (None when it may take ours)."""
+    cache = DynamicCache(config=config)
+    if not cache.layers or not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return "its cache layers are not all plain full-attention layers"
+    return None
+
+
+def rollout_cache(model, capacity: int) -> DynamicCache:
+    """A cache for one rollout of `model` of at most `capacity` positions: preallocated where the
+    gate allows it, else transformers' own."""
+    config = model.config
+    if architecture_reason(config) is None and fast_path_allowed("kv_cache", model):
+        return preallocated_cache(config, capacity)
+    return DynamicCache(config=config)
+
+
+def mismatch_with_stock(twin) -> str | None:
+    """The last position's logits, prompt then one cached step through a preallocated cache,
+    against one forward over the whole sequence without a cache (the gate's self-check)."""
+    ids, mask, positions = tiny_batch()
+    width = ids.shape[1]
+    with torch.no_grad():
+        stock = twin(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
+        cache = preallocated_cache(twin.config, width)
+        twin(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+             use_cache=True, **cache_kwargs(twin, cache))
+        fast = twin(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
+                    use_cache=True, **cache_kwargs(twin, cache)).logits[:, -1]
+    return max_error(fast, stock)

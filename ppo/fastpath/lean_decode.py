@@ -10,11 +10,11 @@ activations transposed, `[features, B]`, from the embedding to the LM head, and 
 the model's own modules directly: the same parameters, so the sampler never holds a stale copy.
 
 It covers the decode steps only: the prompt goes through the model's own forward, which fills the
-preallocated KV cache (`ppo.rollout.kv_cache`) that the steps then extend. The maths is the
+preallocated KV cache (`ppo.fastpath.kv_cache`) that the steps then extend. The maths is the
 model's; the results agree with its forward to float rounding (tested), not bit for bit, because
 the matmuls sum in another order. Anything this does not know how to run exactly (adapters, sharded
 or quantised weights, sliding windows, other architectures) is left to the model's forward:
-`unsupported_reason` says why.
+`unsupported_reason` says why. It runs only where `ppo.fastpath.gate` allows it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.nn import functional as TF
+
+from ppo.fastpath.compat import cache_kwargs
+from ppo.fastpath.gate import fast_path_allowed, max_error, tiny_batch
+from ppo.fastpath.kv_cache import preallocated_cache
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 
@@ -35,21 +39,29 @@ def _plain_linear(module) -> bool:
     )
 
 
-def unsupported_reason(model) -> str | None:
-    """Why `model` cannot take the lean step (None when it can)."""
-    config = getattr(model, "config", None)
+def architecture_reason(config) -> str | None:
+    """Why this architecture cannot take the lean step (None when it can): for the gate."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model type {model_type!r} (lean decoding knows {', '.join(SUPPORTED_MODEL_TYPES)})"
-    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if body is None or head is None or not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
-        return f"{type(model).__name__} is not shaped like a *ForCausalLM (model.layers, lm_head)"
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
         return "sliding-window layers"
     if getattr(config, "use_sliding_window", False):
         return "sliding-window attention"
     if getattr(config, "pretraining_tp", 1) != 1:
         return "pretraining_tp != 1"
+    return None
+
+
+def unsupported_reason(model) -> str | None:
+    """Why `model` cannot take the lean step (None when it can): its architecture, then this
+    instance (adapters, quantised or sharded weights)."""
+    reason = architecture_reason(getattr(model, "config", None))
+    if reason is not None:
+        return reason
+    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if body is None or head is None or not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return f"{type(model).__name__} is not shaped like a *ForCausalLM (model.layers, lm_head)"
     if type(body.embed_tokens) is not torch.nn.Embedding or not _plain_linear(head):
         return "the embedding or LM head is wrapped (adapter, quantisation or sharding)"
     for layer in body.layers:
@@ -59,6 +71,34 @@ def unsupported_reason(model) -> str | None:
         if not all(m is not None and _plain_linear(m) for m in linears):
             return "a projection is not a plain nn.Linear (adapter, quantisation or sharding)"
     return None
+
+
+def lean_decoder_for(model) -> LeanDecoder | None:
+    """A `LeanDecoder` for `model` when the gate allows lean decoding for its architecture and this
+    instance can take it; None: decode with the model's own forward."""
+    if architecture_reason(getattr(model, "config", None)) is None and unsupported_reason(model) is not None:
+        return None  # this instance (an adapter, quantised weights): the model's forward, no warning
+    if not fast_path_allowed("lean_decode", model):
+        return None
+    return LeanDecoder(model)
+
+
+def mismatch_with_stock(twin) -> str | None:
+    """One lean decode step against the model's own forward over the whole sequence (the gate's
+    self-check), on a left-padded batch whose prompt went through the model into the cache."""
+    ids, mask, positions = tiny_batch()
+    width = ids.shape[1]
+    with torch.no_grad():
+        stock = twin(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
+        cache = preallocated_cache(twin.config, width)
+        if cache is None:
+            return "the preallocated KV cache it decodes into does not fit this architecture"
+        twin(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+             use_cache=True, **cache_kwargs(twin, cache))
+        keys, values = map(list, zip(*(layer.buffers() for layer in cache.layers)))
+        attend = mask.bool()[:, None, None, :]
+        fast = LeanDecoder(twin).step(ids[:, -1], positions[:, -1], keys, values, width - 1, attend)
+    return max_error(fast, stock)
 
 
 def _linear(module: torch.nn.Linear, columns: Tensor) -> Tensor:

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as TF
 
+from ppo.fastpath.gate import fast_path_allowed, max_error
+
 
 def onednn_mm(a: Tensor, b_t: Tensor, bias: Tensor | None = None) -> Tensor:
     """a @ b_t.T (+ bias) for 2-D fp32 `a` [M, K] and `b_t` [N, K], by oneDNN (it reads transposed
@@ -110,9 +112,34 @@ def resolve_fp32_matmul(choice: str, device: torch.device, hidden_size: int = 51
         raise ValueError(f"fp32_matmul must be auto, mkl or onednn, not {choice!r}")
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return "mkl"  # a GPU has its own kernels; a build without oneDNN has no choice
-    if choice != "auto":
-        return choice
-    return "onednn" if onednn_speedup(hidden_size) >= 1.25 else "mkl"
+    if choice == "mkl" or (choice == "auto" and onednn_speedup(hidden_size) < 1.25):
+        return "mkl"
+    return "onednn" if fast_path_allowed("onednn_linear") else "mkl"
+
+
+def architecture_reason(config) -> str | None:
+    """Any model: the kernel swap does not depend on the architecture."""
+    return None
+
+
+def mismatch_with_stock(twin=None) -> str | None:
+    """The oneDNN linear's output and its input, weight and bias gradients against torch's own
+    `F.linear` (the gate's self-check; `twin` is unused: no model is involved)."""
+    with torch.enable_grad():
+        x = torch.randn(24, 40, requires_grad=True)
+        weight = torch.randn(56, 40, requires_grad=True)
+        bias = torch.randn(56, requires_grad=True)
+        grad = torch.randn(24, 56)
+        results = []
+        for linear in (_torch_linear, _OneDNNLinear.apply):
+            out = linear(x, weight, bias)
+            grads = torch.autograd.grad(out, (x, weight, bias), grad)
+            results.append((out.detach(), *grads))
+    for fast, stock in zip(results[1], results[0]):
+        error = max_error(fast, stock)
+        if error is not None:
+            return error
+    return None
 
 
 def fp32_linear_context(kernel: str):

@@ -15,7 +15,8 @@ The maths at `columns` is the layer's own (its modules, its rotary cos/sin, its 
 agree with the full layer to float rounding, not bit for bit (tested).
 
 It covers Llama-family layers (Qwen3, Qwen2, Llama) with the sdpa or eager attention and no sliding
-window. It steps aside (runs the whole layer) under gradient checkpointing, whose recomputation in
+window, and runs only where `ppo.fastpath.gate` allows it (tested versions, a known architecture,
+a self-check against the whole layer on a tiny twin). It steps aside (runs the whole layer) under gradient checkpointing, whose recomputation in
 backward would run outside the `with` block, and for calls it does not know how to prune (a KV
 cache, a mask that is not 4-D, no rotary cos/sin passed in).
 """
@@ -29,6 +30,9 @@ import functools
 import torch
 from torch import Tensor
 from torch.nn import functional as TF
+
+from ppo.fastpath.compat import is_activation_checkpointing, layer_cache
+from ppo.fastpath.gate import fast_path_allowed, max_error, tiny_batch
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 
@@ -55,24 +59,47 @@ def _backbone(model):
     return None
 
 
-def _prunable_last_layer(model):
-    """The last decoder layer when `last_layer_rows` knows how to run it, else None."""
-    body = _backbone(model)
-    config = getattr(body, "config", None)
-    if body is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES or len(body.layers) == 0:
-        return None
+def architecture_reason(config) -> str | None:
+    """Why this architecture cannot be pruned (None when it can): for the gate."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} (it knows {', '.join(SUPPORTED_MODEL_TYPES)})"
     if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-        return None
+        return f"attention implementation {config._attn_implementation!r} (it knows sdpa, eager)"
     if getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return "sliding-window layers"
+    return None
+
+
+def _prunable_last_layer(model):
+    """The last decoder layer when `last_layer_rows` may run it, else None."""
+    body = _backbone(model)
+    if body is None:
+        fast_path_allowed("prune_last_layer", model)  # an architecture it does not know: say so once
         return None
-    if getattr(body, "gradient_checkpointing", False):
+    if len(body.layers) == 0 or is_activation_checkpointing(body):
         return None
     layer = body.layers[-1]
     if not all(hasattr(layer, a) for a in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")):
         return None
     if "forward" in vars(layer):  # someone else's per-instance forward (accelerate's offload hooks): leave it be
         return None
+    if not fast_path_allowed("prune_last_layer", body):
+        return None
     return layer
+
+
+def mismatch_with_stock(twin) -> str | None:
+    """The pruned last layer against the whole one on `twin` (the gate's self-check): the final
+    hidden states at a few columns of a left-padded batch."""
+    body = _backbone(twin)
+    ids, mask, positions = tiny_batch()
+    columns = torch.tensor([4, 6, 9])
+    with torch.no_grad():
+        stock = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+        with _pruned(body.layers[-1], columns):
+            fast = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+    return max_error(fast[:, columns], stock[:, columns])
 
 
 @contextlib.contextmanager
@@ -84,6 +111,12 @@ def last_layer_rows(model, columns: Tensor):
     if layer is None:
         yield
         return
+    with _pruned(layer, columns):
+        yield
+
+
+@contextlib.contextmanager
+def _pruned(layer, columns: Tensor):
     layer.forward = functools.partial(_forward_at, layer, columns)
     try:
         yield
@@ -106,9 +139,7 @@ def _query_mask(attention_mask: Tensor | None, columns: Tensor, width: int) -> T
 
 def _forward_at(layer, columns: Tensor, hidden_states: Tensor, attention_mask=None, position_embeddings=None, **kwargs):
     """The layer's forward at `columns` only; the other positions pass through unchanged."""
-    # transformers >= 5.24 passes the cache as `cache=`, earlier releases as `past_key_values=`.
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    caching = cache is not None and kwargs.get("use_cache")
+    caching = layer_cache(kwargs) is not None and kwargs.get("use_cache")
     if position_embeddings is None or caching or (attention_mask is not None and attention_mask.dim() != 4):
         # A call this does not know how to prune (another transformers version, a cache, a 2-D
         # mask): the whole layer, as if the block were not there.
