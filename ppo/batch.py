@@ -141,4 +141,5 @@ class RolloutScores:
     values: Tensor | None  # [B, R] V_old(s_t) from the critic; None when the run has no critic
     scores: Tensor  # [B] weighted sum of the reward sources (before missing_eos_penalty and clipping)
     source_means: dict[str, float]  # "rewards/<source>": each reward source's mean over the batch
-    rollout_logprobs: Tensor | None = None  # [B, R] log pi_rollout from the sampling pass, when the engine gave them
+    # [B, R] log pi_rollout(a_t|s_t) from the sampling pass, when the engine gave them (else None)
+    rollout_logprobs: Tensor | None = None

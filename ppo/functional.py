@@ -30,8 +30,7 @@ __all__ = [
     "logprobs_from_logits", "entropy_from_logits", "masked_mean", "masked_var", "masked_whiten",
     "compute_gae", "kl_penalty", "clipped_policy_loss", "clipped_value_loss", "token_level_rewards",
     "adjusted_scores", "explained_variance", "discounted_returns", "group_advantages",
-    "leave_one_out_advantages", "group_reward_stats", "sequence_to_tokens", "kl_loss", "truncated_importance_weights", "mean_abs_diff",
-    "FixedKLController", "AdaptiveKLController",
+    "leave_one_out_advantages", "group_reward_stats", "sequence_to_tokens", "kl_loss", "FixedKLController", "AdaptiveKLController",
 ]
 
 # Most elements of one fp32 temporary made from logits; tests shrink both to cover the loop.

@@ -218,6 +218,10 @@ class PPOTrainer:
             **timing,
         }
 
+    def wants_rollout_logprobs(self) -> bool:
+        """Whether pi_old comes from the sampling pass (`rollout_logprobs`, auto resolved)."""
+        return self.scorer.wants_rollout_logprobs()
+
     def plan_step(self, n_prompts: int) -> BatchPlan:
         """The batch sizes of a step on `n_prompts` prompts per rank (every rank must pass as many)."""
         shares = dist.all_gather_objects(n_prompts)  # prompts on each rank

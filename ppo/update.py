@@ -60,14 +60,14 @@ def policy_loss(mb: ScoredBatch, policy, critic, config: PPOConfig, kl_coef: flo
         weights = F.truncated_importance_weights(mb.logprobs, mb.rollout_logprobs, mb.response_mask, config.tis_cap)
     loss, stats = F.clipped_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, config.clip_range, weights)
     stats = {"policy_loss": loss.detach(), **stats}
-    if weights is not None:
-        stats["tis_weight_mean"] = F.masked_mean(weights, mb.response_mask)
-    if mb.rollout_logprobs is not None:  # kept for the first mini-batch only (ppo_update)
-        stats[ROLLOUT_DIFF] = F.mean_abs_diff(logprobs.detach(), mb.rollout_logprobs, mb.response_mask)
     if config.kl_in_loss:
         kl = F.kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, config.kl_loss_estimator)
         loss = loss + kl_coef * kl
         stats["kl_loss"] = kl.detach()
+    if weights is not None:
+        stats["tis_weight_mean"] = F.masked_mean(weights, mb.response_mask)
+    if mb.rollout_logprobs is not None:  # kept for the first mini-batch only (ppo_update)
+        stats[ROLLOUT_DIFF] = F.mean_abs_diff(logprobs.detach(), mb.rollout_logprobs, mb.response_mask)
     if want_entropy:
         mean_entropy = F.masked_mean(entropy, mb.response_mask)
         loss = loss - config.entropy_coef * mean_entropy

@@ -59,7 +59,7 @@ class RewardSources:
         extras: dict[str, list[Any]],
         rows_per_forward: int | None = None,
     ) -> Tensor:
-        """`[B, sources]` unweighted scores on the CPU, one column per source in `names` order;
+        """`[B, sources]` unweighted float64 scores on the CPU, one column per source in `names` order;
         raises on the first NaN/inf, naming the source and the sample."""
         columns: list[Tensor] = []
         if self.reward_model is not None:
@@ -67,8 +67,7 @@ class RewardSources:
         for func in self.funcs:
             values = call_reward_function(func, prompts, completions, completion_ids, extras)
             columns.append(torch.tensor(values, dtype=torch.float64))
-        # float64: the reward functions' Python floats exactly, for `combine` to round once.
-        per_source = torch.stack(columns, dim=1)  # [B, sources] float64
+        per_source = torch.stack(columns, dim=1)  # [B, sources] float64: each source's own values
         bad = (~torch.isfinite(per_source)).nonzero()
         if len(bad):
             row, col = bad[0].tolist()

@@ -128,7 +128,7 @@ def bf16_step(policy, tokenizer, **overrides):
 @pytest.mark.parametrize("value_head", ["separate", "shared"])
 def test_bf16_step_by_default_ratio_one_kl_zero_rewards_exact(tiny_policy, tiny_tokenizer, value_head):
     trainer, stats = bf16_step(tiny_policy, tiny_tokenizer, value_head=value_head)
-    assert trainer.precision == "bf16" and not trainer.scorer.wants_rollout_logprobs()
+    assert trainer.precision == "bf16" and not trainer.wants_rollout_logprobs()
     assert stats["rewards"] == [float(torch.tensor(v)) for v in thirds([None] * 4)]
     # pi_old, pi_ref and the update's first forward are the same bf16 computation on the same
     # weights: the ratio is 1 and the KL to the (identical) reference is 0, not bf16 noise.
@@ -144,7 +144,7 @@ def test_bf16_with_sampling_pass_logprobs_the_mismatch_reaches_the_kl(tiny_polic
     """What the default avoids: pi_old from the sampling pass makes the untouched policy's KL to
     its own reference non-zero, and the first ratio move by the same rounding."""
     trainer, stats = bf16_step(tiny_policy, tiny_tokenizer, rollout_logprobs=True)
-    assert trainer.scorer.wants_rollout_logprobs()
+    assert trainer.wants_rollout_logprobs()
     assert stats["kl"] != 0.0
     assert stats["mismatch/first_approx_kl"] > 1e-8
 
@@ -159,7 +159,7 @@ def test_fp32_reuses_the_sampling_pass_and_reports_the_mismatch(tiny_policy, tin
     config = PPOConfig(batch_size=4, max_new_tokens=6, progress_bar=False, seed=0, precision="fp32", fp32_matmul="mkl")
     trainer = PPOTrainer(config, tiny_policy, tiny_tokenizer, reward_funcs=thirds)
     stats = trainer.step(PROMPTS)
-    assert trainer.scorer.wants_rollout_logprobs()
+    assert trainer.wants_rollout_logprobs()
     assert stats["mismatch/logprob_abs_diff"] < 1e-5
     assert abs(stats["mismatch/first_ratio_mean"] - 1.0) < 1e-5
     assert stats["mismatch/first_clipfrac"] == 0.0
