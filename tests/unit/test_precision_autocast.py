@@ -111,6 +111,16 @@ QUANTITIES = {
     "value_loss": lambda lp, old, ref, v, a, m, s: F.clipped_value_loss(v, a, ref, m, 0.2),
     "explained_variance": lambda lp, old, ref, v, a, m, s: F.explained_variance(v, a, m),
     "mismatch": lambda lp, old, ref, v, a, m, s: F.mean_abs_diff(lp, old, m),
+    "adjusted_scores": lambda lp, old, ref, v, a, m, s: F.adjusted_scores(
+        s, torch.tensor([True, False, True]), 0.5, 0.3
+    ),
+    "grpo": lambda lp, old, ref, v, a, m, s: F.sequence_to_tokens(F.group_advantages(s, 3), m),
+    "rloo": lambda lp, old, ref, v, a, m, s: F.leave_one_out_advantages(s, 3),
+    "group_stats": lambda lp, old, ref, v, a, m, s: F.group_reward_stats(s, 3),
+    "discounted_returns": lambda lp, old, ref, v, a, m, s: F.discounted_returns(
+        F.token_level_rewards(s, F.kl_penalty(lp, ref) * m, m, 0.1), m, 0.99
+    ),
+    "kl_loss": lambda lp, old, ref, v, a, m, s: F.kl_loss(lp, ref, m, "k3"),
 }
 
 
