@@ -99,7 +99,8 @@ class PPOConfig:
     precision: str = opt("auto", "auto: bf16 autocast where the hardware is fast at it (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32; or fp32, bf16.")
     fp32_matmul: str = opt("auto", "CPU kernel of fp32 linear layers: auto (times both on the model's layer shapes at start and takes oneDNN if >= 25% faster, as on AMD CPUs with AVX-512 where MKL runs only AVX2 kernels), mkl, onednn. Same fp32 arithmetic; results differ by float rounding only.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
-    rollout_logprobs: bool = opt(True, "Take pi_old's log-probs from the sampling pass, not a second policy forward (same maths; differs only by float rounding).")
+    rollout_logprobs: bool | str = opt("auto", "Where pi_old's log-probs come from. true: the sampling pass (no second policy forward; same maths, float rounding apart); false: a scoring forward, the computation the update repeats, so the first PPO ratio is 1 to rounding; auto: the sampling pass in fp32, a scoring forward under bf16 (there the KV-cache decode rounds differently; docs/precision.md) or with tis_cap.")
+    tis_cap: float | None = opt(None, "Truncated importance sampling (Yao et al., 2025): weight each token's policy loss by min(pi_old / pi_rollout, tis_cap), pi_old from the scoring forward, pi_rollout from the sampling pass, correcting for their mismatch. Needs rollout_logprobs false or auto. None: off.")
     prune_last_layer: bool = opt(True, "Run the models' last decoder layer only at the positions that are read (the states before response tokens; a reward model's last token): keys and values everywhere, queries and MLP there only. Same maths, float rounding apart; Qwen3/Qwen2/Llama without gradient checkpointing.")
     lean_decode: bool = opt(True, "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same maths, float rounding apart; faster sampling on CPU, see docs/performance.md). Other models, and adapters, always use their forward.")
     host_release_memory: bool = opt(False, "CPU runs: hand freed heap memory back to the OS (glibc malloc_trim) before and after sampling, after scoring and after each model's pass of the update: a lower peak RSS for some time (pages fault back in; see docs/performance.md). glibc only.")
@@ -142,6 +143,13 @@ class PPOConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         check_choice("value_head", self.value_head, ("separate", "shared"))
         check_choice("precision", self.precision, ("fp32", "bf16", "auto"))
+        if not (isinstance(self.rollout_logprobs, bool) or self.rollout_logprobs == "auto"):
+            raise ConfigError(f"rollout_logprobs must be true, false or auto; got {self.rollout_logprobs!r}")
+        if self.tis_cap is not None and not self.tis_cap >= 1.0:
+            raise ConfigError(f"tis_cap must be >= 1 (a weight cap; None turns it off), got {self.tis_cap}")
+        if self.tis_cap is not None and self.rollout_logprobs is True:
+            raise ConfigError("tis_cap weights pi_old (a scoring forward) against the sampling pass; with rollout_logprobs=true "
+                              "they are the same numbers and every weight is 1: set rollout_logprobs=auto or false")
         check_choice("fp32_matmul", self.fp32_matmul, ("auto", "mkl", "onednn"))
         check_choice("lr_scheduler", self.lr_scheduler, SCHEDULES)
         check_range(self, "warmup_steps", self.warmup_steps, 0)

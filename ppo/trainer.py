@@ -142,7 +142,8 @@ class PPOTrainer:
         self.global_step = 0
         self.planned_steps: int | None = None  # set by train(): the length of an lr schedule
         self.max_prompt_tokens: int | None = self.prompt_budget(config.max_length)
-        self.scorer = Scorer(self.policy, self.ref_model, self.update_critic, self.rewards, config, self.autocast, tokenizer.pad_token_id)
+        self.scorer = Scorer(self.policy, self.ref_model, self.update_critic, self.rewards, config, self.autocast, tokenizer.pad_token_id,
+                             self.precision)
 
     def _distribute(self, strategy: str) -> None:
         """The update trains through DDP / FSDP2 wrappers (the modules themselves in one process);
@@ -216,6 +217,10 @@ class PPOTrainer:
             **update_stats,
             **timing,
         }
+
+    def wants_rollout_logprobs(self) -> bool:
+        """Whether pi_old comes from the sampling pass (`rollout_logprobs`, auto resolved)."""
+        return self.scorer.wants_rollout_logprobs()
 
     def plan_step(self, n_prompts: int) -> BatchPlan:
         """The batch sizes of a step on `n_prompts` prompts per rank (every rank must pass as many)."""
