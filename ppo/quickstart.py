@@ -28,7 +28,7 @@ def create_trainer(
     """
     from ppo.config import PPOConfig, build_config
     from ppo.rewards import resolve_reward_function
-    from ppo.train import load_models, load_prompts
+    from ppo.run_inputs import load_models, load_prompts
     from ppo.trainer import PPOTrainer
 
     if reward_model_name is None and not reward_functions:

@@ -22,10 +22,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import torch
-
 from ppo import distributed as dist
-from ppo.config import ConfigError, PPOConfig, save_config
+from ppo.config import PPOConfig, save_config
+from ppo.run_inputs import load_models, load_prompts
 from ppo.stage import PPO_OUTPUTS, check_output_dir, remove_outputs, run_cli
 
 # The flag names users of other PPO scripts type, mapped to our config keys.
@@ -51,57 +50,6 @@ def normalise_argv(argv: list[str]) -> list[str]:
             out.append(arg)
         i += 1
     return out
-
-
-def _dtype(name: str):
-    if name == "auto":
-        return "auto"
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    except KeyError:
-        raise ConfigError(f"torch_dtype must be float32, bfloat16, float16 or auto; got {name!r}") from None
-
-
-def load_models(config: PPOConfig) -> dict[str, Any]:
-    """Step 3: every model the trainer needs, loaded from the config's paths."""
-    from ppo.models import check_vocab_covers, load_causal_lm, load_sequence_classifier, load_tokenizer
-    from ppo.rewards import resolve_reward_function
-    from ppo.train_reward import RewardConfig, load_reward_model
-
-    if not config.model_name_or_path:
-        raise ConfigError("no policy: set model_name_or_path (or --model_name)")
-    dist.init_from_env(config.dist_timeout_s)  # under torchrun "cuda" is then this rank's GPU
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = _dtype(config.torch_dtype)
-    tokenizer = load_tokenizer(config.model_name_or_path)
-    models: dict[str, Any] = {
-        "model": load_causal_lm(config.model_name_or_path, dtype=dtype).to(device),
-        "tokenizer": tokenizer,
-        "reward_funcs": [resolve_reward_function(spec) for spec in config.reward_funcs] or None,
-    }
-    if config.reward_model_path:
-        reward_model, reward_tokenizer = load_reward_model(RewardConfig(model_name_or_path=config.reward_model_path))
-        models["reward_model"] = reward_model.to(device)
-        if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
-            models["reward_tokenizer"] = reward_tokenizer  # completions are re-tokenized for it
-    if config.ref_model_path:
-        models["ref_model"] = load_causal_lm(config.ref_model_path, dtype=dtype).to(device)
-    if config.value_model_path:
-        models["value_model"] = load_sequence_classifier(config.value_model_path, num_labels=1, dtype=dtype).to(device)
-        check_vocab_covers(
-            models["value_model"], tokenizer, "the value model", config.value_model_path
-        )  # it reads the policy's tokens
-    return models
-
-
-def load_prompts(config: PPOConfig, tokenizer) -> list[dict]:
-    """Step 4: rows of {prompt, extra columns...} from prompts_file or dataset_name."""
-    from ppo.formats import load_prompt_rows
-
-    source = config.prompts_file or config.dataset_name
-    if not source:
-        raise ConfigError("no prompts: set prompts_file (or --prompts_file) or dataset_name")
-    return load_prompt_rows(source, tokenizer, prompt_column=config.prompt_column, skip_bad_rows=config.skip_bad_rows)
 
 
 def run_ppo(config: PPOConfig) -> dict[str, Any]:

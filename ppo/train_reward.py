@@ -21,22 +21,20 @@ optimizer step's pairs, gradients are all-reduced, rank 0 logs and saves.
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ppo import distributed as dist
-from ppo.config import ConfigError, RewardConfig
+from ppo.config import RewardConfig
 from ppo.forward import sequence_scores
 from ppo.optim import build_optimizer, check_loss, optimizer_step
 from ppo.preference import Pair, encode_pairs, evaluate_pairs, pair_scores, pairwise_loss
-from ppo.rewards.model import check_reward_model
+from ppo.run_inputs import load_reward_model, reward_model_from_policy  # noqa: F401 - importable from here too
 from ppo.stage import (
     check_output_dir,
     finish_outputs,
@@ -51,72 +49,6 @@ from ppo.stage import (
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
-
-
-def reward_model_from_policy(policy_dir_or_model):
-    """An AutoModelForSequenceClassification (num_labels=1) with the causal LM's backbone weights and
-    a freshly initialised score head (what other tools call `from_pretrained_policy`).
-
-    A directory or hub name is loaded straight into the classifier (transformers copies the
-    backbone and initialises the head); a model object has its backbone state copied.
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    from ppo.models import load_sequence_classifier
-
-    if isinstance(policy_dir_or_model, (str, Path)):  # a directory, hub name or GGUF file
-        return load_sequence_classifier(str(policy_dir_or_model), num_labels=1, dtype=torch.float32)
-    policy = policy_dir_or_model
-    config = copy.deepcopy(policy.config)
-    config.num_labels = 1
-    model = AutoModelForSequenceClassification.from_config(config)
-    body, source = getattr(model, model.base_model_prefix), getattr(policy, policy.base_model_prefix, None)
-    if source is None or type(source) is not type(body):
-        raise TypeError(
-            f"cannot build a reward model from {type(policy).__name__}: its backbone is not a {type(body).__name__}"
-        )
-    body.load_state_dict(source.state_dict())
-    reference = next(policy.parameters())
-    return model.to(device=reference.device, dtype=reference.dtype)
-
-
-def load_reward_model(config: RewardConfig, model=None, tokenizer=None):
-    """(reward model, tokenizer): the ones given or loaded from `config.model_name_or_path`,
-    turned into a fresh-headed classifier with `init_from_policy`, checked to have one label."""
-    from ppo.data import ensure_pad_token
-    from ppo.models import check_vocab_covers, load_config, load_sequence_classifier, load_tokenizer
-
-    path = config.model_name_or_path
-    if model is None and not path:
-        raise ConfigError("no model: set model_name_or_path=<dir or hub name> or pass model=")
-    given = model is not None
-    source, tokenizer_source = ("the given model" if given else path), path or getattr(model, "name_or_path", None)
-    if config.init_from_policy:
-        model = reward_model_from_policy(model if given else path)
-    elif not given:
-        # Check before loading: transformers would happily load a causal LM into a classifier with a
-        # random head, and the user would train from a head they did not mean to reset.
-        architectures = load_config(path).architectures or []
-        if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
-            raise ValueError(
-                f"{path} holds a {', '.join(architectures)}, not a sequence classifier with one label; "
-                "to start a reward model from a causal LM set init_from_policy=true"
-            )
-        model = load_sequence_classifier(path, num_labels=None, dtype=torch.float32)
-    if not given:
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
-    check_reward_model(model, source)
-    if tokenizer is None:
-        if not tokenizer_source:
-            raise ConfigError("no tokenizer: set model_name_or_path= or pass tokenizer=")
-        tokenizer = load_tokenizer(tokenizer_source)
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token: completions end with one, as PPO samples do")
-    ensure_pad_token(tokenizer)
-    check_vocab_covers(model, tokenizer, "the reward model", None if given else path)
-    # Standalone users call model(**batch); transformers' pooling needs the pad id for batches.
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
