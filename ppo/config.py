@@ -189,8 +189,7 @@ PPO_RULES = {
     "optimizer": one_of("adamw", "adamw_8bit"),
     "save_steps": at_least(0), "save_total_limit": at_least(1), "logging_steps": at_least(1),
     "torch_dtype": one_of("float32", "bfloat16", "float16", "auto"), "strategy": one_of("ddp", "fsdp"),
-    "advantage_estimator": one_of(*ADVANTAGE_ESTIMATORS), "kl_loss_estimator": one_of("k1", "k2", "k3"),
-    "critic_warmup_steps": at_least(0),
+    "critic_warmup_steps": at_least(0),  # advantage_estimator and kl_loss_estimator: in _check_estimator
     "dist_timeout_s": above(0), "reward_timeout_s": at_least(0), "reward_max_abs": above(0),
     "output_dir": TEXT, "prompt_column": TEXT,
 }

@@ -15,6 +15,7 @@ from ppo.config_io import (
     above,
     at_least,
     between,
+    check_choice,
     check_list_items,
     one_of,
     opt,
@@ -251,6 +252,7 @@ class DemoConfig:
         if self.policy_pairs_per_prompt and self.pair_samples < 2:
             raise ConfigError(f"DemoConfig.pair_samples must be >= 2 to make pairs (policy_pairs_per_prompt is "
                               f"{self.policy_pairs_per_prompt}), got {self.pair_samples}", key="pair_samples")
+        check_choice("advantage_estimator", self.advantage_estimator, ("gae", "grpo", "rloo", "reinforce_pp"))
         if self.advantage_estimator in ("grpo", "rloo") and self.num_generations < 2:
             raise ConfigError(f"DemoConfig: advantage_estimator={self.advantage_estimator} needs num_generations >= 2, "
                               f"got {self.num_generations}", key="num_generations")
@@ -266,6 +268,5 @@ DEMO_RULES = {
     "refresh_at": between(0, 1, high_open=True), "kl_coef": at_least(0), "target_kl": above(0), "vf_coef": at_least(0),
     "missing_eos_penalty": at_least(0), "value_head": one_of("separate", "shared"), "precision": one_of("fp32", "bf16", "auto"),
     "ppo_lr_scheduler": one_of(*SCHEDULES),  # the PPO trainer's own
-    "advantage_estimator": one_of("gae", "grpo", "rloo", "reinforce_pp"),
     "output_dir": TEXT,
 }
