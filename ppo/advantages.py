@@ -38,7 +38,7 @@ def estimate(scored: RolloutScores, config: PPOConfig, kl_coef: float) -> tuple[
     values = scored.values if scored.values is not None else torch.zeros_like(response_mask)
     advantages, returns = ESTIMATORS[config.advantage_estimator](rewards, values, response_mask, config)
     batch = ScoredBatch(rollout.input_ids, rollout.attention_mask, response_mask, scored.logprobs, scored.ref_logprobs,
-                        values, scores, rewards, advantages, returns)
+                        values, scores, rewards, advantages, returns, scored.rollout_logprobs)
     return batch, statistics(scored, batch, kl, config)
 
 

@@ -88,6 +88,9 @@ class ScoredBatch:
     rewards: Tensor  # [B, R] per-token reward: -kl_coef * KL, plus the score at the last token
     advantages: Tensor  # [B, R] GAE advantages (whitened when configured)
     returns: Tensor  # [B, R] advantages (before whitening) + values: the critic's targets
+    # [B, R] log pi_rollout(a_t|s_t) from the sampling pass, when the engine gave them (else None):
+    # the mismatch metrics and truncated importance sampling compare it with the trainer's pi_old.
+    rollout_logprobs: Tensor | None = None
 
     @property
     def response_width(self) -> int:
@@ -98,7 +101,7 @@ class ScoredBatch:
 
     def select(self, index: Tensor) -> "ScoredBatch":
         """Rows `index` of every field (a mini-batch)."""
-        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return replace(self, **{name: value[index] for name, value in self._tensors().items()})
 
     def trim_padding(self) -> "ScoredBatch":
         """Drop prompt columns that are padding in every row and response columns past the longest
@@ -107,7 +110,7 @@ class ScoredBatch:
         real_prompt_cols = self.attention_mask[:, :prompt_width].any(dim=0).nonzero()
         left = int(real_prompt_cols[0]) if len(real_prompt_cols) else 0
         keep = int(self.response_mask.sum(dim=1).max().item())
-        per_token = {f.name for f in fields(self)} - {"input_ids", "attention_mask", "scores"}
+        per_token = set(self._tensors()) - {"input_ids", "attention_mask", "scores"}
         trimmed = {name: getattr(self, name)[:, :keep] for name in per_token}
         end = prompt_width + keep
         return replace(
@@ -118,7 +121,11 @@ class ScoredBatch:
         )
 
     def to(self, device: torch.device | str) -> "ScoredBatch":
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return replace(self, **{name: value.to(device) for name, value in self._tensors().items()})
+
+    def _tensors(self) -> dict[str, Tensor]:
+        """The fields that hold a tensor (optional ones may be None)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 @dataclass
@@ -134,3 +141,5 @@ class RolloutScores:
     values: Tensor | None  # [B, R] V_old(s_t) from the critic; None when the run has no critic
     scores: Tensor  # [B] weighted sum of the reward sources (before missing_eos_penalty and clipping)
     source_means: dict[str, float]  # "rewards/<source>": each reward source's mean over the batch
+    # [B, R] log pi_rollout(a_t|s_t) from the sampling pass, when the engine gave them (else None)
+    rollout_logprobs: Tensor | None = None

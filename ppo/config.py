@@ -60,7 +60,7 @@ class PPOConfig:
     # --- optimisation ---
     learning_rate: float = opt(1e-5, "AdamW learning rate of the policy.")
     value_learning_rate: float | None = opt(None, "AdamW learning rate of the critic; None: learning_rate.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only (not biases or norms).")
     batch_size: int = opt(4, "Prompts per PPO iteration (global, across all ranks).")
     mini_batch_size: int | None = opt(None, "Samples per optimizer step; None: the whole rollout (one step per epoch).")
     gradient_accumulation_steps: int = opt(1, "Micro-batches each mini-batch is split into (memory, not maths).")
@@ -68,7 +68,7 @@ class PPOConfig:
     ppo_epochs: int = opt(4, "Passes of the update over each rollout.")
     lr_scheduler: str = opt("constant", "Learning-rate schedule of policy and critic over the PPO steps: constant, linear or cosine (decaying towards 0).")
     lr_schedule_steps: int | None = opt(None, "Steps the schedule spans; None: the steps train() runs (set it when you call step() yourself).")
-    warmup_steps: int = opt(0, "Steps of linear learning-rate warm-up at the start.")
+    warmup_steps: int = opt(0, "Steps of linear learning-rate warm-up at the start (from 1/(warmup_steps+1) of the rate).")
     max_grad_norm: float | None = opt(1.0, "Gradient-norm clip per model; None disables.")
     seed: int = opt(0, "Seeds sampling, shuffling and initialisation.")
 
@@ -82,7 +82,7 @@ class PPOConfig:
     whiten_advantages: bool = opt(True, "Normalise advantages over the batch's real tokens.")
     whiten_rewards: bool = opt(False, "Normalise per-token rewards (mean kept) before GAE.")
     reward_clip: float | None = opt(None, "Clip scores to [-reward_clip, reward_clip] before the KL penalty.")
-    approx_kl_stop: float | None = opt(None, "Stop the epochs early when a mini-batch's approx-KL exceeds this.")
+    approx_kl_stop: float | None = opt(None, "Skip a rollout's remaining update epochs when an epoch's mean approx-KL (over its mini-batches, all ranks) exceeds this.")
     advantage_estimator: str = opt("gae", "gae (PPO with a critic), grpo (group-normalised outcome reward), rloo (leave-one-out baseline) or reinforce_pp (REINFORCE++: batch-normalised discounted returns); the last three train no critic. See docs/estimators.md.")
     grpo_scale_rewards: bool = opt(True, "grpo: divide each group's centred rewards by the group's std (False: Dr. GRPO).")
     critic_warmup_steps: int = opt(0, "gae: the first N iterations train only the critic on their rollouts (the policy and the KL coefficient stay put).")
@@ -110,10 +110,11 @@ class PPOConfig:
     precision: str = opt("auto", "auto: bf16 autocast where the hardware is fast at it (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32; or fp32, bf16.")
     fp32_matmul: str = opt("auto", "CPU kernel of fp32 linear layers: auto (times both on the model's layer shapes at start and takes oneDNN if >= 25% faster, as on AMD CPUs with AVX-512 where MKL runs only AVX2 kernels), mkl, onednn. Same fp32 arithmetic; results differ by float rounding only.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
-    rollout_logprobs: bool = opt(True, "Take pi_old's log-probs from the sampling pass, not a second policy forward (same maths; differs only by float rounding).")
-    prune_last_layer: bool = opt(True, "Run the models' last decoder layer only at the positions that are read (the states before response tokens; a reward model's last token): keys and values everywhere, queries and MLP there only. Same maths, float rounding apart; Qwen3/Qwen2/Llama without gradient checkpointing. W1 update ~10% fewer matmul FLOPs.")
-    lean_decode: bool = opt(True, "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same maths, float rounding apart; W3 sampling ~30% faster on CPU). Other models, and adapters, always use their forward.")
-    host_release_memory: bool = opt(False, "CPU runs: hand freed heap memory back to the OS (glibc malloc_trim) before and after sampling, after scoring and after each model's pass of the update. W2 benchmark: peak RSS 2078 -> 1971-1985 MiB (-5%), time +9-15% (pages fault back in). glibc only.")
+    rollout_logprobs: bool | str = opt("auto", "Where pi_old's log-probs come from. true: the sampling pass (no second policy forward; same maths, float rounding apart); false: a scoring forward, the computation the update repeats, so the first PPO ratio is 1 to rounding; auto: the sampling pass in fp32, a scoring forward under bf16 (there the KV-cache decode rounds differently; docs/precision.md) or with tis_cap.")
+    tis_cap: float | None = opt(None, "Truncated importance sampling (Yao et al., 2025): weight each token's policy loss by min(pi_old / pi_rollout, tis_cap), pi_old from the scoring forward, pi_rollout from the sampling pass, correcting for their mismatch. Needs rollout_logprobs false or auto. None: off.")
+    prune_last_layer: bool = opt(True, "Run the models' last decoder layer only at the positions that are read (the states before response tokens; a reward model's last token): keys and values everywhere, queries and MLP there only. Same maths, float rounding apart; Qwen3/Qwen2/Llama without gradient checkpointing.")
+    lean_decode: bool = opt(True, "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same maths, float rounding apart; faster sampling on CPU, see docs/performance.md). Other models, and adapters, always use their forward.")
+    host_release_memory: bool = opt(False, "CPU runs: hand freed heap memory back to the OS (glibc malloc_trim) before and after sampling, after scoring and after each model's pass of the update: a lower peak RSS for some time (pages fault back in; see docs/performance.md). glibc only.")
 
     # --- LoRA (peft) ---
     lora_r: int = opt(0, "LoRA rank of the policy's adapter (0: full fine-tuning).")
@@ -121,7 +122,7 @@ class PPOConfig:
     lora_dropout: float = opt(0.0, "Dropout inside the adapter (kept 0 in rollout/update by design).")
     lora_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get adapters ('all-linear' works too).")
     lora_critic: bool = opt(False, "Give the separate critic its own LoRA adapter instead of full weights.")
-    save_merged: bool = opt(False, "With LoRA, also write output_dir/final-merged: the adapter merged into the base.")
+    save_merged: bool = opt(False, "With LoRA, also write merged/ inside each saved model directory (output_dir/final/merged): the adapter merged into the base.")
     optimizer: str = opt("adamw", "adamw, or adamw_8bit (bitsandbytes, CUDA only).")
 
     # --- output ---
@@ -189,7 +190,7 @@ PPO_RULES = {
     "optimizer": one_of("adamw", "adamw_8bit"),
     "save_steps": at_least(0), "save_total_limit": at_least(1), "logging_steps": at_least(1),
     "torch_dtype": one_of("float32", "bfloat16", "float16", "auto"), "strategy": one_of("ddp", "fsdp"),
-    "critic_warmup_steps": at_least(0),  # advantage_estimator and kl_loss_estimator: in _check_estimator
+    "critic_warmup_steps": at_least(0), "tis_cap": at_least(1),  # advantage_estimator and kl_loss_estimator: in _check_estimator
     "dist_timeout_s": above(0), "reward_timeout_s": at_least(0), "reward_max_abs": above(0),
     "output_dir": TEXT, "prompt_column": TEXT,
 }
@@ -216,6 +217,11 @@ def _check_ppo_relations(cfg: PPOConfig) -> None:
                           f"mini-batch into that many micro-batches), got {cfg.gradient_accumulation_steps}", key="gradient_accumulation_steps")
     if cfg.lr_schedule_steps is not None and cfg.warmup_steps > cfg.lr_schedule_steps:
         raise ConfigError(f"PPOConfig.warmup_steps must be <= lr_schedule_steps ({cfg.lr_schedule_steps}), got {cfg.warmup_steps}", key="warmup_steps")
+    if not (isinstance(cfg.rollout_logprobs, bool) or cfg.rollout_logprobs == "auto"):
+        raise ConfigError(f"PPOConfig.rollout_logprobs must be true, false or auto; got {cfg.rollout_logprobs!r}", key="rollout_logprobs")
+    if cfg.tis_cap is not None and cfg.rollout_logprobs is True:
+        raise ConfigError("tis_cap weights pi_old (a scoring forward) against the sampling pass; with rollout_logprobs=true "
+                          "they are the same numbers and every weight is 1: set rollout_logprobs=auto or false", key="tis_cap")
     if cfg.resume_from_checkpoint and cfg.overwrite:
         raise ConfigError("PPOConfig: resume_from_checkpoint and overwrite=true contradict each other (overwrite would delete "
                           "the run being resumed); set only one", key="overwrite")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ppo.forward import token_values
+from ppo.forward import read_head, token_values
 
 
 class SeparateCritic:
@@ -41,4 +41,4 @@ class SharedCritic:
     def values(self, input_ids: Tensor, attention_mask: Tensor, response_width: int, policy_hidden: Tensor | None) -> Tensor:
         if policy_hidden is None:
             raise ValueError("SharedCritic needs the policy's hidden states")
-        return self.module(policy_hidden.to(self.module.weight.dtype)).squeeze(-1).float()
+        return read_head(self.module, policy_hidden).squeeze(-1)  # fp32 even under bf16 autocast

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ppo import functional as F
+from ppo.collate import IGNORE_INDEX, TokenBatch
 from ppo.fastpath.last_layer import last_layer_rows
 from ppo.rollout.hf import position_ids_from_mask
 
@@ -74,6 +75,20 @@ def _backbone_and_head(model):
     return body, head
 
 
+def read_head(head, hidden: Tensor) -> Tensor:
+    """A scalar head `[..., H] -> [..., num_labels]` computed in fp32, outside any autocast.
+
+    Under bf16 autocast a linear head is a bf16 matmul whose output has 8 bits of mantissa: every
+    reward-model score and critic value would be rounded before it enters GAE (a score of 2.37 read
+    as 2.375). The head is one row of weights, so fp32 costs nothing; the backbone's matmuls stay
+    in bf16. A head that is not a plain nn.Linear runs in its own dtype, without autocast."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        if isinstance(head, torch.nn.Linear):
+            bias = None if head.bias is None else head.bias.float()
+            return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+        return head(hidden.to(next(head.parameters()).dtype)).float()
+
+
 def token_values(critic, input_ids: Tensor, attention_mask: Tensor, response_width: int) -> Tensor:
     """The critic's score head read at every state before a response token: `[B, R]`."""
     body, head = _backbone_and_head(critic)
@@ -85,7 +100,7 @@ def token_values(critic, input_ids: Tensor, attention_mask: Tensor, response_wid
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         ).last_hidden_state[:, columns]
-    return head(hidden).squeeze(-1).float()
+    return read_head(head, hidden).squeeze(-1)
 
 
 def sequence_scores(reward_model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -110,7 +125,7 @@ def sequence_scores(reward_model, input_ids: Tensor, attention_mask: Tensor) -> 
             use_cache=False,
         ).last_hidden_state
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real]
-    return head(pooled)[:, 0].float()
+    return read_head(head, pooled)[:, 0]
 
 
 def by_rows(fn, rows: int | None, *batches):
@@ -125,3 +140,24 @@ def by_rows(fn, rows: int | None, *batches):
     if isinstance(parts[0], tuple):
         return tuple(None if pieces[0] is None else torch.cat(pieces) for pieces in zip(*parts))
     return torch.cat(parts)
+
+
+def completion_loss_sum(model, batch: TokenBatch) -> tuple[Tensor, int]:
+    """Summed cross-entropy over the batch's completion tokens (0-d) and how many there are.
+
+    A sum, not a mean, so that gradient accumulation can divide by the token count of the whole
+    optimizer step: every completion token then weighs the same, however the batch was split.
+    """
+    device = next(model.parameters()).device
+    logits = model(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        position_ids=batch.position_ids.to(device),
+        use_cache=False,
+    ).logits
+    # The logits at column t predict the token at column t + 1.
+    targets = batch.labels[:, 1:].to(device)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((targets != IGNORE_INDEX).sum())

@@ -256,12 +256,28 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     return (torch.expm1(-d) + d).clamp_min(0)
 
 
+def truncated_importance_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """``min(pi_old / pi_rollout, cap)`` per token, ``[B, T]`` -> ``[B, T]`` fp32, 0 at masked
+    positions, no gradient: truncated importance sampling (Yao et al., 2025, "Your efficient RL
+    framework secretly brings you off-policy RL training") for tokens drawn by a sampler whose
+    probabilities differ from the trainer's."""
+    log_w, m = _masked(_acc(old_logprobs) - _acc(rollout_logprobs), mask)
+    return torch.where(m, torch.exp(log_w).clamp(max=cap), 0).detach()
+
+
+def mean_abs_diff(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """``masked_mean(|a - b|)`` in fp32: the mismatch of two log-prob tensors ``[B, T]`` -> 0-d."""
+    return masked_mean((_acc(a) - _acc(b)).abs(), mask)
+
+
 def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                        clip_range: float) -> tuple[Tensor, dict[str, Tensor]]:
+                        clip_range: float, token_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate, ``[B, T]`` inputs -> (0-d loss, stats).
 
     ``ratio = exp(logprobs - old_logprobs)``;
-    ``loss = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + clip_range)))``.
+    ``loss = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - clip_range, 1 + clip_range)))``;
+    with ``token_weights`` ``[B, T]`` (e.g. :func:`truncated_importance_weights`) each token's term
+    is multiplied by its weight inside the mean.
     Stats (detached 0-d): ``clipfrac`` (share of real tokens where the clipped term is strictly
     larger), ``approx_kl`` (``masked_mean((lp - old)**2 / 2)``), ``ratio_mean``, ``ratio_max``.
     """
@@ -271,7 +287,10 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     log_ratio = torch.where(m, _acc(logprobs) - _acc(old_logprobs), 0)
     ratio = torch.exp(log_ratio)
     unclipped, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), m)
+    per_token = torch.maximum(unclipped, clipped)
+    if token_weights is not None:
+        per_token = per_token * _masked(token_weights, m)[0]
+    loss = masked_mean(per_token, m)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), m),

@@ -8,6 +8,7 @@ the progress bar. Checkpoints are collective: see `save_training_checkpoint`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ppo import checkpoint as ckpt
 from ppo import distributed as dist
-from ppo.stage import main_logger
+from ppo.metrics import main_logger
 
 
 def prompt_rows(prompts, prompt_column: str = "prompt") -> list[dict[str, Any]]:
@@ -133,7 +134,17 @@ def drop_metrics_after(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = None) -> list[dict[str, Any]]:
+# What `on_step` is called with after each step: the step's statistics and the rows of the global
+# batch (dicts with the prompt column and any other columns; under torchrun every rank gets all of
+# them, in the order of the gathered `generated_texts`). What it returns joins the statistics.
+StepCallback = Callable[[dict[str, Any], list[dict[str, Any]]], "dict[str, Any] | None"]
+
+
+def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = None,
+               on_step: StepCallback | None = None, max_steps: int | None = None) -> list[dict[str, Any]]:
+    """`num_epochs` passes over `prompts` (stopping early once `trainer.global_step` reaches
+    `max_steps`); returns every step's statistics without the generated texts. `on_step(stats,
+    rows)` runs after each step, before logging: the metrics it returns are logged with the step's."""
     cfg = trainer.config
     rows = prompt_rows(prompts, cfg.prompt_column)
     if not rows:
@@ -149,9 +160,10 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
     for hook in getattr(trainer, "on_train_start", ()):  # e.g. the CLI's config.yaml: written once a resume has succeeded
         hook()
     bounds = batch_bounds(len(rows), cfg.batch_size, dist.world_size())
-    trainer.planned_steps = num_epochs * len(bounds)  # what an lr schedule spans, unless configured
+    planned = num_epochs * len(bounds) if max_steps is None else min(num_epochs * len(bounds), max_steps)
+    trainer.planned_steps = planned  # what an lr schedule spans, unless configured
     logger = main_logger(out, getattr(cfg, "report_to", None))
-    bar = tqdm(total=num_epochs * len(bounds), initial=trainer.global_step, desc="ppo",
+    bar = tqdm(total=planned, initial=trainer.global_step, desc="ppo",
                disable=not (cfg.progress_bar and dist.is_main()), dynamic_ncols=True)
     history = []
     try:
@@ -166,6 +178,8 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
                     extras = {k: [r[k] for r in chunk] for k in chunk[0] if k != cfg.prompt_column}
                     stats = trainer.step([r[cfg.prompt_column] for r in chunk], extras, row_offset=mine.start)
                     stats["epoch"] = epoch + (b + 1) / len(bounds)
+                    if on_step is not None:
+                        stats.update(on_step(stats, [rows[i] for i in batch]) or {})
                     history.append({k: v for k, v in stats.items() if k != "generated_texts"})
                     if trainer.global_step % cfg.logging_steps == 0:
                         logger.log(trainer.global_step, stats)
@@ -173,6 +187,10 @@ def train_loop(trainer, prompts, num_epochs: int = 1, max_length: int | None = N
                     bar.set_postfix(reward=f"{stats['mean_reward']:.3f}", kl=f"{stats['kl']:.3f}")
                     if cfg.save_steps and trainer.global_step % cfg.save_steps == 0:
                         save_training_checkpoint(trainer, out, epoch, b + 1)
+                    if max_steps is not None and trainer.global_step >= max_steps:
+                        break
+                if max_steps is not None and trainer.global_step >= max_steps:
+                    break
             trainer.save_pretrained(str(out / "final"))
     finally:
         bar.close()

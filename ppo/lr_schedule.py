@@ -1,4 +1,5 @@
-"""The learning-rate schedule of the PPO update: a factor of the step number, nothing stored.
+"""The learning-rate schedule of every stage (PPO, SFT, reward model): a factor of the step number,
+nothing stored.
 
 Why stateless: the factor at step s depends only on s, the schedule's length and its kind, so a
 resumed run sets exactly the learning rates the uninterrupted run would have (the step number is in

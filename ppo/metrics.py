@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ppo import distributed as dist
+
 
 class PhaseTimer:
     """Wall-clock seconds per named phase, per step and in total."""
@@ -96,3 +98,18 @@ class MetricsLogger:
                 backend.close()
             else:
                 backend.finish()
+
+
+class NullLogger:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def main_logger(out: Path, report_to: list[str] | None = None):
+    """metrics.jsonl (and TensorBoard / W&B) on rank 0; a NullLogger on the other ranks."""
+    return MetricsLogger(out, report_to) if dist.is_main() else NullLogger()

@@ -24,14 +24,21 @@ class Scorer:
     """The no-grad forwards of step 3. `critic` is the update's critic call (`values(...)`,
     `uses_policy_hidden`), or None for a critic-free advantage estimator."""
 
-    def __init__(self, policy, ref_model, critic, rewards: RewardSources, config: PPOConfig, autocast, pad_id: int):
+    def __init__(self, policy, ref_model, critic, rewards: RewardSources, config: PPOConfig, autocast, pad_id: int,
+                 precision: str = "fp32"):
         self.policy, self.ref_model, self.critic, self.rewards = policy, ref_model, critic, rewards
-        self.config, self.autocast, self.pad_id = config, autocast, pad_id
+        self.config, self.autocast, self.pad_id, self.precision = config, autocast, pad_id, precision
+
+    def wants_rollout_logprobs(self) -> bool:
+        """`rollout_logprobs`, with auto resolved: the sampling pass's in fp32 (it agrees with a full
+        forward to ~1e-6), a scoring forward under bf16 or with tis_cap (docs/precision.md)."""
+        choice = self.config.rollout_logprobs
+        return choice is True or (choice == "auto" and self.precision == "fp32" and self.config.tis_cap is None)
 
     def reuses_rollout_logprobs(self, rollout: Rollout) -> bool:
-        """pi_old from the sampling pass instead of a second policy forward: when configured, when the
+        """pi_old from the sampling pass instead of a second policy forward: when wanted, when the
         engine gave them, and when no shared value head needs the policy's hidden states anyway."""
-        return (self.config.rollout_logprobs and rollout.logprobs is not None and rollout.entropy is not None
+        return (self.wants_rollout_logprobs() and rollout.logprobs is not None and rollout.entropy is not None
                 and not self.needs_policy_hidden)
 
     @property
@@ -70,6 +77,7 @@ class Scorer:
         # Inference tensors cannot be saved for backward: clone what enters the losses.
         logprobs, ref_logprobs, scores, entropy = (t.clone().float() for t in (logprobs, ref_logprobs, scores, entropy))
         values = None if values is None else values.clone().float()
+        sampled = None if rollout.logprobs is None else rollout.logprobs.clone().float()  # pi_rollout, for the mismatch
         # The global batch on every rank (rank order is row order; padding widened to the widest rank).
         logprobs, ref_logprobs, entropy, scores = (dist.all_gather_rows(t) for t in (logprobs, ref_logprobs, entropy, scores))
         return RolloutScores(
@@ -78,6 +86,7 @@ class Scorer:
             logprobs=logprobs, ref_logprobs=ref_logprobs, entropy=entropy,
             values=None if values is None else dist.all_gather_rows(values),
             scores=scores, source_means=dist.all_reduce_mean(source_means),
+            rollout_logprobs=None if sampled is None else dist.all_gather_rows(sampled),
         )
 
 

@@ -4,7 +4,7 @@ The recipe, top to bottom (`train_sft`):
     1. refuse to overwrite a different run in output_dir (before anything is loaded or written)
     2. load the model, the tokenizer and the rows; hold out `eval_fraction` of them
     3. tokenize: prompt and completion separately, EOS appended, labels -100 on the prompt
-    4. AdamW + a transformers learning-rate schedule
+    4. AdamW + the learning-rate schedule every stage uses (`ppo.optim`)
     5. epochs of shuffled batches; loss = cross-entropy over completion tokens only
     6. eval loss, then output_dir/final (a plain Hugging Face directory), config.yaml, metrics.jsonl
 
@@ -13,8 +13,9 @@ the boundary the policy learns here is exactly the one it samples from later (to
 text can merge the last prompt token with the first completion token). Why append EOS: a policy
 that never saw EOS after a completion does not learn to stop, and PPO then penalises or truncates.
 
-The plumbing shared with the other stages (output-dir check, eval split, optimizer, batches, CLI
-parsing) lives in `ppo.stage`, so each recipe reads as its steps only.
+The plumbing shared with the other stages lives in `ppo.stage` (output-dir check, eval split,
+batches, CLI parsing), `ppo.optim` (optimizer, schedule) and `ppo.collate` (tokens), so each recipe
+reads as its steps only.
 
 Under torchrun the recipe is data-parallel (DDP): an optimizer step's rows (batch_size x
 gradient_accumulation_steps, global) are split over the ranks, gradients are all-reduced, and the
@@ -25,113 +26,27 @@ from __future__ import annotations
 
 import math
 import sys
-import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from ppo import distributed as dist
+from ppo.collate import IGNORE_INDEX, collate, encode_prompt_completion, sft_labels
 from ppo.config import SFTConfig
-from ppo.rollout.hf import position_ids_from_mask
+from ppo.forward import completion_loss_sum
+from ppo.optim import build_optimizer, check_loss, optimizer_step
 from ppo.stage import (
-    build_optimizer,
-    check_loss,
     check_output_dir,
     finish_outputs,
     given_or_loaded_rows,
     load_causal_lm,
-    optimizer_step,
     rank_micro_batches,
     run_cli,
     split_rows,
     start_outputs,
     step_groups,
 )
-
-IGNORE_INDEX = -100  # label of positions without a loss (prompt and padding); torch's default
-
-
-@dataclass
-class TokenBatch:
-    """A padded batch of token sequences (either padding side) ready for a forward pass."""
-
-    input_ids: Tensor  # [B, T] token ids, pad id at padding
-    attention_mask: Tensor  # [B, T] 1 for real tokens
-    position_ids: Tensor  # [B, T] 0.. over real tokens, whatever the padding side
-    labels: Tensor | None = None  # [B, T] next-token targets at their own column; -100: no loss
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokens
-# ----------------------------------------------------------------------------------------------
-
-
-def encode_prompt_completion(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], int]:
-    """Token ids of prompt + completion + EOS, and how many of them are prompt tokens.
-
-    The completion ends with EOS (added unless it already holds one). When the pair is longer than
-    `max_length`, the prompt loses tokens from its left (the part furthest from the answer); a
-    completion longer than the whole budget keeps its start and loses its end (and so its EOS).
-    """
-    # Plain text gets the tokenizer's special tokens (a BOS, say) as PPO's prompt collation does; a
-    # prompt already rendered by a chat template carries them and must not get a second BOS.
-    bos = getattr(tokenizer, "bos_token", None)
-    prompt_ids = tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    # A completion rendered by a chat template may already end its turn with EOS and a newline.
-    if tokenizer.eos_token_id not in completion_ids:
-        completion_ids = completion_ids + [tokenizer.eos_token_id]
-    if len(prompt_ids) + len(completion_ids) > max_length:
-        # One constant message: Python shows it once, not once per row.
-        warnings.warn(f"prompt + completion pairs longer than max_length={max_length} were cut (the prompt from its left first)")
-    # Keep at least one prompt token: the first completion token is predicted from the position before it.
-    completion_ids = completion_ids[: max_length - min(1, len(prompt_ids))]
-    prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(completion_ids) - max_length) :]
-    return prompt_ids + completion_ids, len(prompt_ids)
-
-
-def sft_labels(ids: list[int], n_prompt: int) -> list[int]:
-    """Labels aligned with `ids`: -100 on prompt tokens, the token itself on completion tokens."""
-    return [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
-
-
-def collate(sequences: list[list[int]], pad_id: int, labels: list[list[int]] | None = None, padding_side: str = "right") -> TokenBatch:
-    """Pad token lists into a `TokenBatch` `[B, T]`; labels are padded with -100."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    label_ids = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long) if labels is not None else None
-    for i, seq in enumerate(sequences):
-        cols = slice(0, len(seq)) if padding_side == "right" else slice(width - len(seq), width)
-        input_ids[i, cols] = torch.tensor(seq, dtype=torch.long)
-        mask[i, cols] = 1
-        if label_ids is not None:
-            label_ids[i, cols] = torch.tensor(labels[i], dtype=torch.long)
-    return TokenBatch(input_ids, mask, position_ids_from_mask(mask), label_ids)
-
-
-def completion_loss_sum(model, batch: TokenBatch) -> tuple[Tensor, int]:
-    """Summed cross-entropy over the batch's completion tokens (0-d) and how many there are.
-
-    A sum, not a mean, so that gradient accumulation can divide by the token count of the whole
-    optimizer step: every completion token then weighs the same, however the batch was split.
-    """
-    device = next(model.parameters()).device
-    logits = model(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        position_ids=batch.position_ids.to(device),
-        use_cache=False,
-    ).logits
-    # The logits at column t predict the token at column t + 1.
-    targets = batch.labels[:, 1:].to(device)
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((targets != IGNORE_INDEX).sum())
 
 
 def accumulate_sft_gradients(model, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, step: int, epoch: int) -> float:

@@ -1,5 +1,6 @@
 """Plumbing shared by the stage recipes (sft, reward, train, eval): output-directory safety,
-held-out splits, optimizer and schedule, NaN guards and the `--config key=value` CLI.
+held-out splits, batches and the `--config key=value` CLI (the optimizer, schedule and NaN guards
+are in `ppo.optim`).
 
 Under torchrun every rank runs the recipe; the helpers here keep file writes on rank 0 (the others
 wait at a barrier) and split each optimizer step's rows over the ranks (`rank_micro_batches`).
@@ -9,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import math
 import sys
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from ppo import distributed as dist
 from ppo.config import ConfigError, config_help, config_to_dict, load_config, save_config
+from ppo.metrics import main_logger
 
 
 class OutputDirError(FileExistsError):
@@ -104,23 +104,6 @@ def _check_inputs_outside(out: Path, config, outputs: tuple[str, ...]) -> None:
                                      "choose another output_dir (or move the input)")
 
 
-class NullLogger:
-    """What ranks other than 0 log to: nothing."""
-
-    def log(self, step: int, metrics: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def main_logger(out: Path, report_to: list[str] | None = None):
-    """metrics.jsonl (and TensorBoard / W&B) on rank 0; a NullLogger on the other ranks."""
-    from ppo.metrics import MetricsLogger
-
-    return MetricsLogger(out, report_to) if dist.is_main() else NullLogger()
-
-
 def start_outputs(out: Path, config):
     """Remove this recipe's previous outputs, write config.yaml, open metrics.jsonl (rank 0; the
     barrier first lets every rank finish `check_output_dir` before anything is removed). Recipes
@@ -205,23 +188,6 @@ def step_groups(n: int, per_step: int, num_epochs: int, seed: int, units: list[l
             yield epoch, order[start : start + per_step]
 
 
-def build_optimizer(model, config, total_steps: int):
-    """AdamW (decay on weight matrices only, as is usual for transformers) and the schedule."""
-    from transformers import get_scheduler
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
-    # At least one step must train at a non-zero rate: HF warm-up starts at lr 0.
-    warmup = min(math.ceil(config.warmup_ratio * total_steps), max(total_steps - 1, 0))
-    # transformers' plain "constant" ignores warmup; its warmup variant honours it.
-    name = "constant_with_warmup" if config.lr_scheduler == "constant" and warmup else config.lr_scheduler
-    return optimizer, get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
-
-
 def rank_micro_batches(items: list, batch_size: int) -> list[tuple[list, float]]:
     """This rank's share of one optimizer step's `items` as (micro-batch, weight) pairs.
 
@@ -234,27 +200,6 @@ def rank_micro_batches(items: list, batch_size: int) -> list[tuple[list, float]]
     count = -(-longest // batch_size)
     micros = [share[i * batch_size : (i + 1) * batch_size] for i in range(count)]
     return [(micro, 1.0) if micro else (items[:1], 0.0) for micro in micros]
-
-
-def check_loss(loss: Tensor, what: str, step: int, epoch: int) -> None:
-    """Stop at the first NaN/inf loss, before it reaches the weights (nothing is saved)."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"{what} is {loss.item()} at optimizer step {step} (epoch {epoch + 1}); stopping without writing a model. "
-            "Lower learning_rate, check the data, or check the starting weights for NaN."
-        )
-
-
-def optimizer_step(model, optimizer, scheduler, max_grad_norm: float | None, step: int, epoch: int) -> dict[str, float]:
-    """Clip, step, zero; returns the pre-clip gradient norm and the learning rate used."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
-    check_loss(grad_norm, "gradient norm", step, epoch)
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"grad_norm": grad_norm.item(), "learning_rate": lr}
 
 
 def run_cli(stage: str, config_cls, train_fn, argv: list[str] | None, summary) -> int:

@@ -23,51 +23,64 @@ from ppo.config_io import (
 )
 from ppo.lr_schedule import SCHEDULES
 
-_SCHEDULERS = ("constant", "linear", "cosine")
-
 # What each key must be (types come from the annotations; None passes where the type allows it).
-# The keys SFTConfig and RewardConfig share:
+# The keys of StageConfig (SFTConfig and RewardConfig share them):
 _STAGE_RULES = {
     "max_length": at_least(2), "learning_rate": above(0), "batch_size": at_least(1),
     "gradient_accumulation_steps": at_least(1), "num_epochs": at_least(1), "weight_decay": at_least(0),
-    "warmup_ratio": between(0, 1), "lr_scheduler": one_of(*_SCHEDULERS), "max_grad_norm": above(0),
+    "warmup_ratio": between(0, 1), "lr_scheduler": one_of(*SCHEDULES), "max_grad_norm": above(0),
     "seed": at_least(0), "eval_fraction": between(0, 1, high_open=True), "logging_steps": at_least(1),
     "dist_timeout_s": above(0), "output_dir": TEXT, "prompt_column": TEXT,
 }
 
 
 @dataclass
-class SFTConfig:
-    """Supervised fine-tuning on prompt/completion pairs: the loss is on completion tokens only."""
+class StageConfig:
+    """The fields SFT and reward-model training share; each stage redefines those whose default or
+    meaning differs (a redefined field keeps its place in the help and the option tables)."""
 
     # --- model and data ---
-    model_name_or_path: str | None = opt(None, "Causal LM to fine-tune: a Hugging Face model directory or hub name.")
+    model_name_or_path: str | None = opt(None, "The model to train: a Hugging Face model directory or hub name.")
     data: str | None = opt(None, "Training data: a JSONL/JSON/CSV/Parquet file or a `datasets` directory.")
     prompt_column: str = opt("prompt", "Column holding the prompt (a string or chat messages).")
-    completion_column: str = opt("completion", "Column holding the target completion.")
-    messages_column: str = opt("messages", "Column holding a whole conversation; the last assistant turn is the completion.")
     skip_bad_rows: bool = opt(False, "Drop malformed rows with a warning instead of stopping at the first one.")
     max_length: int = opt(512, "Cap on prompt + completion tokens; the prompt is cut from the left first.")
 
     # --- optimisation ---
-    learning_rate: float = opt(2e-5, "AdamW peak learning rate (the tiny demo model needs ~1e-3).")
+    learning_rate: float = opt(1e-5, "AdamW peak learning rate (the tiny demo model needs ~1e-3).")
     batch_size: int = opt(8, "Examples per forward/backward pass.")
     gradient_accumulation_steps: int = opt(1, "Passes per optimizer step (effective batch = batch_size * this).")
     num_epochs: int = opt(1, "Passes over the training rows.")
     weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only (not biases or norms).")
-    warmup_ratio: float = opt(0.0, "Share of optimizer steps spent warming the learning rate up from 0.")
+    warmup_ratio: float = opt(0.0, "Share of optimizer steps spent warming the learning rate up linearly (the warm-up of PPO's warmup_steps).")
     lr_scheduler: str = opt("linear", "Learning-rate schedule after warmup: constant, linear or cosine.")
     max_grad_norm: float | None = opt(1.0, "Gradient-norm clip; None disables.")
     seed: int = opt(0, "Seeds shuffling, the eval split and initialisation.")
     eval_fraction: float = opt(0.0, "Share of rows held out to report an eval loss (0: none).")
 
     # --- output ---
-    output_dir: str = opt("sft_output", "Where config.yaml, metrics.jsonl and final/ go.")
+    output_dir: str = opt("stage_output", "Where config.yaml, metrics.jsonl and final/ go.")
     logging_steps: int = opt(10, "Write a metrics.jsonl line every N optimizer steps.")
     progress_bar: bool = opt(True, "Show a progress bar.")
-    save_final: bool = opt(True, "Save the fine-tuned model and tokenizer to output_dir/final.")
+    save_final: bool = opt(True, "Save the trained model and tokenizer to output_dir/final.")
     overwrite: bool = opt(False, "Replace the outputs of another run or a finished one in output_dir (otherwise refused), once the new run has loaded; other files there stay.")
     dist_timeout_s: float = opt(1800.0, "Under torchrun: seconds a collective waits for the other ranks before the run fails.")
+
+    def __post_init__(self) -> None:
+        validate(self, _STAGE_RULES)
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning on prompt/completion pairs: the loss is on completion tokens only."""
+
+    model_name_or_path: str | None = opt(None, "Causal LM to fine-tune: a Hugging Face model directory or hub name.")
+    learning_rate: float = opt(2e-5, "AdamW peak learning rate (the tiny demo model needs ~1e-3).")
+    output_dir: str = opt("sft_output", "Where config.yaml, metrics.jsonl and final/ go.")
+    save_final: bool = opt(True, "Save the fine-tuned model and tokenizer to output_dir/final.")
+    # --- data (SFT's own columns) ---
+    completion_column: str = opt("completion", "Column holding the target completion.")
+    messages_column: str = opt("messages", "Column holding a whole conversation; the last assistant turn is the completion.")
 
     def __post_init__(self) -> None:
         validate(self, SFT_RULES)
@@ -77,44 +90,28 @@ SFT_RULES = {**_STAGE_RULES, "completion_column": TEXT, "messages_column": TEXT}
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(StageConfig):
     """Reward-model training on preference pairs with the Bradley–Terry loss
     `-logsigmoid(r_chosen - r_rejected - margin)`."""
 
-    # --- model and data ---
     model_name_or_path: str | None = opt(None, "A sequence classifier with one label, or a causal LM with init_from_policy.")
-    init_from_policy: bool = opt(False, "Start from a causal-LM checkpoint: same backbone, fresh scalar head.")
     data: str | None = opt(None, "Preference data: a JSONL/JSON/CSV/Parquet file or a `datasets` directory.")
     prompt_column: str = opt("prompt", "Column holding the prompt (may be empty when chosen/rejected are whole texts).")
+    batch_size: int = opt(8, "Preference pairs per forward/backward pass (2x sequences).")
+    num_epochs: int = opt(1, "Passes over the training pairs.")
+    seed: int = opt(0, "Seeds shuffling, the eval split and the fresh score head.")
+    eval_fraction: float = opt(0.1, "Share of pairs held out for pairwise accuracy before and after training.")
+    output_dir: str = opt("reward_output", "Where config.yaml, metrics.jsonl and final/ go.")
+    save_final: bool = opt(True, "Save the reward model and tokenizer to output_dir/final.")
+    # --- model and data (the reward model's own) ---
+    init_from_policy: bool = opt(False, "Start from a causal-LM checkpoint: same backbone, fresh scalar head.")
     chosen_column: str = opt("chosen", "Column holding the preferred completion.")
     rejected_column: str = opt("rejected", "Column holding the dispreferred completion.")
-    skip_bad_rows: bool = opt(False, "Drop malformed rows with a warning instead of stopping at the first one.")
-    max_length: int = opt(512, "Cap on prompt + completion tokens; the prompt is cut from the left first.")
 
     # --- loss ---
     margin: float = opt(0.0, "Bradley–Terry margin: the chosen score must beat the rejected one by this much.")
     group_by_prompt: bool = opt(True, "Shuffle whole prompts, not pairs, so a prompt's pairs share a step and each distinct response is scored once (same loss, less compute when prompts have several pairs).")
     center_rewards_coefficient: float = opt(0.0, "Weight of the auxiliary loss (r_chosen + r_rejected)^2 that keeps scores near 0 (TRL suggests 0.01).")
-
-    # --- optimisation ---
-    learning_rate: float = opt(1e-5, "AdamW peak learning rate (the tiny demo model needs ~1e-3).")
-    batch_size: int = opt(8, "Preference pairs per forward/backward pass (2x sequences).")
-    gradient_accumulation_steps: int = opt(1, "Passes per optimizer step (effective batch = batch_size * this).")
-    num_epochs: int = opt(1, "Passes over the training pairs.")
-    weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only (not biases or norms).")
-    warmup_ratio: float = opt(0.0, "Share of optimizer steps spent warming the learning rate up from 0.")
-    lr_scheduler: str = opt("linear", "Learning-rate schedule after warmup: constant, linear or cosine.")
-    max_grad_norm: float | None = opt(1.0, "Gradient-norm clip; None disables.")
-    seed: int = opt(0, "Seeds shuffling, the eval split and the fresh score head.")
-    eval_fraction: float = opt(0.1, "Share of pairs held out for pairwise accuracy before and after training.")
-
-    # --- output ---
-    output_dir: str = opt("reward_output", "Where config.yaml, metrics.jsonl and final/ go.")
-    logging_steps: int = opt(10, "Write a metrics.jsonl line every N optimizer steps.")
-    progress_bar: bool = opt(True, "Show a progress bar.")
-    save_final: bool = opt(True, "Save the reward model and tokenizer to output_dir/final.")
-    overwrite: bool = opt(False, "Replace the outputs of another run or a finished one in output_dir (otherwise refused), once the new run has loaded; other files there stay.")
-    dist_timeout_s: float = opt(1800.0, "Under torchrun: seconds a collective waits for the other ranks before the run fails.")
 
     def __post_init__(self) -> None:
         validate(self, REWARD_RULES)
@@ -189,7 +186,7 @@ class DemoConfig:
 
     # --- model (a from-scratch Qwen3) ---
     hidden_size: int = opt(128, "Hidden size of the tiny Qwen3 (heads = hidden_size / 32).")
-    num_layers: int = opt(6, "Transformer layers (the reward model reaches 91.6% held-out accuracy with 6, 86% with 4).")
+    num_layers: int = opt(6, "Transformer layers (fewer layers give a less accurate reward model; see docs/demo.md).")
     intermediate_multiple: int = opt(2, "MLP width as a multiple of hidden_size.")
 
     # --- data (prompts are disjoint across splits) ---
@@ -237,7 +234,7 @@ class DemoConfig:
     value_head: str = opt("separate", "'separate': critic copied from the reward model; 'shared': a head on the policy.")
     advantage_estimator: str = opt("gae", "gae (PPO with a critic), grpo, rloo (both need num_generations >= 2) or reinforce_pp; see docs/estimators.md.")
     kl_in_loss: bool = opt(False, "Put the KL to the reference in the policy loss instead of the reward (as the GRPO family does).")
-    precision: str = opt("fp32", "PPO's precision. fp32: these tiny models are bound by per-op overhead, not matmuls, so bf16 buys no time (with bf16 autocast one run reached +23 gold, not +26); bf16 or auto as in PPOConfig.")
+    precision: str = opt("fp32", "PPO's precision. fp32: these tiny models are bound by per-op overhead, not matmuls, so bf16 buys no time (see docs/demo.md); bf16 or auto as in PPOConfig.")
 
     # --- evaluation and report ---
     best_of_n: int = opt(4, "Samples per prompt of the best-of-n baseline (picked by the reward model).")

@@ -6,7 +6,7 @@ The recipe, top to bottom (`train_reward_model`):
        scalar head with `init_from_policy`), the tokenizer and the pairs; hold out `eval_fraction`
     3. tokenize prompt + chosen and prompt + rejected exactly as PPO will score a policy sample:
        the prompt's ids, then the completion's ids ending in EOS
-    4. AdamW + a transformers learning-rate schedule
+    4. AdamW + the learning-rate schedule every stage uses (`ppo.optim`)
     5. pairwise accuracy before training; epochs of the Bradley–Terry loss
        `-logsigmoid(r_chosen - r_rejected - margin)` (+ the optional centering term)
     6. accuracy after training, then output_dir/final (AutoModelForSequenceClassification,
@@ -29,29 +29,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from ppo import distributed as dist
 from ppo.config import ConfigError, RewardConfig
 from ppo.forward import sequence_scores
-from ppo.sft import collate, encode_prompt_completion
+from ppo.optim import build_optimizer, check_loss, optimizer_step
+from ppo.preference import Pair, encode_pairs, evaluate_pairs, pair_scores, pairwise_loss
+from ppo.rewards.model import check_reward_model
 from ppo.stage import (
-    build_optimizer,
-    check_loss,
     check_output_dir,
     finish_outputs,
     given_or_loaded_rows,
-    optimizer_step,
     rank_micro_batches,
     run_cli,
     split_rows,
     start_outputs,
     step_groups,
 )
-
-Pair = tuple[list[int], list[int]]  # token ids of (prompt + chosen, prompt + rejected)
-
 
 # ----------------------------------------------------------------------------------------------
 # Models
@@ -79,19 +74,6 @@ def reward_model_from_policy(policy_dir_or_model):
     body.load_state_dict(source.state_dict())
     reference = next(policy.parameters())
     return model.to(device=reference.device, dtype=reference.dtype)
-
-
-def check_reward_model(model, source: str = "the reward model") -> None:
-    """Raise unless `model` is a sequence classifier with exactly one label."""
-    has_head = getattr(model, "score", None) is not None or getattr(model, "classifier", None) is not None
-    labels = getattr(getattr(model, "config", None), "num_labels", None)
-    if not has_head or not hasattr(model, "base_model_prefix"):
-        raise ValueError(
-            f"{source} is a {type(model).__name__}, not a sequence classifier (AutoModelForSequenceClassification, "
-            "num_labels=1); to start a reward model from a causal LM set init_from_policy=true"
-        )
-    if labels != 1:
-        raise ValueError(f"{source} has {labels} labels; a reward model has exactly one (num_labels=1)")
 
 
 def load_reward_model(config: RewardConfig, model=None, tokenizer=None):
@@ -134,33 +116,8 @@ def load_reward_model(config: RewardConfig, model=None, tokenizer=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Scores and loss
+# Steps and gradients
 # ----------------------------------------------------------------------------------------------
-
-
-def encode_pairs(tokenizer, rows: list[dict], max_length: int) -> list[Pair]:
-    """Token ids of prompt + chosen and prompt + rejected for each row (EOS-terminated)."""
-    return [
-        (
-            encode_prompt_completion(tokenizer, r["prompt"], r["chosen"], max_length)[0],
-            encode_prompt_completion(tokenizer, r["prompt"], r["rejected"], max_length)[0],
-        )
-        for r in rows
-    ]
-
-
-def pair_scores(model, pairs: list[Pair], pad_id: int, scorer=None) -> tuple[Tensor, Tensor]:
-    """Scores `[B]` of the chosen and `[B]` of the rejected sequences, in one forward pass over the
-    distinct sequences among them: when several pairs share a prompt (K responses give up to K(K-1)/2
-    pairs, as in InstructGPT) each response is scored once and its score feeds every pair it is in.
-    `scorer(input_ids, attention_mask)` replaces `sequence_scores(model, ...)` (a DDP-wrapped call)."""
-    slots: dict[tuple[int, ...], int] = {}
-    index = [slots.setdefault(tuple(seq), len(slots)) for seq in [c for c, _ in pairs] + [r for _, r in pairs]]
-    batch = collate([list(seq) for seq in slots], pad_id)
-    device = next(model.parameters()).device
-    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    scores = (scorer(ids, mask) if scorer is not None else sequence_scores(model, ids, mask))[torch.tensor(index, device=device)]
-    return scores[: len(pairs)], scores[len(pairs) :]
 
 
 def prompt_grouped_steps(prompts: list[str], per_step: int, num_epochs: int, seed: int):
@@ -170,46 +127,6 @@ def prompt_grouped_steps(prompts: list[str], per_step: int, num_epochs: int, see
     for i, prompt in enumerate(prompts):
         units.setdefault(prompt or ("no prompt", i), []).append(i)  # whole-text pairs share nothing
     return step_groups(len(prompts), per_step, num_epochs, seed, list(units.values()))
-
-
-def pairwise_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0, center_coef: float = 0.0) -> Tensor:
-    """Per-pair loss `[B]` from scores `[B]`, `[B]`: the Bradley–Terry negative log-likelihood
-    `-logsigmoid(r_c - r_r - margin)` plus `center_coef * (r_c + r_r)^2`.
-
-    The margin asks chosen to win by at least that much (Llama 2, Touvron et al., 2023); the
-    centering term (Eisenstein et al., 2023) pins the free offset of the scores near 0, which the
-    pairwise loss alone leaves undetermined.
-    """
-    loss = -torch.nn.functional.logsigmoid(chosen - rejected - margin)
-    if center_coef:
-        loss = loss + center_coef * (chosen + rejected) ** 2
-    return loss
-
-
-@torch.no_grad()
-def evaluate_pairs(model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 512, margin: float = 0.0) -> dict[str, float]:
-    """On preference rows: `accuracy` (share with r_chosen > r_rejected, ties count as wrong),
-    `loss` (mean Bradley–Terry loss with `margin`) and `score_gap` (mean r_chosen - r_rejected)."""
-    was_training = model.training
-    model.eval()
-    chosen, rejected = [torch.zeros(0)], [torch.zeros(0)]
-    mine = rows[dist.shard_slice(len(rows))]  # under torchrun each rank scores its share
-    for start in range(0, len(mine), batch_size):
-        c, r = pair_scores(model, encode_pairs(tokenizer, mine[start : start + batch_size], max_length), tokenizer.pad_token_id)
-        chosen.append(c.cpu())
-        rejected.append(r.cpu())
-    model.train(was_training)
-    chosen, rejected = dist.all_gather_rows(torch.cat(chosen).to(dist.device())), dist.all_gather_rows(torch.cat(rejected).to(dist.device()))
-    return {
-        "accuracy": (chosen > rejected).float().mean().item(),
-        "loss": pairwise_loss(chosen, rejected, margin).mean().item(),
-        "score_gap": (chosen - rejected).mean().item(),
-    }
-
-
-def pairwise_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 512) -> float:
-    """Share of {"prompt", "chosen", "rejected"} rows where the model scores chosen above rejected."""
-    return evaluate_pairs(model, tokenizer, rows, batch_size, max_length)["accuracy"]
 
 
 def accumulate_reward_gradients(model, pairs: list[Pair], config: RewardConfig, pad_id: int, step: int, epoch: int, scorer=None) -> tuple[float, float]:
@@ -303,7 +220,9 @@ def preference_rows(config: RewardConfig, tokenizer, rows) -> list[dict[str, str
     """{"prompt", "chosen", "rejected"} rows: `rows` as given when already in that form, else read
     with `ppo.formats.load_preference_rows` (from `rows` or from the file `config.data`)."""
     def load(source):
-        from ppo.formats import load_preference_rows  # formats pulls in `datasets`; only needed for files
+        from ppo.formats import (
+            load_preference_rows,  # formats pulls in `datasets`; only needed for files
+        )
 
         return load_preference_rows(source, tokenizer, prompt_column=config.prompt_column, chosen_column=config.chosen_column,
                                     rejected_column=config.rejected_column, skip_bad_rows=config.skip_bad_rows)

@@ -31,6 +31,7 @@ from ppo.fastpath.last_layer import pruning
 from ppo.lr_schedule import lr_factor, set_learning_rates
 from ppo.fastpath.host_memory import memory_releaser
 from ppo.fastpath.onednn_linear import resolve_fp32_matmul
+from ppo.optim import build_adamw
 from ppo.rewards import RewardSources
 from ppo.roles import (
     apply_lora,
@@ -120,9 +121,13 @@ class PPOTrainer:
                 enable_activation_checkpointing(module)
                 module.train()  # HF checkpoints only in train mode; dropout is already off
         self._distribute(config.strategy)  # before the optimizers: FSDP2 replaces the parameters
-        self.optimizers = {"policy": self._adamw(self.policy, config.learning_rate)}
-        if self.critic is not None:
-            self.optimizers["critic"] = self._adamw(self.critic.module, config.value_learning_rate or config.learning_rate)
+        self.optimizers = {
+            "policy": build_adamw(self.policy, config.learning_rate, config.weight_decay, config.optimizer),
+        }
+        if self.critic is not None:  # critic-free estimators train the policy only
+            self.optimizers["critic"] = build_adamw(
+                self.critic.module, config.value_learning_rate or config.learning_rate, config.weight_decay, config.optimizer
+            )
         if config.adap_kl_ctrl:
             self.kl_controller = F.AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         else:
@@ -138,7 +143,8 @@ class PPOTrainer:
         self.global_step = 0
         self.planned_steps: int | None = None  # set by train(): the length of an lr schedule
         self.max_prompt_tokens: int | None = self.prompt_budget(config.max_length)
-        self.scorer = Scorer(self.policy, self.ref_model, self.update_critic, self.rewards, config, self.autocast, tokenizer.pad_token_id)
+        self.scorer = Scorer(self.policy, self.ref_model, self.update_critic, self.rewards, config, self.autocast, tokenizer.pad_token_id,
+                             self.precision)
 
     def _distribute(self, strategy: str) -> None:
         """The update trains through DDP / FSDP2 wrappers (the modules themselves in one process);
@@ -149,23 +155,6 @@ class PPOTrainer:
         self.update_critic = CriticCall(self.critic, strategy) if self.critic is not None else None
         if self.ref_model is not None:
             self.ref_model = dist.wrap_frozen(self.ref_model, strategy)
-
-    def _adamw(self, module: torch.nn.Module, lr: float) -> torch.optim.AdamW:
-        params = [p for p in module.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(f"{type(module).__name__} has no trainable parameters")
-        if self.config.optimizer == "adamw_8bit":
-            if not torch.cuda.is_available():
-                raise ValueError("optimizer=adamw_8bit needs a CUDA GPU (bitsandbytes); use optimizer=adamw on CPU")
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise ImportError("optimizer=adamw_8bit needs bitsandbytes: pip install bitsandbytes") from None
-            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=self.config.weight_decay)
-        # fused: one kernel over all parameters (CPU and CUDA, fp32/bf16 params); the per-tensor
-        # foreach path was ~4x slower per step on CPU and issued ~10k small ops per PPO iteration.
-        fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) and p.device.type in ("cpu", "cuda") for p in params)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay, fused=fused or None)
 
     def autocast(self):
         """A fresh mixed-precision context for one forward pass (a no-op in fp32)."""
@@ -230,6 +219,10 @@ class PPOTrainer:
             **timing,
         }
 
+    def wants_rollout_logprobs(self) -> bool:
+        """Whether pi_old comes from the sampling pass (`rollout_logprobs`, auto resolved)."""
+        return self.scorer.wants_rollout_logprobs()
+
     def plan_step(self, n_prompts: int) -> BatchPlan:
         """The batch sizes of a step on `n_prompts` prompts per rank (every rank must pass as many)."""
         shares = dist.all_gather_objects(n_prompts)  # prompts on each rank
@@ -256,11 +249,15 @@ class PPOTrainer:
         return advantages.estimate(self.scorer(rollout, prompts, completions), self.config, self.kl_controller.value)
 
     # ------------------------------------------------------------------------------------------
-    def train(self, prompts, num_epochs: int = 1, max_length: int | None = None) -> list[dict[str, Any]]:
-        """The PPO loop over a prompt list or a `datasets.Dataset`; see ppo.loop.train_loop."""
+    def train(self, prompts, num_epochs: int | None = None, max_length: int | None = None,
+              on_step=None, max_steps: int | None = None) -> list[dict[str, Any]]:
+        """The PPO loop over a prompt list or a `datasets.Dataset`; see ppo.loop.train_loop (also for
+        the per-step callback `on_step` and `max_steps`). `num_epochs=None`: the config's `num_epochs`
+        (an explicit argument wins); `max_length=None`: the config's, already applied in __init__."""
         from ppo.loop import train_loop  # the loop lives in its own file (checkpointing, logging)
 
-        return train_loop(self, prompts, num_epochs=num_epochs, max_length=max_length)
+        epochs = self.config.num_epochs if num_epochs is None else num_epochs
+        return train_loop(self, prompts, num_epochs=epochs, max_length=max_length, on_step=on_step, max_steps=max_steps)
 
     def save_pretrained(self, output_dir: str) -> None:
         """The policy and tokenizer as a plain Hugging Face directory. With LoRA: the adapter (peft

@@ -34,6 +34,18 @@ from ppo.config import BatchPlan, PPOConfig
 from ppo.forward import policy_logprobs
 
 
+# The rollout/training mismatch, measured on the first mini-batch of the first epoch: there the policy
+# has the weights that sampled and scored the batch, so the update's forward (pi_train) should equal
+# pi_old and the sampling pass's log-probs (pi_rollout) to float rounding. docs/precision.md.
+ROLLOUT_DIFF = "rollout_logprob_abs_diff"  # a micro-batch's mean |log pi_train - log pi_rollout|
+FIRST_MINIBATCH_STATS = {
+    ROLLOUT_DIFF: "mismatch/logprob_abs_diff",
+    "ratio_mean": "mismatch/first_ratio_mean",
+    "clipfrac": "mismatch/first_clipfrac",
+    "approx_kl": "mismatch/first_approx_kl",
+}
+
+
 def policy_loss(mb: ScoredBatch, policy, critic, config: PPOConfig, kl_coef: float = 0.0):
     """The clipped policy loss (minus the entropy bonus, plus `kl_coef` x the KL to the reference
     with `kl_in_loss`) of a micro-batch, its statistics, and the policy's hidden states when a shared
@@ -43,12 +55,19 @@ def policy_loss(mb: ScoredBatch, policy, critic, config: PPOConfig, kl_coef: flo
         policy, mb.input_ids, mb.attention_mask, mb.response_width, config.temperature,
         with_entropy=want_entropy, output_hidden=critic is not None and critic.uses_policy_hidden,
     )
-    loss, stats = F.clipped_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, config.clip_range)
+    weights = None
+    if config.tis_cap is not None and mb.rollout_logprobs is not None:
+        weights = F.truncated_importance_weights(mb.logprobs, mb.rollout_logprobs, mb.response_mask, config.tis_cap)
+    loss, stats = F.clipped_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, config.clip_range, weights)
     stats = {"policy_loss": loss.detach(), **stats}
     if config.kl_in_loss:
         kl = F.kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, config.kl_loss_estimator)
         loss = loss + kl_coef * kl
         stats["kl_loss"] = kl.detach()
+    if weights is not None:
+        stats["tis_weight_mean"] = F.masked_mean(weights, mb.response_mask)
+    if mb.rollout_logprobs is not None:  # kept for the first mini-batch only (ppo_update)
+        stats[ROLLOUT_DIFF] = F.mean_abs_diff(logprobs.detach(), mb.rollout_logprobs, mb.response_mask)
     if want_entropy:
         mean_entropy = F.masked_mean(entropy, mb.response_mask)
         loss = loss - config.entropy_coef * mean_entropy
@@ -124,7 +143,7 @@ def ppo_update(
     passes = _passes(policy, critic, config, kl_coef, train_policy)
     history: dict[str, list[Tensor]] = defaultdict(list)
     epochs_run = 0
-    for _epoch in range(config.ppo_epochs):
+    for epoch in range(config.ppo_epochs):
         order = torch.randperm(len(batch), generator=generator)
         epoch_kl = []
         for start in range(0, len(batch), plan.mini_batch):
@@ -141,8 +160,12 @@ def ppo_update(
                             loss, stats = loss_of(mb)
                         (loss * weights[i]).backward()
                     total_loss[i] = total_loss[i] + loss.detach()
+                    first = epoch == 0 and start == 0
                     for key, value in stats.items():
-                        history[key].append(value)
+                        if key in FIRST_MINIBATCH_STATS and first:
+                            history[FIRST_MINIBATCH_STATS[key]].append(value)
+                        if key != ROLLOUT_DIFF:
+                            history[key].append(value)
                 for name in names:
                     if config.max_grad_norm is not None:
                         history[f"grad_norm/{name}"].append(dist.clip_grad_norm(param_sets[name], config.max_grad_norm))

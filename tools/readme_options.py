@@ -1,4 +1,4 @@
-"""Regenerate the README's option tables, and configs/demo.yaml (every demo option at its default,
+"""Regenerate the option tables of docs/options.md, and configs/demo.yaml (every demo option at its default,
 its help as a comment), from the config dataclasses' help strings.
 
     python tools/readme_options.py          rewrite both in place
@@ -50,7 +50,7 @@ def demo_yaml() -> str:
 
 
 def main() -> int:
-    targets = {ROOT / "README.md": render((ROOT / "README.md").read_text(encoding="utf-8")),
+    targets = {ROOT / "docs" / "options.md": render((ROOT / "docs" / "options.md").read_text(encoding="utf-8")),
                ROOT / "configs" / "demo.yaml": demo_yaml()}
     stale = [path for path, fresh in targets.items() if not path.exists() or path.read_text(encoding="utf-8") != fresh]
     if "--check" in sys.argv:

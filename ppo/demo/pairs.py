@@ -56,7 +56,8 @@ def refresh_reward_model(config: DemoConfig, reward_model, ppo_policy, tokenizer
     import random
 
     from ppo.config import RewardConfig
-    from ppo.train_reward import pairwise_accuracy, train_reward_model
+    from ppo.preference import pairwise_accuracy
+    from ppo.train_reward import train_reward_model
 
     prompts = sorted({r["prompt"] for r in reward_rows["train"]})[: config.refresh_prompts]
     fresh = policy_pairs(config, ppo_policy, tokenizer, task, prompts)

@@ -69,7 +69,7 @@ def format_targets(summary: dict) -> str:
     """The closing block of the demo: time per stage, the results table, the targets."""
     lines = ["", "== wall time per stage =="]
     lines += [f"  {name:<22} {seconds:7.1f} s" for name, seconds in summary["times"].items()]
-    lines += ["", "== held-out evaluation (%d prompts) ==" % summary["plan"]["n_eval"], _text_table(summary), ""]
+    lines += ["", f"== held-out evaluation ({summary['plan']['n_eval']} prompts) ==", _text_table(summary), ""]
     lines.append("== targets (issue 3) ==")
     for t in summary["targets"]:
         lines.append(f"  [{'PASS' if t['passed'] else 'MISS'}] {t['name']}: {t['value']} (target {t['target']})")

@@ -209,8 +209,9 @@ def run_reward(config: DemoConfig, plan: DemoPlan, policy, tokenizer, task, rows
     from transformers import AutoModelForSequenceClassification
 
     from ppo.demo.pairs import policy_pairs
+    from ppo.preference import pairwise_accuracy
     from ppo.stage import split_rows
-    from ppo.train_reward import pairwise_accuracy, train_reward_model
+    from ppo.train_reward import train_reward_model
 
     train_task, held_task = split_rows(rows, config.reward_eval_fraction, config.seed)
     train_policy = policy_pairs(config, policy, tokenizer, task, [r["prompt"] for r in train_task])
@@ -267,43 +268,31 @@ class RewardRefresh:
 
 
 def run_ppo(config: DemoConfig, plan: DemoPlan, sft_policy, tokenizer, reward_model, rows, out: Path, refresh=None) -> list[dict]:
-    """PPO steps against the reward model; returns one record per step (with the gold score).
-    `refresh(step, policy)` runs after each step (the reward model's second round)."""
-    from tqdm.auto import tqdm
-
+    """PPO steps against the reward model (`PPOTrainer.train`, `plan.ppo_steps` of them); returns one
+    record per step (with the gold score). `refresh(step, policy)` runs after each step (the reward
+    model's second round)."""
     from ppo import PPOTrainer
     from ppo.demo.task import gold_reward
-    from ppo.loop import epoch_order
-    from ppo.metrics import MetricsLogger
 
     cfg = ppo_config(config, plan, out)
     save_config(cfg, out / "ppo" / "config.yaml")
     policy = load_policy(out / "sft" / "final")
     trainer = PPOTrainer(cfg, model=policy, tokenizer=tokenizer, reward_model=reward_model, ref_model=sft_policy)
-    logger, history = MetricsLogger(out / "ppo"), []
-    per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    bar = tqdm(range(plan.ppo_steps), desc="ppo", disable=not config.progress_bar, dynamic_ncols=True)
-    for step in bar:
-        # The same data order as PPOTrainer.train: each epoch a permutation drawn from the seed.
-        epoch, b = divmod(step, per_epoch)
-        order = epoch_order(len(rows), cfg.seed, epoch)[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-        prompts = [rows[i]["prompt"] for i in order]
-        stats = trainer.step(prompts)
+
+    def on_step(stats: dict, batch_rows: list[dict]) -> dict:
         # The oracle scores the samples for the report only: nothing of it reaches the update.
-        repeated = [p for p in prompts for _ in range(cfg.num_generations)]
+        repeated = [r["prompt"] for r in batch_rows for _ in range(cfg.num_generations)]
         gold = gold_reward(repeated, stats["generated_texts"])
-        record = {"step": step + 1, "proxy": stats["rewards/reward_model"], "gold": sum(gold) / len(gold),
-                  **{k: stats[k] for k in ("mean_reward", "kl", "kl_coef", "entropy", "response_length", "eos_fraction",
-                                           "clipfrac", "explained_variance") if k in stats}}  # no critic: no explained variance
-        history.append(record)
-        logger.log(step + 1, record)
-        bar.set_postfix(proxy=f"{record['proxy']:.2f}", gold=f"{record['gold']:.1f}", kl=f"{record['kl']:.2f}")
         if refresh is not None:
-            refresh(step + 1, trainer.policy)
-    bar.close()
-    logger.close()
-    trainer.save_pretrained(str(out / "ppo" / "final"))
-    return history
+            refresh(trainer.global_step, trainer.policy)
+        return {"proxy": stats["rewards/reward_model"], "gold": sum(gold) / len(gold)}
+
+    epochs = math.ceil(plan.ppo_steps / math.ceil(len(rows) / cfg.batch_size))
+    history = trainer.train(rows, num_epochs=epochs, on_step=on_step, max_steps=plan.ppo_steps)
+    keys = ("proxy", "gold", "mean_reward", "kl", "kl_coef", "entropy", "response_length", "eos_fraction", "clipfrac",
+            "explained_variance")
+    # A critic-free estimator has no explained variance: its records simply lack the key.
+    return [{"step": i + 1, **{k: stats[k] for k in keys if k in stats}} for i, stats in enumerate(history)]
 
 
 def load_policy(path: Path):
@@ -315,7 +304,7 @@ def load_policy(path: Path):
 def evaluate_all(config: DemoConfig, sft_policy, ppo_policy, tokenizer, reward_model, rows, margin: float) -> dict[str, dict]:
     """SFT, best-of-n from SFT and PPO on the same held-out prompts and sampling settings."""
     from ppo.demo.task import gold_reward
-    from ppo.evaluate import evaluate_policy
+    from ppo.measures import evaluate_policy
     from ppo.rollout import SamplingParams
 
     sampling = SamplingParams(config.max_new_tokens, config.temperature, stop_token_ids=(tokenizer.eos_token_id,))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,17 +38,37 @@ class RewardSources:
     def score(self, input_ids: Tensor, attention_mask: Tensor, prompts: list[str], completions: list[str], completion_ids: list[list[int]], extras: dict[str, list[Any]], rows_per_forward: int | None = None) -> tuple[Tensor, dict[str, float]]:
         """`[B]` weighted scores and each source's mean (for the metrics); the reward model sees
         `rows_per_forward` sequences per forward (None: all at once)."""
+        per_source = self.score_each(
+            input_ids, attention_mask, prompts, completions, completion_ids, extras, rows_per_forward
+        )
+        # float64 (the Python floats themselves) and rounded to fp32 once, at the end. Not a matmul:
+        # this runs inside the scoring pass's autocast, where `per_source @ weights` became a bf16
+        # matmul and a reward of 1/9 reached GAE as 0.111328125.
+        scores = (per_source * torch.tensor(self.weights, dtype=torch.float64)).sum(dim=1).float()
+        means = {f"rewards/{name}": per_source[:, i].mean().item() for i, name in enumerate(self.names)}
+        return scores.to(input_ids.device), means
+
+    def score_each(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        prompts: list[str],
+        completions: list[str],
+        completion_ids: list[list[int]],
+        extras: dict[str, list[Any]],
+        rows_per_forward: int | None = None,
+    ) -> Tensor:
+        """`[B, sources]` unweighted float64 scores on the CPU, one column per source in `names` order;
+        raises on the first NaN/inf, naming the source and the sample."""
         columns: list[Tensor] = []
         if self.reward_model is not None:
-            columns.append(reward_model_scores(self.reward_model, input_ids, attention_mask, prompts, completions, self.reward_tokenizer, rows_per_forward).cpu())
+            columns.append(reward_model_scores(self.reward_model, input_ids, attention_mask, prompts, completions, self.reward_tokenizer, rows_per_forward).cpu().double())
         for func in self.funcs:
             values = call_reward_function(func, prompts, completions, completion_ids, extras, self.timeout_s, self.max_abs)
-            columns.append(torch.tensor(values, dtype=torch.float32))
-        per_source = torch.stack(columns, dim=1)  # [B, sources]
+            columns.append(torch.tensor(values, dtype=torch.float64))
+        per_source = torch.stack(columns, dim=1)  # [B, sources] float64: each source's own values
         bad = (~torch.isfinite(per_source)).nonzero()
         if len(bad):
             row, col = bad[0].tolist()
             raise ValueError(f"{self.names[col]} gave {per_source[row, col].item()} for sample {row} (prompt {prompts[row][:80]!r}); refusing to train on it")
-        scores = per_source @ torch.tensor(self.weights)
-        means = {f"rewards/{name}": per_source[:, i].mean().item() for i, name in enumerate(self.names)}
-        return scores.to(input_ids.device), means
+        return per_source

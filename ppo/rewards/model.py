@@ -39,3 +39,16 @@ def reward_model_scores(
         return sequence_scores(reward_model, encoded["input_ids"].to(device), encoded["attention_mask"].to(device))
 
     return by_rows(score_texts, rows_per_forward, texts)
+
+
+def check_reward_model(model, source: str = "the reward model") -> None:
+    """Raise unless `model` is a sequence classifier with exactly one label."""
+    has_head = getattr(model, "score", None) is not None or getattr(model, "classifier", None) is not None
+    labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if not has_head or not hasattr(model, "base_model_prefix"):
+        raise ValueError(
+            f"{source} is a {type(model).__name__}, not a sequence classifier (AutoModelForSequenceClassification, "
+            "num_labels=1); to start a reward model from a causal LM set init_from_policy=true"
+        )
+    if labels != 1:
+        raise ValueError(f"{source} has {labels} labels; a reward model has exactly one (num_labels=1)")

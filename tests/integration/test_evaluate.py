@@ -1,4 +1,5 @@
-"""`ppo.evaluate` on tiny models built locally: KL, accuracy, best-of-n, perplexity, and the CLI."""
+"""`ppo.measures` and the `ppo.evaluate` recipe on tiny models built locally: KL, accuracy, best-of-n,
+perplexity, and the CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from ppo.demo.tiny import TinyModelSpec, build_policy
-from ppo.evaluate import evaluate_policy, main, normalise_answer, perplexity
+from ppo.evaluate import main
+from ppo.measures import evaluate_policy, normalise_answer, perplexity
 from ppo.rewards.builtin import exact_match
 from ppo.rollout import SamplingParams
 
@@ -173,3 +175,37 @@ def test_cli_refuses_another_run_and_misspelt_keys(saved, capsys):
     assert (out / "eval.json").read_text() == before
     assert main(base + ["temprature=0.5"]) == 2
     assert "Did you mean 'temperature'" in capsys.readouterr().err
+
+
+def test_cli_scores_a_reward_model_with_its_own_tokenizer_on_re_tokenized_text(saved, tiny_tokenizer):
+    from ppo.demo.tiny import build_reward_model, build_tokenizer
+    from ppo.forward import sequence_scores
+    from ppo.rewards.model import render_for_reward_tokenizer
+
+    words = [f"w{i}" for i in range(29)] + ["user", "assistant", ":"]
+    rm_tokenizer = build_tokenizer(list(reversed(words)))  # the same words under other ids
+    rm = build_reward_model(rm_tokenizer, TinyModelSpec(hidden_size=64, num_layers=2), seed=3).eval()
+    rm.save_pretrained(saved / "rm_own")
+    rm_tokenizer.save_pretrained(saved / "rm_own")
+    out = saved / "eval_own"
+    assert main([f"model_name_or_path={saved / 'policy'}", f"reward_model_path={saved / 'rm_own'}",
+                 f"prompts_file={saved / 'prompts.jsonl'}", "max_new_tokens=4", f"output_dir={out}"]) == 0
+    generations = json.loads((out / "eval.json").read_text())["generations"]
+    expected, on_policy_ids = [], []
+    with torch.no_grad():
+        for g in generations:
+            text = render_for_reward_tokenizer(rm_tokenizer, g["prompt"], g["completion"])
+            for tok, scores in ((rm_tokenizer, expected), (tiny_tokenizer, on_policy_ids)):
+                enc = tok([text], return_tensors="pt", add_special_tokens=False)
+                scores.append(sequence_scores(rm, enc["input_ids"], enc["attention_mask"]).item())
+    assert [g["reward_model"] for g in generations] == pytest.approx(expected, abs=1e-5)
+    # The premise: the policy's token ids would have given other scores.
+    assert max(abs(a - b) for a, b in zip(expected, on_policy_ids)) > 1e-3
+
+
+def test_a_nan_reward_model_score_stops_evaluation_naming_the_source(tiny_policy, tiny_tokenizer, tiny_reward_model):
+    with torch.no_grad():
+        tiny_reward_model.score.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="reward_model gave nan for sample 0"):
+        evaluate_policy(tiny_policy, tiny_tokenizer, PROMPTS, reward_model=tiny_reward_model,
+                        sampling=sampling(tiny_tokenizer), seed=0)

@@ -11,18 +11,11 @@ import pytest
 import torch
 import yaml
 
+from ppo.collate import IGNORE_INDEX, collate, encode_prompt_completion, sft_labels
 from ppo.config import SFTConfig
 from ppo.demo.tiny import TinyModelSpec, build_policy, build_tokenizer
-from ppo.sft import (
-    IGNORE_INDEX,
-    collate,
-    completion_loss_sum,
-    encode_prompt_completion,
-    evaluate_sft_loss,
-    main,
-    sft_labels,
-    train_sft,
-)
+from ppo.forward import completion_loss_sum
+from ppo.sft import evaluate_sft_loss, main, train_sft
 from ppo.stage import OutputDirError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread

@@ -10,20 +10,13 @@ import pytest
 import torch
 import yaml
 
+from ppo.collate import collate
 from ppo.config import RewardConfig
 from ppo.demo.tiny import TinyModelSpec, build_reward_model, build_tokenizer
 from ppo.forward import sequence_scores
-from ppo.sft import collate
+from ppo.preference import encode_pairs, evaluate_pairs, pairwise_accuracy, pairwise_loss
 from ppo.stage import OutputDirError
-from ppo.train_reward import (
-    encode_pairs,
-    evaluate_pairs,
-    main,
-    pairwise_accuracy,
-    pairwise_loss,
-    reward_model_from_policy,
-    train_reward_model,
-)
+from ppo.train_reward import main, reward_model_from_policy, train_reward_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
@@ -183,7 +176,7 @@ def test_cli_trains_from_jsonl_and_rejects_misspelt_keys(tiny_reward_model, tiny
 def test_shared_responses_are_scored_once_with_the_same_scores_and_gradients(tiny_reward_model, tiny_tokenizer):
     """K responses to one prompt as all their pairs: the deduplicated pass (one row per distinct
     response) gives the scores and the gradient of scoring every pair's two rows separately."""
-    from ppo.train_reward import pair_scores
+    from ppo.preference import pair_scores
 
     responses = ["w3 w4", "w5", "w6 w7 w8", "w9"]
     rows = [{"prompt": "w1 w2", "chosen": a, "rejected": b} for i, a in enumerate(responses) for b in responses[i + 1 :]]

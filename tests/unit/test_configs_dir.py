@@ -13,7 +13,7 @@ KINDS = {"sft": C.SFTConfig, "reward": C.RewardConfig, "ppo": C.PPOConfig, "eval
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_config_loads(path):
     kind = path.stem.rsplit("-", 1)[-1]
-    cls = KINDS.get(kind) or getattr(C, "DemoConfig")
+    cls = KINDS.get(kind) or C.DemoConfig
     C.load_config(cls, path)
 
 

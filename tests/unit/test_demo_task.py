@@ -182,7 +182,7 @@ def test_preferences_are_learnable_by_a_linear_scorer():
         diffs.append({k: fc.get(k, 0.0) - fr.get(k, 0.0) for k in fc.keys() | fr.keys()})
     train, test = diffs[:900], diffs[900:]
     w, rng = {}, random.Random(0)
-    for epoch in range(8):  # logistic regression on (chosen - rejected), plain SGD
+    for _epoch in range(8):  # logistic regression on (chosen - rejected), plain SGD
         rng.shuffle(train)
         for d in train:
             margin = sum(w.get(k, 0.0) * v for k, v in d.items())

