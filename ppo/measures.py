@@ -125,7 +125,7 @@ def _best_of(model, tokenizer, rows, sources, ref_model, sampling, n, prompt_col
         # The same scoring path as PPO's: NaN checks, and re-tokenizing for a reward_tokenizer.
         per_column = sources.score_each(ids, mask, batch.texts, texts, completion_ids, batch.extras)
         per_source = dict(zip(sources.names, per_column.unbind(1)))
-        scores = per_column @ torch.tensor(sources.weights)
+        scores = (per_column @ torch.tensor(sources.weights, dtype=per_column.dtype)).float()  # float64 columns since i17b
     kl = None
     if ref_model is not None:
         # Both at the sampling temperature: the distribution the samples actually came from.
