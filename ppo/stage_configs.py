@@ -15,6 +15,7 @@ from ppo.config_io import (
     above,
     at_least,
     between,
+    check_choice,
     check_list_items,
     one_of,
     opt,
@@ -341,6 +342,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         validate(self, DEMO_RULES)
+        check_choice("advantage_estimator", self.advantage_estimator, ("gae", "grpo", "rloo", "reinforce_pp"))
         rollout = self.ppo_batch_size * self.num_generations
         if self.ppo_mini_batch_size is not None and self.ppo_mini_batch_size > rollout:
             raise ConfigError(
@@ -405,6 +407,5 @@ DEMO_RULES = {
     "value_head": one_of("separate", "shared"),
     "precision": one_of("fp32", "bf16", "auto"),
     "ppo_lr_scheduler": one_of(*SCHEDULES),  # the PPO trainer's own
-    "advantage_estimator": one_of("gae", "grpo", "rloo", "reinforce_pp"),
     "output_dir": TEXT,
 }
