@@ -45,7 +45,7 @@ PROMPTS = [" ".join(f"w{(i * 5 + j) % 29}" for j in range(1 + i % 3)) for i in r
 # The reward function of the CLI jobs: it raises signals / lowers the file-size limit at the
 # reward call (= the step) named by the environment.
 REWARD_FILE = """
-import os, resource, signal
+import os, resource, signal, time
 calls = {"n": 0}
 
 def words(completions, **kw):
@@ -54,6 +54,10 @@ def words(completions, **kw):
         at, name = item.split(":")
         if int(at) == calls["n"]:
             os.kill(os.getpid(), getattr(signal, "SIG" + name))
+            # Reward functions run in a worker thread (reward_timeout_s): the main thread handles the
+            # signal while it waits. Two signals sent back to back would reach it as one, as two
+            # presses of Ctrl-C never do: give it the moment a person's second press would.
+            time.sleep(0.5)
     at, _, limit = os.environ.get("FAULT_FSIZE", "").partition(":")
     if at and int(at) == calls["n"]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))

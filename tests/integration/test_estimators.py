@@ -251,7 +251,7 @@ def gold_fraction(prompts, completions, **kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["gae", "grpo", "rloo", "reinforce_pp"])
 def test_each_estimator_trains_the_demo_policy_above_its_sft_start(demo_sft, tmp_path, estimator):
-    """12 steps of 64 sampled responses from the SFT policy, the task's oracle as the reward (what
+    """20 steps of 64 sampled responses from the SFT policy, the task's oracle as the reward (what
     is tested is the estimator, not a reward model); then the held-out gold score, sampled."""
     sft, tokenizer, splits, sft_gold = demo_sft
     gens = 4 if estimator in ("grpo", "rloo") else 1
@@ -275,7 +275,7 @@ def test_each_estimator_trains_the_demo_policy_above_its_sft_start(demo_sft, tmp
     trainer = PPOTrainer(cfg, copy.deepcopy(sft), tokenizer, reward_funcs=gold_fraction, ref_model=copy.deepcopy(sft))
     prompts = [row["prompt"] for row in splits["ppo"]]
     rewards = []
-    for step in range(12):
+    for step in range(20):
         b = step % (len(prompts) // cfg.batch_size)
         batch = prompts[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         rewards.append(trainer.step(batch)["mean_reward"])
