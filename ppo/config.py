@@ -385,6 +385,12 @@ def _check_ppo_relations(cfg: PPOConfig) -> None:
             "or false",
             key="tis_cap",
         )
+    if cfg.gradient_checkpointing and cfg.fp32_matmul == "onednn":
+        raise ConfigError(
+            "PPOConfig.fp32_matmul=onednn cannot run with gradient_checkpointing: the recomputation in backward "
+            "runs outside the oneDNN context and computes the layers with another kernel; use auto or mkl",
+            key="fp32_matmul",
+        )
     if cfg.resume_from_checkpoint and cfg.overwrite:
         raise ConfigError(
             "PPOConfig: resume_from_checkpoint and overwrite=true contradict each other (overwrite would delete "

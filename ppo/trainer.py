@@ -108,8 +108,12 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(config.precision, self.device)
+        # Under gradient checkpointing the recomputation in backward runs outside the kernel's context:
+        # it must be torch's own kernel, or the recomputed activations differ from the saved ones.
         self.fp32_kernel = resolve_fp32_matmul(
-            config.fp32_matmul, self.device, getattr(getattr(model, "config", None), "hidden_size", 512)
+            "mkl" if config.gradient_checkpointing else config.fp32_matmul,
+            self.device,
+            getattr(getattr(model, "config", None), "hidden_size", 512),
         )
         self.release_memory = memory_releaser(config.host_release_memory, self.device)
         use_lora = peft_config is not None or config.lora_r > 0 or is_peft_model(model)

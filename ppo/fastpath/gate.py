@@ -181,8 +181,11 @@ def tiny_twin(config):
     heads, kv_heads = getattr(config, "num_attention_heads", 1), getattr(config, "num_key_value_heads", None)
     if kv_heads is not None:  # keep grouped-query attention grouped, multi-head multi-head
         tiny.num_key_value_heads = 2 if kv_heads < heads else 4
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers < 2:  # a one-layer model gets a one-layer twin
+        tiny.num_hidden_layers = layers
     if getattr(tiny, "layer_types", None):
-        tiny.layer_types = list(config.layer_types[:2])
+        tiny.layer_types = list(config.layer_types[: getattr(tiny, "num_hidden_layers", 2)])
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(tiny, key, None)
         if isinstance(value, int) and value >= tiny.vocab_size:

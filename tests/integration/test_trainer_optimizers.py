@@ -16,3 +16,24 @@ def test_ppo_trainer_builds_its_optimizers_with_the_same_builder(tiny_policy, ti
         assert len(decay) == len(trainable)
         assert {decay[id(p)] for p in trainable if p.ndim < 2} == {0.0}  # biases and norm weights
         assert {decay[id(p)] for p in trainable if p.ndim >= 2} == {0.05}
+
+
+def test_gradient_checkpointing_keeps_torchs_own_linear_kernel(tiny_policy, tiny_tokenizer, monkeypatch):
+    """The recomputation in backward runs outside the oneDNN context: with checkpointing the trainer
+    never picks oneDNN, even where `fp32_matmul=auto` would, and an explicit onednn is refused."""
+    import pytest
+
+    import ppo.trainer as trainer_module
+    from ppo.config import ConfigError
+
+    asked = []
+    monkeypatch.setattr(trainer_module, "resolve_fp32_matmul", lambda choice, *a: asked.append(choice) or choice)
+    trainer = PPOTrainer(
+        PPOConfig(gradient_checkpointing=True, fp32_matmul="auto", precision="fp32"),
+        tiny_policy,
+        tiny_tokenizer,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+    )
+    assert asked == ["mkl"] and trainer.fp32_kernel == "mkl"
+    with pytest.raises(ConfigError, match="fp32_matmul=onednn cannot run with gradient_checkpointing"):
+        PPOConfig(gradient_checkpointing=True, fp32_matmul="onednn")

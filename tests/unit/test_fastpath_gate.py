@@ -207,3 +207,21 @@ def test_onednn_linear_turns_off_outside_the_tested_window(monkeypatch):
     with pytest.warns(gate.FastPathWarning, match="'onednn_linear' is off: torch"):
         kernel = onednn_linear.resolve_fp32_matmul("onednn", torch.device("cpu"))
     assert kernel == "mkl"
+
+
+def test_a_one_layer_model_gets_a_one_layer_twin():
+    config = transformers.Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    twin = gate.tiny_twin(config)
+    assert twin.config.num_hidden_layers == 1 and len(twin.model.layers) == 1
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert gate.fast_path_allowed("kv_cache", transformers.Qwen3ForCausalLM(config))
+    assert fast_path_warnings(record) == []
