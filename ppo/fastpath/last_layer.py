@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as TF
 
-from ppo.fastpath.compat import is_activation_checkpointing, layer_cache
+from ppo.fastpath.compat import layer_cache
 from ppo.fastpath.gate import fast_path_allowed, max_error, tiny_batch
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
@@ -79,9 +79,13 @@ def _prunable_last_layer(model):
     if body is None:
         fast_path_allowed("prune_last_layer", model)  # an architecture it does not know: say so once
         return None
-    if len(body.layers) == 0 or is_activation_checkpointing(body):
+    if len(body.layers) == 0:
         return None
     layer = body.layers[-1]
+    # The flag on the stack and on the layer itself (not a walk over every module: this runs on every
+    # forward); transformers sets both, whichever spelling enabled checkpointing.
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in (body, layer)):
+        return None
     if not all(hasattr(layer, a) for a in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")):
         return None
     if "forward" in vars(layer):  # someone else's per-instance forward (accelerate's offload hooks): leave it be
