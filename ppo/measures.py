@@ -103,6 +103,8 @@ def evaluate_policy(
     sources = _reward_sources(
         reward_model, reward_funcs, reward_weights, reward_tokenizer, reward_timeout_s, reward_max_abs
     )
+    if best_of_n > 1 and sampling.temperature == 0:
+        raise ValueError("best_of_n > 1 needs temperature > 0: greedy decoding gives every sample the same answer")
     if best_of_n > 1 and sources is None:
         raise ValueError("best_of_n > 1 needs a reward model or reward functions to pick the best sample")
     chunks = [
@@ -141,9 +143,11 @@ def _best_of(model, tokenizer, rows, sources, ref_model, sampling, n, prompt_col
         scores = sources.combine(per_column)
     kl = None
     if ref_model is not None:
-        # Both at the sampling temperature: the distribution the samples actually came from.
-        lp, _, _ = policy_logprobs(model, ids, mask, width, sampling.temperature)
-        ref_lp, _, _ = policy_logprobs(ref_model, ids, mask, width, sampling.temperature)
+        # Both at the sampling temperature: the distribution the samples actually came from
+        # (greedy decoding has none of its own: the models' temperature-1 distributions then).
+        temperature = sampling.temperature or 1.0
+        lp, _, _ = policy_logprobs(model, ids, mask, width, temperature)
+        ref_lp, _, _ = policy_logprobs(ref_model, ids, mask, width, temperature)
         kl = ((lp - ref_lp).float() * rollout.response_mask).sum(dim=1).cpu()
     samples = _Samples(texts, scores, per_source, kl, rollout.response_mask.sum(dim=1).cpu(), rollout.ended.cpu())
     if n == 1:

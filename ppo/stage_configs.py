@@ -187,7 +187,11 @@ class EvalConfig:
     # --- sampling ---
     batch_size: int = opt(64, "Prompts per generation batch (best_of_n multiplies the rows).")
     max_new_tokens: int = opt(32, "Longest response in tokens.")
-    temperature: float = opt(1.0, "Sampling temperature; the KL is measured at the same temperature.")
+    temperature: float = opt(
+        1.0,
+        "Sampling temperature; the KL is measured at the same temperature. 0: greedy decoding (the KL is then "
+        "measured at temperature 1).",
+    )
     top_k: int | None = opt(None, "Keep only the k most likely tokens (None/0: off).")
     top_p: float | None = opt(None, "Nucleus sampling mass (None/1.0: off).")
     best_of_n: int = opt(
@@ -220,13 +224,19 @@ class EvalConfig:
             "a built-in name, `module:function` or `file.py:function`",
         )
         check_list_items(self, "reward_weights", lambda w: FINITE.allows(w), "a finite number")
+        if self.best_of_n > 1 and self.temperature == 0:
+            raise ConfigError(
+                f"EvalConfig.best_of_n={self.best_of_n} needs temperature > 0: greedy decoding (temperature 0) "
+                "gives every sample the same answer",
+                key="best_of_n",
+            )
 
 
 EVAL_RULES = {
     "num_samples": at_least(1),
     "batch_size": at_least(1),
     "max_new_tokens": at_least(1),
-    "temperature": above(0),
+    "temperature": at_least(0),
     "top_k": at_least(0),
     "top_p": between(0, 1, low_open=True),
     "best_of_n": at_least(1),

@@ -17,7 +17,7 @@ class SamplingParams:
     """How to sample one response per row of a PromptBatch."""
 
     max_new_tokens: int
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy (the most likely token; log-probs are then at temperature 1)
     top_k: int | None = None  # None or 0: off
     top_p: float | None = None  # None or 1.0: off
     stop_token_ids: tuple[int, ...] = ()  # ids that end a response; the EOS is always one of them

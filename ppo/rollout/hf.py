@@ -60,12 +60,17 @@ def next_token(
     the tempered distribution (before top-k/top-p: what the scoring pass computes at this position,
     which spares the policy a second forward over the rollout). One log-softmax serves all three."""
     tempered = logits.float()
-    if params.temperature != 1.0:
+    if params.temperature not in (0.0, 1.0):
         tempered = tempered / params.temperature
     log_probs = torch.log_softmax(tempered, dim=-1).clamp_min_(torch.finfo(tempered.dtype).min)
     probs = log_probs.exp()
-    sampling_probs = torch.softmax(warpers(input_ids, tempered), dim=-1) if warpers else probs
-    tokens = inverse_cdf_draw(sampling_probs, uniforms)
+    if params.temperature == 0.0:
+        # Greedy (evaluation): the first most likely token; log-probs and entropy are the model's own
+        # (temperature 1), the only distribution left to report.
+        tokens = tempered.argmax(dim=-1)
+    else:
+        sampling_probs = torch.softmax(warpers(input_ids, tempered), dim=-1) if warpers else probs
+        tokens = inverse_cdf_draw(sampling_probs, uniforms)
     entropy = -(probs * log_probs).sum(dim=-1)
     return tokens, log_probs, entropy
 

@@ -141,6 +141,53 @@ def test_best_of_n_needs_a_reward(tiny_policy, tiny_tokenizer):
         evaluate_policy(tiny_policy, tiny_tokenizer, PROMPTS, best_of_n=2)
 
 
+# --- greedy decoding ----------------------------------------------------------------------------
+
+
+def test_temperature_zero_decodes_greedily_whatever_the_seed(tiny_policy, tiny_tokenizer):
+    params = sampling(tiny_tokenizer, temperature=0.0, max_new_tokens=4, stop_token_ids=())
+    runs = [evaluate_policy(tiny_policy, tiny_tokenizer, PROMPTS, sampling=params, seed=s) for s in (0, 1)]
+    assert [g["completion"] for g in runs[0]["generations"]] == [g["completion"] for g in runs[1]["generations"]]
+    # By hand: append the argmax of a full forward (no cache) four times.
+    for prompt, generated in zip(PROMPTS, runs[0]["generations"]):
+        ids = tiny_tokenizer(prompt)["input_ids"]
+        start = len(ids)
+        with torch.no_grad():
+            for _ in range(4):
+                ids.append(int(tiny_policy(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert generated["completion"] == tiny_tokenizer.decode(ids[start:], skip_special_tokens=True)
+
+
+def test_greedy_kl_is_measured_at_temperature_one(tiny_policy, tiny_tokenizer):
+    ref = build_policy(tiny_tokenizer, TinyModelSpec(), seed=7)
+    params = sampling(tiny_tokenizer, temperature=0.0, max_new_tokens=1, stop_token_ids=())
+    result = evaluate_policy(tiny_policy, tiny_tokenizer, PROMPTS, ref_model=ref, sampling=params, seed=0)
+    for prompt, generated in zip(PROMPTS, result["generations"]):
+        ids = torch.tensor([tiny_tokenizer(prompt)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_policy(ids).logits[0, -1].double(), dim=-1)
+            ref_logp = torch.log_softmax(ref(ids).logits[0, -1].double(), dim=-1)
+        token = int(logp.argmax())
+        assert generated["kl"] == pytest.approx((logp[token] - ref_logp[token]).item(), abs=1e-5)
+
+
+def test_greedy_refuses_best_of_n(tiny_policy, tiny_tokenizer):
+    from ppo.config import ConfigError, EvalConfig
+
+    with pytest.raises(ValueError, match="temperature > 0"):
+        evaluate_policy(
+            tiny_policy,
+            tiny_tokenizer,
+            PROMPTS,
+            reward_funcs=[n_words],
+            sampling=sampling(tiny_tokenizer, temperature=0.0),
+            best_of_n=2,
+        )
+    with pytest.raises(ConfigError, match="best_of_n=2 needs temperature > 0"):
+        EvalConfig(model_name_or_path="m", temperature=0.0, best_of_n=2)
+    assert EvalConfig(model_name_or_path="m", temperature=0.0).temperature == 0.0
+
+
 # --- perplexity ---------------------------------------------------------------------------------
 
 
