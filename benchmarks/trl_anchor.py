@@ -20,8 +20,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 TRL_VERSION = "1.12.0"
 TORCH_VERSION = "2.13.0"
-# CPU wheels: the default index would pull several GiB of CUDA libraries for a CPU benchmark.
-TORCH_INDEX = os.environ.get("PPO_BENCH_TORCH_INDEX", "https://download.pytorch.org/whl/cpu")
+# Where torch comes from is the machine's pip configuration, as for the README's install command (here
+# a local CPU wheel; an index may be unreachable). Where the default index would pull CUDA libraries,
+# PPO_BENCH_TORCH_INDEX=https://download.pytorch.org/whl/cpu names the CPU one.
+TORCH_INDEX = os.environ.get("PPO_BENCH_TORCH_INDEX")
 
 
 def bench_script() -> Path:
@@ -60,7 +62,8 @@ def create_venv(venv: Path) -> None:
     steps = [
         [sys.executable, "-m", "venv", str(venv)],
         [str(venv_python(venv)), "-m", "pip", "install", "--upgrade", "pip"],
-        [str(venv_python(venv)), "-m", "pip", "install", f"torch=={TORCH_VERSION}", "--index-url", TORCH_INDEX],
+        [str(venv_python(venv)), "-m", "pip", "install", f"torch=={TORCH_VERSION}"]
+        + (["--index-url", TORCH_INDEX] if TORCH_INDEX else []),
         # `pip install trl` resolves trl's dependencies (accelerate, datasets, ...) at versions that
         # work with this torch; the pinned reinstall then swaps in the trl code that has PPO.
         [str(venv_python(venv)), "-m", "pip", "install", "trl"],
