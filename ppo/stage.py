@@ -1,6 +1,6 @@
 """Plumbing shared by the stage recipes (sft, reward, train, eval): output-directory safety,
-held-out splits, batches and the `--config key=value` CLI (the optimizer, schedule and NaN guards
-are in `ppo.optim`).
+held-out splits, batches and the `--config key=value` CLI, with the `--key value` spellings of
+other PPO scripts (the optimizer, schedule and NaN guards are in `ppo.optim`).
 
 Under torchrun every rank runs the recipe; the helpers here keep file writes on rank 0 (the others
 wait at a barrier) and split each optimizer step's rows over the ranks (`rank_micro_batches`).
@@ -257,6 +257,31 @@ def run_cli(stage: str, config_cls, train_fn, argv: list[str] | None, summary) -
     if main:
         print(f"ppo-rlhf {stage}: {metrics['steps']} steps, {summary(metrics)}; outputs in {metrics['output_dir']}")
     return 0
+
+
+# The flag names users of other PPO scripts type, mapped to our config keys.
+ALIASES = {"model_name": "model_name_or_path", "model": "model_name_or_path", "reward_model": "reward_model_path"}
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """`--key value` -> `key=value` (aliases resolved), so every spelling reaches one parser."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and arg not in ("--config", "--help") and "=" not in arg:
+            key = arg[2:].replace("-", "_")
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                out.append(f"{ALIASES.get(key, key)}={argv[i + 1]}")
+                i += 2
+                continue
+            out.append(f"{ALIASES.get(key, key)}=true")  # a bare flag: --overwrite
+        elif "=" in arg and not arg.startswith("--config"):
+            key, _, value = arg.lstrip("-").partition("=")
+            out.append(f"{ALIASES.get(key, key)}={value}")
+        else:
+            out.append(arg)
+        i += 1
+    return out
 
 
 def given_or_loaded_rows(rows, data: str | None, keys: tuple[str, ...], load, what: str) -> list[dict[str, str]]:

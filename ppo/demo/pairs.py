@@ -57,7 +57,7 @@ def refresh_reward_model(config: DemoConfig, reward_model, ppo_policy, tokenizer
 
     from ppo.config import RewardConfig
     from ppo.preference import pairwise_accuracy
-    from ppo.train_reward import train_reward_model
+    from ppo.reward_stage import train_reward_model
 
     prompts = sorted({r["prompt"] for r in reward_rows["train"]})[: config.refresh_prompts]
     fresh = policy_pairs(config, ppo_policy, tokenizer, task, prompts)

@@ -220,7 +220,7 @@ class StageTimer:
 
 
 def run_sft(config: DemoConfig, plan: DemoPlan, policy, tokenizer, rows, out: Path) -> dict:
-    from ppo.sft import train_sft
+    from ppo.sft_stage import train_sft
 
     sft_config = SFTConfig(
         output_dir=str(out / "sft"),
@@ -253,8 +253,8 @@ def run_reward(config: DemoConfig, plan: DemoPlan, policy, tokenizer, task, rows
 
     from ppo.demo.pairs import policy_pairs
     from ppo.preference import pairwise_accuracy
+    from ppo.reward_stage import train_reward_model
     from ppo.stage import split_rows
-    from ppo.train_reward import train_reward_model
 
     train_task, held_task = split_rows(rows, config.reward_eval_fraction, config.seed)
     train_policy = policy_pairs(config, policy, tokenizer, task, [r["prompt"] for r in train_task])
