@@ -27,12 +27,11 @@ import warnings
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ppo import distributed as dist
 from ppo.config import RewardConfig
 from ppo.forward import sequence_scores
-from ppo.optim import build_optimizer, check_loss, optimizer_step
+from ppo.optim import build_optimizer, check_loss
 from ppo.preference import Pair, encode_pairs, evaluate_pairs, pair_scores, pairwise_loss
 from ppo.run_inputs import load_reward_model
 from ppo.stage import (
@@ -40,6 +39,7 @@ from ppo.stage import (
     finish_outputs,
     given_or_loaded_rows,
     rank_micro_batches,
+    run_steps,
     split_rows,
     start_outputs,
     step_groups,
@@ -111,28 +111,21 @@ def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=No
     # 5. accuracy before, then train
     logger = start_outputs(out, config)
     before = held_out(model, tokenizer, eval_rows, config)
-    losses, accuracies = [], []
-    model.train()
-    bar = tqdm(
-        total=total_steps, desc="reward", disable=not (config.progress_bar and dist.is_main()), dynamic_ncols=True
-    )
     if config.group_by_prompt:
         steps = prompt_grouped_steps([r["prompt"] for r in train_rows], per_step, config.num_epochs, config.seed)
     else:
         steps = step_groups(len(pairs), per_step, config.num_epochs, config.seed)
-    for epoch, group in steps:
-        loss, accuracy = accumulate_reward_gradients(
-            model, [pairs[i] for i in group], config, tokenizer.pad_token_id, len(losses) + 1, epoch, scorer
-        )
-        stats = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, len(losses) + 1, epoch)
-        losses.append(loss)
-        accuracies.append(accuracy)
-        if len(losses) % config.logging_steps == 0 or len(losses) == total_steps:
-            logger.log(len(losses), {"loss": loss, "accuracy": accuracy, "epoch": epoch + 1, **stats})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.2f}")
-    bar.close()
-    model.eval()
+
+    def accumulate(group: list[int], step: int, epoch: int) -> dict[str, float]:
+        part = [pairs[i] for i in group]
+        loss, accuracy = accumulate_reward_gradients(model, part, config, tokenizer.pad_token_id, step, epoch, scorer)
+        return {"loss": loss, "accuracy": accuracy}
+
+    def shown(numbers: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{numbers['loss']:.4f}", "acc": f"{numbers['accuracy']:.2f}"}
+
+    records = run_steps(config, model, optimizer, scheduler, logger, steps, total_steps, accumulate, "reward", shown)
+    losses, accuracies = [r["loss"] for r in records], [r["accuracy"] for r in records]
     # 6. accuracy after, and the final model
     after = held_out(model, tokenizer, eval_rows, config)
     metrics = {

@@ -29,19 +29,19 @@ import math
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ppo import distributed as dist
 from ppo.collate import IGNORE_INDEX, collate, encode_prompt_completion, sft_labels
 from ppo.config import SFTConfig
 from ppo.forward import completion_loss_sum
-from ppo.optim import build_optimizer, check_loss, optimizer_step
+from ppo.optim import build_optimizer, check_loss
 from ppo.stage import (
     check_output_dir,
     finish_outputs,
     given_or_loaded_rows,
     load_causal_lm,
     rank_micro_batches,
+    run_steps,
     split_rows,
     start_outputs,
     step_groups,
@@ -126,21 +126,18 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     eval_before = (
         evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length) if eval_rows else None
     )
-    curve: list[float] = []
-    model.train()
-    bar = tqdm(total=total_steps, desc="sft", disable=not (config.progress_bar and dist.is_main()), dynamic_ncols=True)
-    for epoch, group in step_groups(len(examples), per_step, config.num_epochs, config.seed):
-        step_loss = accumulate_sft_gradients(
-            trained, [examples[i] for i in group], config.batch_size, tokenizer.pad_token_id, len(curve) + 1, epoch
-        )
-        stats = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, len(curve) + 1, epoch)
-        curve.append(step_loss)
-        if len(curve) % config.logging_steps == 0 or len(curve) == total_steps:
-            logger.log(len(curve), {"loss": step_loss, "epoch": epoch + 1, **stats})
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-    bar.close()
-    model.eval()
+
+    steps = step_groups(len(examples), per_step, config.num_epochs, config.seed)
+
+    def accumulate(group: list[int], step: int, epoch: int) -> dict[str, float]:
+        part = [examples[i] for i in group]
+        return {"loss": accumulate_sft_gradients(trained, part, config.batch_size, tokenizer.pad_token_id, step, epoch)}
+
+    def shown(numbers: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{numbers['loss']:.4f}"}
+
+    records = run_steps(config, model, optimizer, scheduler, logger, steps, total_steps, accumulate, "sft", shown)
+    curve = [r["loss"] for r in records]
     # 6. eval loss and the final model
     eval_after = (
         evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length) if eval_rows else None

@@ -230,6 +230,35 @@ def rank_micro_batches(items: list, batch_size: int) -> list[tuple[list, float]]
     return [(micro, 1.0) if micro else (items[:1], 0.0) for micro in micros]
 
 
+def run_steps(
+    config, model, optimizer, schedule, logger, steps, total_steps: int, accumulate, desc: str, postfix
+) -> list[dict[str, float]]:
+    """The optimizer steps of an SFT or reward-model stage, in train mode: for each (epoch, row
+    indices) of `steps`, `accumulate(group, step, epoch)` runs the backward passes and returns the
+    step's numbers ({"loss": ...}), then the clipped, scheduled optimizer step; a metrics line every
+    `logging_steps` and at the last step; a progress bar showing `postfix(numbers)`. Returns each
+    step's numbers, in order."""
+    from tqdm.auto import tqdm
+
+    from ppo.optim import optimizer_step
+
+    records: list[dict[str, float]] = []
+    model.train()
+    bar = tqdm(total=total_steps, desc=desc, disable=not (config.progress_bar and dist.is_main()), dynamic_ncols=True)
+    for epoch, group in steps:
+        step = len(records) + 1
+        numbers = accumulate(group, step, epoch)
+        stats = optimizer_step(model, optimizer, schedule, config.max_grad_norm, step, epoch)
+        records.append(numbers)
+        if step % config.logging_steps == 0 or step == total_steps:
+            logger.log(step, {**numbers, "epoch": epoch + 1, **stats})
+        bar.update(1)
+        bar.set_postfix(**postfix(numbers))
+    bar.close()
+    model.eval()
+    return records
+
+
 def run_cli(stage: str, config_cls, train_fn, argv: list[str] | None, summary) -> int:
     """Parse `--config PATH key=value ...`, run `train_fn(config)`, print errors plainly."""
     fields = "\n".join(f"  {name} (default {default}): {help_}" for name, default, help_ in config_help(config_cls))
