@@ -34,7 +34,7 @@ RUNS = [("gae", 64, 1), ("grpo", 16, 4), ("rloo", 16, 4), ("reinforce_pp", 64, 1
 def ppo_stage(config, plan, sft, tokenizer, reward_model, splits, task, out: Path) -> dict:
     """Stage 4 and the evaluation for one estimator (`config.advantage_estimator`)."""
     from ppo.demo import stages as demo
-    from ppo.host_memory import release_free_memory
+    from ppo.fastpath.host_memory import release_free_memory
     from ppo.trainer import PPOTrainer
 
     record: dict = {"step_end_s": [], "sampled_tokens": 0}
