@@ -167,9 +167,8 @@ def finish_outputs(out: Path, config, model, tokenizer, logger, metrics: dict) -
 
 def load_causal_lm(config, model=None, tokenizer=None):
     """(model, tokenizer): the ones given, else loaded from `config.model_name_or_path`."""
-    from ppo.data import ensure_pad_token
     from ppo.models import load_causal_lm as load_model
-    from ppo.models import load_tokenizer
+    from ppo.run_inputs import ready_tokenizer
 
     source = config.model_name_or_path or getattr(model, "name_or_path", None)
     if model is None:
@@ -178,13 +177,7 @@ def load_causal_lm(config, model=None, tokenizer=None):
         # fp32 master weights: AdamW steps of ~1e-5 vanish in bf16 rounding.
         model = load_model(config.model_name_or_path, dtype=torch.float32)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
-    if tokenizer is None:
-        if not source:
-            raise ConfigError("no tokenizer: set model_name_or_path= or pass tokenizer=")
-        tokenizer = load_tokenizer(source)
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token: completions need one so the model learns to stop")
-    ensure_pad_token(tokenizer)
+    tokenizer = ready_tokenizer(tokenizer, source, "completions need one so the model learns to stop")
     if model.config.pad_token_id is None:  # so the saved model works in batches on its own
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
