@@ -4,8 +4,8 @@
     python benchmarks/estimators.py --out /tmp/est --quick                 # smoke sizes (not tuned to learn)
     python benchmarks/estimators.py --out /tmp/est ppo_steps=40 n_sft=2000  # any demo option, every run
 
-The demo's stages 1-3 run once (task, base model, SFT, reward model: `ppo.demo.run`'s own
-functions), then stage 4 (PPO from the SFT policy against the reward model) and the held-out
+The demo's stages 1-3 run once (task, base model, SFT, reward model: `ppo.demo.stages`, the
+recipe's own steps), then stage 4 (PPO from the SFT policy against the reward model) and the held-out
 evaluation once per estimator, each with the same number of steps and of sampled responses per
 step (prompts x num_generations: the group estimators need several samples per prompt, GAE and
 REINFORCE++ take one sample of more prompts). Recorded per estimator, for the PPO stage alone:
@@ -33,7 +33,7 @@ RUNS = [("gae", 64, 1), ("grpo", 16, 4), ("rloo", 16, 4), ("reinforce_pp", 64, 1
 
 def ppo_stage(config, plan, sft, tokenizer, reward_model, splits, task, out: Path) -> dict:
     """Stage 4 and the evaluation for one estimator (`config.advantage_estimator`)."""
-    from ppo.demo import run as demo
+    from ppo.demo import stages as demo
     from ppo.fastpath.host_memory import release_free_memory
     from ppo.trainer import PPOTrainer
 
@@ -134,7 +134,7 @@ def main() -> int:
     import torch
 
     from ppo.config import DemoConfig, load_config
-    from ppo.demo import run as demo
+    from ppo.demo import stages as demo
     from ppo.demo.task import DemoTask, make_splits
     from ppo.demo.tiny import TinyModelSpec, build_policy, build_tokenizer
 

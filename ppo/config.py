@@ -13,8 +13,8 @@ import math
 import warnings
 from dataclasses import dataclass
 
-# The loading machinery and the stage configs live beside this module; their names stay importable
-# from here (`from ppo.config import SFTConfig, load_config`).
+# The loading machinery, the rule tables and the stage configs live beside this module; their names
+# stay importable from here (`from ppo.config import SFTConfig, load_config`).
 from ppo.config_io import (  # noqa: F401
     FINITE,
     TEXT,
@@ -34,7 +34,7 @@ from ppo.config_io import (  # noqa: F401
     save_config,
     validate,
 )
-from ppo.lr_schedule import SCHEDULES
+from ppo.config_rules import PPO_RULES
 from ppo.stage_configs import DemoConfig, EvalConfig, RewardConfig, SFTConfig  # noqa: F401
 
 
@@ -274,64 +274,6 @@ class PPOConfig:
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 GROUP_ESTIMATORS = ("grpo", "rloo")  # a baseline from the other samples of the same prompt
-
-
-# What each key of PPOConfig must be (its type comes from the annotation; None passes where the type
-# allows it). Keys without a rule are flags, paths, names or lists, checked in `_check_ppo_relations`.
-PPO_RULES = {
-    "num_epochs": at_least(1),
-    "max_length": at_least(2),
-    "learning_rate": above(0),
-    "value_learning_rate": above(0),
-    "weight_decay": at_least(0),
-    "batch_size": at_least(1),
-    "mini_batch_size": at_least(1),
-    "gradient_accumulation_steps": at_least(1),
-    "forward_batch_size": at_least(1),
-    "ppo_epochs": at_least(1),
-    "lr_scheduler": one_of(*SCHEDULES),
-    "lr_schedule_steps": at_least(1),
-    "warmup_steps": at_least(0),
-    "max_grad_norm": above(0),
-    "seed": at_least(0),
-    "gamma": between(0, 1),
-    "lam": between(0, 1),
-    "clip_range": above(0),
-    "clip_range_value": above(0),
-    "vf_coef": at_least(0),
-    "entropy_coef": FINITE,
-    "reward_clip": above(0),
-    "approx_kl_stop": above(0),
-    "kl_coef": at_least(0),
-    "target_kl": above(0),
-    "kl_horizon": at_least(1),
-    "kl_estimator": one_of("k1", "k2", "k3"),
-    "max_new_tokens": at_least(1),
-    "temperature": above(0),
-    "top_k": at_least(0),
-    "top_p": between(0, 1, low_open=True),
-    "num_generations": at_least(1),
-    "missing_eos_penalty": at_least(0),
-    "value_head": one_of("separate", "shared"),
-    "precision": one_of("fp32", "bf16", "auto"),
-    "fp32_matmul": one_of("auto", "mkl", "onednn"),
-    "lora_r": at_least(0),
-    "lora_alpha": above(0),
-    "lora_dropout": between(0, 1, high_open=True),
-    "optimizer": one_of("adamw", "adamw_8bit"),
-    "save_steps": at_least(0),
-    "save_total_limit": at_least(1),
-    "logging_steps": at_least(1),
-    "torch_dtype": one_of("float32", "bfloat16", "float16", "auto"),
-    "strategy": one_of("ddp", "fsdp"),
-    "critic_warmup_steps": at_least(0),
-    "tis_cap": at_least(1),
-    "dist_timeout_s": above(0),
-    "reward_timeout_s": at_least(0),
-    "reward_max_abs": above(0),
-    "output_dir": TEXT,
-    "prompt_column": TEXT,
-}
 
 
 def _check_ppo_relations(cfg: PPOConfig) -> None:

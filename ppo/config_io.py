@@ -52,8 +52,8 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation: every field's type from its annotation, then each key's rule from the table that
-# sits under each config class (`PPO_RULES`, `SFT_RULES`, ...). One pass, at construction, so the
+# Validation: every field's type from its annotation, then each key's rule from its config's
+# table in `ppo.config_rules` (`PPO_RULES`, `SFT_RULES`, ...). One pass, at construction, so the
 # Python API and YAML get the same checks and messages.
 # ----------------------------------------------------------------------------------------------
 

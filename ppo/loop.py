@@ -1,11 +1,11 @@
 """The training loop around `PPOTrainer.step`: epochs over shuffled prompts, metrics, progress,
 periodic checkpoints, exact resume, the final model and the timing table. What a checkpoint holds
-and how a resume puts it back live in ppo.checkpoint; SIGINT / SIGTERM stop the loop between two
-steps (ppo.interrupt), after a checkpoint.
+and how a resume puts it back live in ppo.resume (its files in ppo.checkpoint); SIGINT / SIGTERM
+stop the loop between two steps (ppo.interrupt), after a checkpoint.
 
 Under torchrun every rank runs this loop over the same batches (the order is a pure function of the
 seed) and passes its contiguous share of each batch to `step`; rank 0 alone logs, prints and shows
-the progress bar. Checkpoints are collective: see `ppo.checkpoint.save_training_checkpoint`.
+the progress bar. Checkpoints are collective: see `ppo.resume.save_training_checkpoint`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ppo import checkpoint as ckpt
 from ppo import distributed as dist
-from ppo import durable
+from ppo import durable, resume
 from ppo.interrupt import StopOnSignal, TrainingInterrupted
 from ppo.metrics import main_logger
 
@@ -96,7 +96,7 @@ def train_loop(
     }
     start_epoch, start_batch = 0, 0
     if cfg.resume_from_checkpoint:
-        start_epoch, start_batch = ckpt.resume(trainer, out, cfg.resume_from_checkpoint, plan)
+        start_epoch, start_batch = resume.resume(trainer, out, cfg.resume_from_checkpoint, plan)
     for hook in getattr(
         trainer, "on_train_start", ()
     ):  # e.g. the CLI's config.yaml: written once a resume has succeeded
@@ -133,10 +133,10 @@ def train_loop(
                     bar.set_postfix(reward=f"{stats['mean_reward']:.3f}", kl=f"{stats['kl']:.3f}")
                     saved = None
                     if cfg.save_steps and trainer.global_step % cfg.save_steps == 0:
-                        saved = ckpt.save_training_checkpoint(trainer, out, epoch, b + 1, plan)
+                        saved = resume.save_training_checkpoint(trainer, out, epoch, b + 1, plan)
                     if (signum := stop.requested()) is not None:  # SIGINT/SIGTERM: stop after this step
                         if saved is None and cfg.save_on_interrupt:
-                            saved = ckpt.save_training_checkpoint(trainer, out, epoch, b + 1, plan)
+                            saved = resume.save_training_checkpoint(trainer, out, epoch, b + 1, plan)
                         raise TrainingInterrupted(signum)
                     if max_steps is not None and trainer.global_step >= max_steps:
                         break

@@ -1,4 +1,4 @@
-"""What a recipe's config names, loaded: PPO's models and prompts, a reward model.
+"""What a recipe's config names, loaded: PPO's models and prompts, a reward model, a tokenizer.
 
 Shared by the recipes (`ppo.train`, `ppo.train_reward`) and `create_trainer`, so that no recipe
 imports another. The loading itself (paths, GGUF files, the checks that name the file) is
@@ -99,8 +99,7 @@ def reward_model_from_policy(policy_dir_or_model):
 def load_reward_model(config: RewardConfig, model=None, tokenizer=None):
     """(reward model, tokenizer): the ones given or loaded from `config.model_name_or_path`,
     turned into a fresh-headed classifier with `init_from_policy`, checked to have one label."""
-    from ppo.data import ensure_pad_token
-    from ppo.models import check_vocab_covers, load_config, load_sequence_classifier, load_tokenizer
+    from ppo.models import check_vocab_covers, load_config, load_sequence_classifier
 
     path = config.model_name_or_path
     if model is None and not path:
@@ -122,14 +121,24 @@ def load_reward_model(config: RewardConfig, model=None, tokenizer=None):
     if not given:
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     check_reward_model(model, source)
-    if tokenizer is None:
-        if not tokenizer_source:
-            raise ConfigError("no tokenizer: set model_name_or_path= or pass tokenizer=")
-        tokenizer = load_tokenizer(tokenizer_source)
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token: completions end with one, as PPO samples do")
-    ensure_pad_token(tokenizer)
+    tokenizer = ready_tokenizer(tokenizer, tokenizer_source, "completions end with one, as PPO samples do")
     check_vocab_covers(model, tokenizer, "the reward model", None if given else path)
     # Standalone users call model(**batch); transformers' pooling needs the pad id for batches.
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def ready_tokenizer(tokenizer, source: str | None, why_eos: str):
+    """`tokenizer`, else the one loaded from `source`; refused without an EOS token (`why_eos`:
+    what the stage needs it for), and given a pad token when it has none (batches are padded)."""
+    from ppo.data import ensure_pad_token
+    from ppo.models import load_tokenizer
+
+    if tokenizer is None:
+        if not source:
+            raise ConfigError("no tokenizer: set model_name_or_path= or pass tokenizer=")
+        tokenizer = load_tokenizer(source)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer has no EOS token: {why_eos}")
+    ensure_pad_token(tokenizer)
+    return tokenizer

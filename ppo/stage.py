@@ -1,6 +1,6 @@
 """Plumbing shared by the stage recipes (sft, reward, train, eval): output-directory safety,
-held-out splits, batches and the `--config key=value` CLI (the optimizer, schedule and NaN guards
-are in `ppo.optim`).
+held-out splits, batches and the `--config key=value` CLI, with the `--key value` spellings of
+other PPO scripts (the optimizer, schedule and NaN guards are in `ppo.optim`).
 
 Under torchrun every rank runs the recipe; the helpers here keep file writes on rank 0 (the others
 wait at a barrier) and split each optimizer step's rows over the ranks (`rank_micro_batches`).
@@ -167,9 +167,8 @@ def finish_outputs(out: Path, config, model, tokenizer, logger, metrics: dict) -
 
 def load_causal_lm(config, model=None, tokenizer=None):
     """(model, tokenizer): the ones given, else loaded from `config.model_name_or_path`."""
-    from ppo.data import ensure_pad_token
     from ppo.models import load_causal_lm as load_model
-    from ppo.models import load_tokenizer
+    from ppo.run_inputs import ready_tokenizer
 
     source = config.model_name_or_path or getattr(model, "name_or_path", None)
     if model is None:
@@ -178,13 +177,7 @@ def load_causal_lm(config, model=None, tokenizer=None):
         # fp32 master weights: AdamW steps of ~1e-5 vanish in bf16 rounding.
         model = load_model(config.model_name_or_path, dtype=torch.float32)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
-    if tokenizer is None:
-        if not source:
-            raise ConfigError("no tokenizer: set model_name_or_path= or pass tokenizer=")
-        tokenizer = load_tokenizer(source)
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token: completions need one so the model learns to stop")
-    ensure_pad_token(tokenizer)
+    tokenizer = ready_tokenizer(tokenizer, source, "completions need one so the model learns to stop")
     if model.config.pad_token_id is None:  # so the saved model works in batches on its own
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -230,6 +223,35 @@ def rank_micro_batches(items: list, batch_size: int) -> list[tuple[list, float]]
     return [(micro, 1.0) if micro else (items[:1], 0.0) for micro in micros]
 
 
+def run_steps(
+    config, model, optimizer, schedule, logger, steps, total_steps: int, accumulate, desc: str, postfix
+) -> list[dict[str, float]]:
+    """The optimizer steps of an SFT or reward-model stage, in train mode: for each (epoch, row
+    indices) of `steps`, `accumulate(group, step, epoch)` runs the backward passes and returns the
+    step's numbers ({"loss": ...}), then the clipped, scheduled optimizer step; a metrics line every
+    `logging_steps` and at the last step; a progress bar showing `postfix(numbers)`. Returns each
+    step's numbers, in order."""
+    from tqdm.auto import tqdm
+
+    from ppo.optim import optimizer_step
+
+    records: list[dict[str, float]] = []
+    model.train()
+    bar = tqdm(total=total_steps, desc=desc, disable=not (config.progress_bar and dist.is_main()), dynamic_ncols=True)
+    for epoch, group in steps:
+        step = len(records) + 1
+        numbers = accumulate(group, step, epoch)
+        stats = optimizer_step(model, optimizer, schedule, config.max_grad_norm, step, epoch)
+        records.append(numbers)
+        if step % config.logging_steps == 0 or step == total_steps:
+            logger.log(step, {**numbers, "epoch": epoch + 1, **stats})
+        bar.update(1)
+        bar.set_postfix(**postfix(numbers))
+    bar.close()
+    model.eval()
+    return records
+
+
 def run_cli(stage: str, config_cls, train_fn, argv: list[str] | None, summary) -> int:
     """Parse `--config PATH key=value ...`, run `train_fn(config)`, print errors plainly."""
     fields = "\n".join(f"  {name} (default {default}): {help_}" for name, default, help_ in config_help(config_cls))
@@ -257,6 +279,31 @@ def run_cli(stage: str, config_cls, train_fn, argv: list[str] | None, summary) -
     if main:
         print(f"ppo-rlhf {stage}: {metrics['steps']} steps, {summary(metrics)}; outputs in {metrics['output_dir']}")
     return 0
+
+
+# The flag names users of other PPO scripts type, mapped to our config keys.
+ALIASES = {"model_name": "model_name_or_path", "model": "model_name_or_path", "reward_model": "reward_model_path"}
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """`--key value` -> `key=value` (aliases resolved), so every spelling reaches one parser."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and arg not in ("--config", "--help") and "=" not in arg:
+            key = arg[2:].replace("-", "_")
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                out.append(f"{ALIASES.get(key, key)}={argv[i + 1]}")
+                i += 2
+                continue
+            out.append(f"{ALIASES.get(key, key)}=true")  # a bare flag: --overwrite
+        elif "=" in arg and not arg.startswith("--config"):
+            key, _, value = arg.lstrip("-").partition("=")
+            out.append(f"{ALIASES.get(key, key)}={value}")
+        else:
+            out.append(arg)
+        i += 1
+    return out
 
 
 def given_or_loaded_rows(rows, data: str | None, keys: tuple[str, ...], load, what: str) -> list[dict[str, str]]:

@@ -12,36 +12,12 @@ from ppo.config_io import (
     FINITE,
     TEXT,
     ConfigError,
-    above,
-    at_least,
-    between,
     check_choice,
     check_list_items,
-    one_of,
     opt,
     validate,
 )
-from ppo.lr_schedule import SCHEDULES
-
-# What each key must be (types come from the annotations; None passes where the type allows it).
-# The keys SFTConfig and RewardConfig share:
-_STAGE_RULES = {
-    "max_length": at_least(2),
-    "learning_rate": above(0),
-    "batch_size": at_least(1),
-    "gradient_accumulation_steps": at_least(1),
-    "num_epochs": at_least(1),
-    "weight_decay": at_least(0),
-    "warmup_ratio": between(0, 1),
-    "lr_scheduler": one_of(*SCHEDULES),
-    "max_grad_norm": above(0),
-    "seed": at_least(0),
-    "eval_fraction": between(0, 1, high_open=True),
-    "logging_steps": at_least(1),
-    "dist_timeout_s": above(0),
-    "output_dir": TEXT,
-    "prompt_column": TEXT,
-}
+from ppo.config_rules import DEMO_RULES, EVAL_RULES, REWARD_RULES, SFT_RULES, STAGE_RULES
 
 
 @dataclass
@@ -85,10 +61,7 @@ class StageConfig:
     )
 
     def __post_init__(self) -> None:
-        validate(self, _STAGE_RULES)
-
-
-SFT_RULES = {**_STAGE_RULES, "completion_column": TEXT, "messages_column": TEXT}
+        validate(self, STAGE_RULES)
 
 
 @dataclass
@@ -143,15 +116,6 @@ class RewardConfig(StageConfig):
 
     def __post_init__(self) -> None:
         validate(self, REWARD_RULES)
-
-
-REWARD_RULES = {
-    **_STAGE_RULES,
-    "margin": at_least(0),
-    "center_rewards_coefficient": at_least(0),
-    "chosen_column": TEXT,
-    "rejected_column": TEXT,
-}
 
 
 # ---- stage configs: evaluation and demo ----
@@ -230,23 +194,6 @@ class EvalConfig:
                 "gives every sample the same answer",
                 key="best_of_n",
             )
-
-
-EVAL_RULES = {
-    "num_samples": at_least(1),
-    "batch_size": at_least(1),
-    "max_new_tokens": at_least(1),
-    "temperature": at_least(0),
-    "top_k": at_least(0),
-    "top_p": between(0, 1, low_open=True),
-    "best_of_n": at_least(1),
-    "seed": at_least(0),
-    "reward_timeout_s": at_least(0),
-    "reward_max_abs": above(0),
-    "output_dir": TEXT,
-    "prompt_column": TEXT,
-    "answer_column": TEXT,
-}
 
 
 @dataclass
@@ -372,50 +319,3 @@ class DemoConfig:
                 f"got {self.num_generations}",
                 key="num_generations",
             )
-
-
-_COUNTS = (
-    "threads",
-    "hidden_size",
-    "num_layers",
-    "intermediate_multiple",
-    "n_sft",
-    "n_pref",
-    "n_ppo",
-    "n_eval",
-    "sft_epochs",
-    "sft_batch_size",
-    "reward_epochs",
-    "reward_batch_size",
-    "pair_samples",
-    "refresh_prompts",
-    "refresh_epochs",
-    "ppo_steps",
-    "ppo_batch_size",
-    "ppo_mini_batch_size",
-    "ppo_epochs",
-    "num_generations",
-    "max_new_tokens",
-    "best_of_n",
-)
-DEMO_RULES = {
-    **dict.fromkeys(_COUNTS, at_least(1)),
-    "seed": at_least(0),
-    "policy_pairs_per_prompt": at_least(0),
-    "report_samples": at_least(0),
-    **dict.fromkeys(
-        ("sft_learning_rate", "reward_learning_rate", "ppo_learning_rate", "value_learning_rate"), above(0)
-    ),
-    "reward_eval_fraction": between(0, 1, high_open=True),
-    "pair_temperature": above(0),
-    "temperature": above(0),
-    "refresh_at": between(0, 1, high_open=True),
-    "kl_coef": at_least(0),
-    "target_kl": above(0),
-    "vf_coef": at_least(0),
-    "missing_eos_penalty": at_least(0),
-    "value_head": one_of("separate", "shared"),
-    "precision": one_of("fp32", "bf16", "auto"),
-    "ppo_lr_scheduler": one_of(*SCHEDULES),  # the PPO trainer's own
-    "output_dir": TEXT,
-}

@@ -25,31 +25,7 @@ from typing import Any
 from ppo import distributed as dist
 from ppo.config import PPOConfig, save_config
 from ppo.run_inputs import load_models, load_prompts
-from ppo.stage import PPO_OUTPUTS, check_output_dir, remove_outputs, run_cli
-
-# The flag names users of other PPO scripts type, mapped to our config keys.
-ALIASES = {"model_name": "model_name_or_path", "model": "model_name_or_path", "reward_model": "reward_model_path"}
-
-
-def normalise_argv(argv: list[str]) -> list[str]:
-    """`--key value` -> `key=value` (aliases resolved), so every spelling reaches one parser."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--") and arg not in ("--config", "--help") and "=" not in arg:
-            key = arg[2:].replace("-", "_")
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                out.append(f"{ALIASES.get(key, key)}={argv[i + 1]}")
-                i += 2
-                continue
-            out.append(f"{ALIASES.get(key, key)}=true")  # a bare flag: --overwrite
-        elif "=" in arg and not arg.startswith("--config"):
-            key, _, value = arg.lstrip("-").partition("=")
-            out.append(f"{ALIASES.get(key, key)}={value}")
-        else:
-            out.append(arg)
-        i += 1
-    return out
+from ppo.stage import PPO_OUTPUTS, check_output_dir, normalise_argv, remove_outputs, run_cli
 
 
 def run_ppo(config: PPOConfig) -> dict[str, Any]:

@@ -56,24 +56,22 @@ def refresh_reward_model(config: DemoConfig, reward_model, ppo_policy, tokenizer
     import random
 
     from ppo.config import RewardConfig
+    from ppo.demo.stages import stage_config
     from ppo.preference import pairwise_accuracy
-    from ppo.train_reward import train_reward_model
+    from ppo.reward_stage import train_reward_model
 
     prompts = sorted({r["prompt"] for r in reward_rows["train"]})[: config.refresh_prompts]
     fresh = policy_pairs(config, ppo_policy, tokenizer, task, prompts)
     replay = random.Random(config.seed).sample(reward_rows["train"], min(len(fresh), len(reward_rows["train"])))
-    rm_config = RewardConfig(
-        output_dir=str(out / "reward_refresh"),
+    rm_config = stage_config(
+        RewardConfig,
+        config,
+        out / "reward_refresh",
         learning_rate=config.reward_learning_rate,
         batch_size=config.reward_batch_size,
         num_epochs=config.refresh_epochs,
-        lr_scheduler="cosine",
-        warmup_ratio=0.05,
         eval_fraction=0.0,
         seed=config.seed + 1,
-        logging_steps=10,
-        progress_bar=config.progress_bar,
-        max_length=64,
     )
     reward_model.requires_grad_(True)  # the PPO trainer froze it as a scorer
     train_reward_model(rm_config, model=reward_model, tokenizer=tokenizer, rows=fresh + replay)

@@ -42,21 +42,10 @@ class RewardSources:
             )
         self.weights = [float(w) for w in weights]
 
-    def score(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        prompts: list[str],
-        completions: list[str],
-        completion_ids: list[list[int]],
-        extras: dict[str, list[Any]],
-        rows_per_forward: int | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """`[B]` weighted scores and each source's mean (for the metrics); the reward model sees
-        `rows_per_forward` sequences per forward (None: all at once)."""
-        per_source = self.score_each(
-            input_ids, attention_mask, prompts, completions, completion_ids, extras, rows_per_forward
-        )
+    def score(self, input_ids: Tensor, *samples, **options) -> tuple[Tensor, dict[str, float]]:
+        """`score_each`'s arguments -> `[B]` weighted scores (on `input_ids`' device) and each
+        source's mean (for the metrics)."""
+        per_source = self.score_each(input_ids, *samples, **options)
         scores = self.combine(per_source)
         means = {f"rewards/{name}": per_source[:, i].mean().item() for i, name in enumerate(self.names)}
         return scores.to(input_ids.device), means
@@ -79,7 +68,8 @@ class RewardSources:
         rows_per_forward: int | None = None,
     ) -> Tensor:
         """`[B, sources]` unweighted float64 scores on the CPU, one column per source in `names` order;
-        raises on the first NaN/inf, naming the source and the sample."""
+        raises on the first NaN/inf, naming the source and the sample. The reward model sees
+        `rows_per_forward` sequences per forward (None: all at once)."""
         columns: list[Tensor] = []
         if self.reward_model is not None:
             columns.append(

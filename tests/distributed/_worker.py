@@ -109,7 +109,7 @@ def ppo(
 
 
 def sft(out: Path) -> None:
-    from ppo.sft import train_sft
+    from ppo.sft_stage import train_sft
 
     tok = build_tokenizer(WORDS)
     rows = [
@@ -132,7 +132,7 @@ def sft(out: Path) -> None:
 
 
 def reward(out: Path) -> None:
-    from ppo.train_reward import train_reward_model
+    from ppo.reward_stage import train_reward_model
 
     tok = build_tokenizer(WORDS)
     rows = [

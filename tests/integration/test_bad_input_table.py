@@ -26,8 +26,7 @@ from ppo.demo.tiny import (
 )
 from ppo.formats import DataFormatError, load_preference_rows
 from ppo.rewards import RewardFunctionError
-from ppo.stage import OutputDirError
-from ppo.train import normalise_argv
+from ppo.stage import OutputDirError, normalise_argv
 
 WORDS = [f"w{i}" for i in range(29)] + ["user", "assistant", ":"]
 
@@ -363,8 +362,8 @@ def test_api_reward_function_timeout(tiny_policy, tiny_tokenizer):
 
 
 def test_api_stages_refuse_their_own_inputs_and_same_pairs(root, tiny_tokenizer):
-    from ppo.sft import train_sft
-    from ppo.train_reward import train_reward_model
+    from ppo.reward_stage import train_reward_model
+    from ppo.sft_stage import train_sft
 
     before = snapshot(root)
     with pytest.raises(OutputDirError, match="is this run's model_name_or_path"):

@@ -10,7 +10,7 @@ import torch
 
 from ppo import PPOConfig, PPOTrainer
 from ppo.demo.tiny import TinyModelSpec, build_policy, build_tokenizer
-from ppo.evaluate import evaluate_policy
+from ppo.measures import evaluate_policy
 from ppo.models import end_of_turn_ids
 
 WORDS = [f"w{i}" for i in range(29)] + ["user", "assistant", ":", "<end_of_turn>"]

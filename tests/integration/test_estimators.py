@@ -206,7 +206,7 @@ def demo_sft(tmp_path_factory, one_thread):
     from ppo.config import SFTConfig
     from ppo.demo.task import DemoTask, make_splits
     from ppo.demo.tiny import TinyModelSpec, build_policy, build_tokenizer
-    from ppo.sft import train_sft
+    from ppo.sft_stage import train_sft
 
     transformers.utils.logging.set_verbosity_error()
     task = DemoTask()
@@ -233,7 +233,7 @@ def demo_sft(tmp_path_factory, one_thread):
 
 def held_out_gold(policy, tokenizer, rows) -> float:
     from ppo.demo.task import gold_reward
-    from ppo.evaluate import evaluate_policy
+    from ppo.measures import evaluate_policy
     from ppo.rollout import SamplingParams
 
     sampling = SamplingParams(8, 1.0, stop_token_ids=(tokenizer.eos_token_id,))

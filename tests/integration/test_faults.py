@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from ppo import PPOConfig, PPOTrainer, durable
 from ppo import checkpoint as ckpt
+from ppo.resume import repair_metrics
 from ppo.state_file import LEGACY_STATE, UnsafeCheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -324,11 +325,11 @@ def test_torn_metrics_line_is_dropped_with_a_warning(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "kl": 0.5}\n{"step": 2, "kl": 0.25}\n{"step": 3, "k')
     with pytest.warns(UserWarning, match=r"the last line \(3\) was cut off"):
-        ckpt.repair_metrics(path, through_step=2)
+        repair_metrics(path, through_step=2)
     assert path.read_text() == '{"step": 1, "kl": 0.5}\n{"step": 2, "kl": 0.25}\n'
     path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')
     with pytest.raises(ckpt.CheckpointError, match=r"metrics.jsonl line 2 is not valid JSON"):
-        ckpt.repair_metrics(path, through_step=2)
+        repair_metrics(path, through_step=2)
 
 
 def test_changed_batch_plan_or_nothing_left_is_refused_and_nothing_changes(

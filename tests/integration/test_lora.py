@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ppo import PPOConfig, PPOTrainer
-from ppo.checkpoint import restore, save_checkpoint, trainer_state
+from ppo.checkpoint import save_checkpoint
 from ppo.forward import policy_logprobs
+from ppo.resume import restore, trainer_state
 
 peft = pytest.importorskip("peft")
 

@@ -78,7 +78,7 @@ def test_gguf_model_saves_as_a_plain_directory(tiny_gguf_file, tmp_path):
 
 
 def test_reward_model_from_gguf_causal_lm_is_the_backbone_with_a_fresh_head(tiny_gguf_file):
-    from ppo.train_reward import load_reward_model
+    from ppo.run_inputs import load_reward_model
 
     path, reference = tiny_gguf_file
     reward, tokenizer = load_reward_model(RewardConfig(model_name_or_path=str(path), init_from_policy=True))
@@ -168,7 +168,7 @@ def test_missing_local_path_is_named(missing):
 
 @pytest.mark.parametrize("key", ["model_name_or_path", "ref_model_path", "reward_model_path", "value_model_path"])
 def test_missing_path_of_every_role_is_named(policy_dir, tmp_path, key):
-    from ppo.train import load_models
+    from ppo.run_inputs import load_models
 
     missing = str(tmp_path / "typo" / "final")
     values = {"model_name_or_path": str(policy_dir), "reward_funcs": ["length_penalty"], key: missing}
@@ -211,7 +211,7 @@ def test_non_finite_weights_are_refused_naming_file_and_tensor(policy_dir):
 
 
 def test_reward_model_smaller_than_its_tokenizer_is_refused_at_load(tmp_path):
-    from ppo.train_reward import load_reward_model
+    from ppo.run_inputs import load_reward_model
 
     tokenizer = build_tokenizer(WORDS)
     small = build_reward_model(build_tokenizer(WORDS[:10]), TinyModelSpec(hidden_size=32, num_layers=1))

@@ -15,7 +15,8 @@ from ppo.collate import IGNORE_INDEX, collate, encode_prompt_completion, sft_lab
 from ppo.config import SFTConfig
 from ppo.demo.tiny import TinyModelSpec, build_policy, build_tokenizer
 from ppo.forward import completion_loss_sum
-from ppo.sft import evaluate_sft_loss, main, train_sft
+from ppo.sft import main
+from ppo.sft_stage import evaluate_sft_loss, train_sft
 from ppo.stage import OutputDirError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread

@@ -11,8 +11,8 @@ import pytest
 
 from ppo.cli import main as cli_main
 from ppo.demo.tiny import TinyModelSpec, build_policy, build_reward_model
+from ppo.stage import normalise_argv
 from ppo.train import main as train_main
-from ppo.train import normalise_argv
 
 
 @pytest.fixture

@@ -15,8 +15,10 @@ from ppo.config import RewardConfig
 from ppo.demo.tiny import TinyModelSpec, build_reward_model, build_tokenizer
 from ppo.forward import sequence_scores
 from ppo.preference import encode_pairs, evaluate_pairs, pairwise_accuracy, pairwise_loss
+from ppo.reward_stage import train_reward_model
+from ppo.run_inputs import reward_model_from_policy
 from ppo.stage import OutputDirError
-from ppo.train_reward import main, reward_model_from_policy, train_reward_model
+from ppo.train_reward import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
@@ -231,7 +233,7 @@ def test_shared_responses_are_scored_once_with_the_same_scores_and_gradients(tin
 
 
 def test_prompt_grouped_steps_keep_a_prompts_pairs_together_and_cover_every_pair():
-    from ppo.train_reward import prompt_grouped_steps
+    from ppo.reward_stage import prompt_grouped_steps
 
     prompts = ["a", "b", "a", "c", "b", "a", "", ""]
     epochs = {}

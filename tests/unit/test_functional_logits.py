@@ -25,12 +25,13 @@ from functional_references import (
 )
 
 import ppo.functional as F
+from ppo.functional import softmax as kernels  # where the chunk sizes live
 
 
 def set_chunk(monkeypatch, chunk: int) -> None:
     """The chunk size on every device, so the CPU tests cover the accelerators' loop too."""
-    monkeypatch.setattr(F, "_CHUNK_NUMEL", chunk)
-    monkeypatch.setattr(F, "_CPU_CHUNK_NUMEL", chunk)
+    monkeypatch.setattr(kernels, "_CHUNK_NUMEL", chunk)
+    monkeypatch.setattr(kernels, "_CPU_CHUNK_NUMEL", chunk)
 
 
 # ----------------------------------------------------------------------------- logits
@@ -193,10 +194,10 @@ def test_temperature_inside_equals_dividing_the_logits_first():
 
 @pytest.mark.parametrize("shape", [(4, 8, 16), (3, 5, 7, 16), (2, 300)])
 def test_cpu_chunks_cover_every_element_once_within_the_cpu_limit(shape, monkeypatch):
-    monkeypatch.setattr(F, "_CHUNK_NUMEL", 1 << 30)  # the accelerators' size must not apply on a CPU
-    monkeypatch.setattr(F, "_CPU_CHUNK_NUMEL", 40)
+    monkeypatch.setattr(kernels, "_CHUNK_NUMEL", 1 << 30)  # the accelerators' size must not apply on a CPU
+    monkeypatch.setattr(kernels, "_CPU_CHUNK_NUMEL", 40)
     logits = torch.zeros(shape)
-    for idx in F._chunks(logits):
+    for idx in kernels._chunks(logits):
         piece = logits[idx]
         assert piece.numel() <= max(40, shape[-1]), (idx, piece.shape)
         piece += 1

@@ -1,0 +1,161 @@
+"""What each key of each config must be: one rule table per config class, checked at construction
+(`ppo.config_io.validate`) after the key's type; None passes where the type allows it. The classes
+and their help strings are in `ppo.config` (PPOConfig) and `ppo.stage_configs`; a check that
+involves two keys stays with its class.
+"""
+
+from __future__ import annotations
+
+from ppo.config_io import FINITE, TEXT, above, at_least, between, one_of
+from ppo.lr_schedule import SCHEDULES
+
+# PPOConfig's keys without a rule are flags, paths, names or lists, checked in
+# `ppo.config._check_ppo_relations`.
+PPO_RULES = {
+    "num_epochs": at_least(1),
+    "max_length": at_least(2),
+    "learning_rate": above(0),
+    "value_learning_rate": above(0),
+    "weight_decay": at_least(0),
+    "batch_size": at_least(1),
+    "mini_batch_size": at_least(1),
+    "gradient_accumulation_steps": at_least(1),
+    "forward_batch_size": at_least(1),
+    "ppo_epochs": at_least(1),
+    "lr_scheduler": one_of(*SCHEDULES),
+    "lr_schedule_steps": at_least(1),
+    "warmup_steps": at_least(0),
+    "max_grad_norm": above(0),
+    "seed": at_least(0),
+    "gamma": between(0, 1),
+    "lam": between(0, 1),
+    "clip_range": above(0),
+    "clip_range_value": above(0),
+    "vf_coef": at_least(0),
+    "entropy_coef": FINITE,
+    "reward_clip": above(0),
+    "approx_kl_stop": above(0),
+    "kl_coef": at_least(0),
+    "target_kl": above(0),
+    "kl_horizon": at_least(1),
+    "kl_estimator": one_of("k1", "k2", "k3"),
+    "max_new_tokens": at_least(1),
+    "temperature": above(0),
+    "top_k": at_least(0),
+    "top_p": between(0, 1, low_open=True),
+    "num_generations": at_least(1),
+    "missing_eos_penalty": at_least(0),
+    "value_head": one_of("separate", "shared"),
+    "precision": one_of("fp32", "bf16", "auto"),
+    "fp32_matmul": one_of("auto", "mkl", "onednn"),
+    "lora_r": at_least(0),
+    "lora_alpha": above(0),
+    "lora_dropout": between(0, 1, high_open=True),
+    "optimizer": one_of("adamw", "adamw_8bit"),
+    "save_steps": at_least(0),
+    "save_total_limit": at_least(1),
+    "logging_steps": at_least(1),
+    "torch_dtype": one_of("float32", "bfloat16", "float16", "auto"),
+    "strategy": one_of("ddp", "fsdp"),
+    "critic_warmup_steps": at_least(0),
+    "tis_cap": at_least(1),
+    "dist_timeout_s": above(0),
+    "reward_timeout_s": at_least(0),
+    "reward_max_abs": above(0),
+    "output_dir": TEXT,
+    "prompt_column": TEXT,
+}
+
+
+# ---- the stages around PPO (ppo.stage_configs) ----
+
+# The keys SFTConfig and RewardConfig share (StageConfig's):
+STAGE_RULES = {
+    "max_length": at_least(2),
+    "learning_rate": above(0),
+    "batch_size": at_least(1),
+    "gradient_accumulation_steps": at_least(1),
+    "num_epochs": at_least(1),
+    "weight_decay": at_least(0),
+    "warmup_ratio": between(0, 1),
+    "lr_scheduler": one_of(*SCHEDULES),
+    "max_grad_norm": above(0),
+    "seed": at_least(0),
+    "eval_fraction": between(0, 1, high_open=True),
+    "logging_steps": at_least(1),
+    "dist_timeout_s": above(0),
+    "output_dir": TEXT,
+    "prompt_column": TEXT,
+}
+
+SFT_RULES = {**STAGE_RULES, "completion_column": TEXT, "messages_column": TEXT}
+
+REWARD_RULES = {
+    **STAGE_RULES,
+    "margin": at_least(0),
+    "center_rewards_coefficient": at_least(0),
+    "chosen_column": TEXT,
+    "rejected_column": TEXT,
+}
+
+EVAL_RULES = {
+    "num_samples": at_least(1),
+    "batch_size": at_least(1),
+    "max_new_tokens": at_least(1),
+    "temperature": at_least(0),
+    "top_k": at_least(0),
+    "top_p": between(0, 1, low_open=True),
+    "best_of_n": at_least(1),
+    "seed": at_least(0),
+    "reward_timeout_s": at_least(0),
+    "reward_max_abs": above(0),
+    "output_dir": TEXT,
+    "prompt_column": TEXT,
+    "answer_column": TEXT,
+}
+
+_COUNTS = (
+    "threads",
+    "hidden_size",
+    "num_layers",
+    "intermediate_multiple",
+    "n_sft",
+    "n_pref",
+    "n_ppo",
+    "n_eval",
+    "sft_epochs",
+    "sft_batch_size",
+    "reward_epochs",
+    "reward_batch_size",
+    "pair_samples",
+    "refresh_prompts",
+    "refresh_epochs",
+    "ppo_steps",
+    "ppo_batch_size",
+    "ppo_mini_batch_size",
+    "ppo_epochs",
+    "num_generations",
+    "max_new_tokens",
+    "best_of_n",
+)
+DEMO_RULES = {
+    **dict.fromkeys(_COUNTS, at_least(1)),
+    "seed": at_least(0),
+    "policy_pairs_per_prompt": at_least(0),
+    "report_samples": at_least(0),
+    **dict.fromkeys(
+        ("sft_learning_rate", "reward_learning_rate", "ppo_learning_rate", "value_learning_rate"), above(0)
+    ),
+    "reward_eval_fraction": between(0, 1, high_open=True),
+    "pair_temperature": above(0),
+    "temperature": above(0),
+    "refresh_at": between(0, 1, high_open=True),
+    "kl_coef": at_least(0),
+    "target_kl": above(0),
+    "vf_coef": at_least(0),
+    "missing_eos_penalty": at_least(0),
+    "value_head": one_of("separate", "shared"),
+    "precision": one_of("fp32", "bf16", "auto"),
+    "ppo_lr_scheduler": one_of(*SCHEDULES),  # the PPO trainer's own
+    "output_dir": TEXT,
+}
