@@ -167,7 +167,15 @@ def main() -> int:
     for name, prompts, gens in [r for r in RUNS if r[0] in args.estimators.split(",")]:
         if args.quick:
             prompts, gens = 8, 2  # quick mode fixes 8 prompts per step
-        config = dataclasses.replace(base, advantage_estimator=name, ppo_batch_size=prompts, num_generations=gens)
+        rollout = prompts * gens
+        mini_batch = None if base.ppo_mini_batch_size is None else min(base.ppo_mini_batch_size, rollout)
+        config = dataclasses.replace(
+            base,
+            advantage_estimator=name,
+            ppo_batch_size=prompts,
+            num_generations=gens,
+            ppo_mini_batch_size=mini_batch,
+        )
         print(f"== {name}: {prompts} prompts x {gens} samples per step", flush=True)
         rows.append(
             row(
