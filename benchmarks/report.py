@@ -58,9 +58,28 @@ def aggregate(runs: list[dict], peaks: dict[str, float]) -> list[dict]:
         peak = peaks.get(PEAK_DTYPE[precision])
         row["peak_gflops"] = peak
         row["fraction_of_peak"] = row["gflops"] / peak if peak else None
+        splits = [run["matmul_split"] for run in ok if run.get("matmul_split")]
+        if splits:
+            row["matmul_split"] = pooled_split(splits, row)
         rows.append(row)
     add_ratios(rows)
     return rows
+
+
+def pooled_split(splits: list[dict], row: dict) -> dict:
+    """Per phase, the median over runs of the timed seconds (matmul, attention) and calls, and
+    other_s = the row's phase time - matmul_s - attention_s (so the three add up to the row's
+    phase time)."""
+    pooled = {}
+    for phase in PHASES:
+        piece = {
+            key: statistics.median(split[phase][key] for split in splits)
+            for key in ("matmul_s", "attention_s", "timed_phase_s", "matmul_calls", "attention_calls", "ops")
+        }
+        piece["phase_s"] = row[f"{phase}_s"]
+        piece["other_s"] = piece["phase_s"] - piece["matmul_s"] - piece["attention_s"]
+        pooled[phase] = piece
+    return pooled
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -125,6 +144,53 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(" --- " for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+SPLIT_COLUMNS = [
+    "workload",
+    "system",
+    "precision",
+    "phase",
+    "phase s",
+    "matmul s",
+    "attention s",
+    "other s",
+    "matmul share",
+    "matmul calls",
+    "timed iteration's phase s",
+]
+
+
+def split_table(rows: list[dict]) -> str:
+    """The --split-matmul table: per row and phase, seconds inside matrix products, inside fused
+    attention kernels, and the rest of the phase's (un-instrumented) time; "" when no row has it."""
+    lines = []
+    for row in rows:
+        for phase, p in (row.get("matmul_split") or {}).items():
+            share = p["matmul_s"] / p["phase_s"] if p["phase_s"] > 0 else float("nan")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        row["workload"],
+                        row["system"],
+                        row["precision"],
+                        phase,
+                        f"{p['phase_s']:.3f}",
+                        f"{p['matmul_s']:.3f}",
+                        f"{p['attention_s']:.3f}",
+                        f"{p['other_s']:.3f}",
+                        f"{share:.0%}",
+                        f"{p['matmul_calls']:.0f}",
+                        f"{p['timed_phase_s']:.3f}",
+                    ]
+                )
+                + " |"
+            )
+    if not lines:
+        return ""
+    head = ["| " + " | ".join(SPLIT_COLUMNS) + " |", "|" + "|".join(" --- " for _ in SPLIT_COLUMNS) + "|"]
+    return "\n".join(head + lines)
 
 
 def machine_line(machine: dict, peaks: dict[str, float], load_start, load_end) -> str:
