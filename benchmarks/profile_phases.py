@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # aten operators that are one matrix product (plus at most a bias): nn.Linear and the LM head,
@@ -118,9 +119,9 @@ class MatmulClock(TorchDispatchMode):
 
     A dispatch mode sees every aten operator, those autograd runs in backward included, after
     composite operators are split up (and on their own under inference mode): so the timed calls
-    are the products themselves, never one inside another. Each call timed includes ~1-3 us of the
-    Python detour; every operator, timed or not, pays ~20 us more of it, which slows the iteration
-    it watches (`ops` counts them) but stays outside the timed calls."""
+    are the products themselves, never one inside another. Each timed call includes ~1-3 us of the
+    Python detour; every operator, timed or not, pays some 10-30 us more of it outside the timed
+    region, which slows the iteration watched (`ops` counts them) but not the timed pieces."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -151,9 +152,12 @@ class MatmulClock(TorchDispatchMode):
 
 
 def split_step(trainer, prompts) -> dict[str, dict]:
-    """Run `trainer.step(prompts)` with every matrix product timed; per phase: its wall time in
-    this (slower) iteration `timed_phase_s`, `matmul_s` and `attention_s` spent inside the timed
-    calls, and the number of calls of each kind (`ops`: all operators)."""
+    """Run `trainer.step(prompts)` with every matrix product timed. Per phase: this (slower)
+    iteration's wall time `timed_phase_s`, `matmul_s` and `attention_s` spent inside the timed
+    calls, the calls of each kind and `ops`, all operators. `add_remainder` then sets them against
+    the measured iterations' phase times."""
+    with MatmulClock():  # the mode's first use imports and builds what it needs: 1-3 s, not in the step
+        torch.ones(1).add(1)
     clock = MatmulClock()
     with labelled_phases(trainer, clock.in_phase), clock:
         stats = trainer.step(prompts)
@@ -172,8 +176,9 @@ def split_step(trainer, prompts) -> dict[str, dict]:
 
 
 def add_remainder(split: dict[str, dict], phase_s: dict[str, float]) -> dict[str, dict]:
-    """`split` with each phase's un-instrumented time `phase_s` (the measured iterations' median)
-    and `other_s` = phase_s - matmul_s - attention_s: everything that is not a timed product."""
+    """`split` with each phase's measured time `phase_s` (the un-instrumented iterations' median)
+    and `other_s` = phase_s - matmul_s - attention_s: everything that is not a timed product. On a
+    busy machine the instrumented iteration can be the slower one, and `other_s` then negative."""
     for phase, piece in split.items():
         piece["phase_s"] = phase_s[phase]
         piece["other_s"] = phase_s[phase] - piece["matmul_s"] - piece["attention_s"]
@@ -181,13 +186,13 @@ def add_remainder(split: dict[str, dict], phase_s: dict[str, float]) -> dict[str
 
 
 def split_summary(split: dict[str, dict]) -> str:
-    """A few lines of text: per phase, matmul / attention / other seconds and shares."""
+    """A few lines of text: per phase, matmul / attention / other seconds and their shares."""
     lines = []
     for phase, p in split.items():
         total = p["phase_s"] or 1.0
         lines.append(
             f"{phase:<8} {p['phase_s']:8.3f} s: matmul {p['matmul_s']:.3f} s ({p['matmul_s'] / total:.0%}, "
             f"{p['matmul_calls']} calls), attention {p['attention_s']:.3f} s ({p['attention_s'] / total:.0%}), "
-            f"other {p['other_s']:.3f} s ({p['other_s'] / total:.0%}); timed iteration {p['timed_phase_s']:.3f} s"
+            f"other {p['other_s']:.3f} s ({p['other_s'] / total:.0%}); instrumented: {p['timed_phase_s']:.3f} s"
         )
     return "\n".join(lines)

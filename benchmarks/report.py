@@ -67,15 +67,12 @@ def aggregate(runs: list[dict], peaks: dict[str, float]) -> list[dict]:
 
 
 def pooled_split(splits: list[dict], row: dict) -> dict:
-    """Per phase, the median over runs of the timed seconds (matmul, attention) and calls, and
-    other_s = the row's phase time - matmul_s - attention_s (so the three add up to the row's
-    phase time)."""
+    """Per phase, the median over runs of each --split-matmul figure (profile_phases.split_step),
+    and other_s = the row's phase time - matmul_s - attention_s (the three add up to it)."""
     pooled = {}
     for phase in PHASES:
-        piece = {
-            key: statistics.median(split[phase][key] for split in splits)
-            for key in ("matmul_s", "attention_s", "timed_phase_s", "matmul_calls", "attention_calls", "ops")
-        }
+        keys = [key for key in splits[0][phase] if key not in ("phase_s", "other_s")]
+        piece = {key: statistics.median(split[phase][key] for split in splits) for key in keys}
         piece["phase_s"] = row[f"{phase}_s"]
         piece["other_s"] = piece["phase_s"] - piece["matmul_s"] - piece["attention_s"]
         pooled[phase] = piece
@@ -157,36 +154,31 @@ SPLIT_COLUMNS = [
     "other s",
     "matmul share",
     "matmul calls",
-    "timed iteration's phase s",
+    "instrumented phase s",
 ]
 
 
 def split_table(rows: list[dict]) -> str:
-    """The --split-matmul table: per row and phase, seconds inside matrix products, inside fused
-    attention kernels, and the rest of the phase's (un-instrumented) time; "" when no row has it."""
+    """The --split-matmul table: per row and phase, its measured time, the seconds inside matrix
+    products and fused attention kernels (timed in one instrumented iteration), and the rest;
+    "" when no row has a split."""
     lines = []
     for row in rows:
         for phase, p in (row.get("matmul_split") or {}).items():
-            share = p["matmul_s"] / p["phase_s"] if p["phase_s"] > 0 else float("nan")
-            lines.append(
-                "| "
-                + " | ".join(
-                    [
-                        row["workload"],
-                        row["system"],
-                        row["precision"],
-                        phase,
-                        f"{p['phase_s']:.3f}",
-                        f"{p['matmul_s']:.3f}",
-                        f"{p['attention_s']:.3f}",
-                        f"{p['other_s']:.3f}",
-                        f"{share:.0%}",
-                        f"{p['matmul_calls']:.0f}",
-                        f"{p['timed_phase_s']:.3f}",
-                    ]
-                )
-                + " |"
-            )
+            cells = [
+                row["workload"],
+                row["system"],
+                row["precision"],
+                phase,
+                f"{p['phase_s']:.3f}",
+                f"{p['matmul_s']:.3f}",
+                f"{p['attention_s']:.3f}",
+                f"{p['other_s']:.3f}",
+                f"{p['matmul_s'] / p['phase_s']:.0%}" if p["phase_s"] > 0 else "–",
+                f"{p['matmul_calls']:.0f}",
+                f"{p['timed_phase_s']:.3f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     if not lines:
         return ""
     head = ["| " + " | ".join(SPLIT_COLUMNS) + " |", "|" + "|".join(" --- " for _ in SPLIT_COLUMNS) + "|"]
