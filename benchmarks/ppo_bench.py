@@ -241,7 +241,8 @@ def main(argv=None) -> None:
     flops = workload_flops(w, n_lm, n_cls)
     iter_s = med("total_s")
     if split is not None:
-        from profile_phases import add_remainder, split_summary
+        from profile_phases import add_remainder
+        from report import split_summary
 
         split = add_remainder(split, {name: med(f"{name}_s") for name in PHASES})
         print(split_summary(split), flush=True)

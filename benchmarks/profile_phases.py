@@ -183,16 +183,3 @@ def add_remainder(split: dict[str, dict], phase_s: dict[str, float]) -> dict[str
         piece["phase_s"] = phase_s[phase]
         piece["other_s"] = phase_s[phase] - piece["matmul_s"] - piece["attention_s"]
     return split
-
-
-def split_summary(split: dict[str, dict]) -> str:
-    """A few lines of text: per phase, matmul / attention / other seconds and their shares."""
-    lines = []
-    for phase, p in split.items():
-        total = p["phase_s"] or 1.0
-        lines.append(
-            f"{phase:<8} {p['phase_s']:8.3f} s: matmul {p['matmul_s']:.3f} s ({p['matmul_s'] / total:.0%}, "
-            f"{p['matmul_calls']} calls), attention {p['attention_s']:.3f} s ({p['attention_s'] / total:.0%}), "
-            f"other {p['other_s']:.3f} s ({p['other_s'] / total:.0%}); instrumented: {p['timed_phase_s']:.3f} s"
-        )
-    return "\n".join(lines)

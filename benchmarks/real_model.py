@@ -99,7 +99,10 @@ def prompt_batches(tokenizer, path: str | Path, batch: int, length: int, iterati
 
     rows = json.loads(Path(path).read_text())
     if len(rows) < batch * iterations:
-        raise SystemExit(f"{path} holds {len(rows)} prompts; {batch} x {iterations} iterations need more")
+        raise SystemExit(
+            f"{path} holds {len(rows)} prompts; {iterations} iterations of {batch} need more (warm-up, measured, "
+            "and one for each of --profile and --split-matmul)"
+        )
     batches = []
     for i in range(iterations):
         chunk = rows[i * batch : (i + 1) * batch]

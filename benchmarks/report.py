@@ -185,6 +185,19 @@ def split_table(rows: list[dict]) -> str:
     return "\n".join(head + lines)
 
 
+def split_summary(split: dict[str, dict]) -> str:
+    """A few lines of text: per phase, matmul / attention / other seconds and their shares."""
+    lines = []
+    for phase, p in split.items():
+        total = p["phase_s"] or 1.0
+        lines.append(
+            f"{phase:<8} {p['phase_s']:8.3f} s: matmul {p['matmul_s']:.3f} s ({p['matmul_s'] / total:.0%}, "
+            f"{p['matmul_calls']} calls), attention {p['attention_s']:.3f} s ({p['attention_s'] / total:.0%}), "
+            f"other {p['other_s']:.3f} s ({p['other_s'] / total:.0%}); instrumented: {p['timed_phase_s']:.3f} s"
+        )
+    return "\n".join(lines)
+
+
 def machine_line(machine: dict, peaks: dict[str, float], load_start, load_end) -> str:
     flags = ", ".join(machine.get("cpu_flags") or []) or "none of avx2/avx512f/avx512_bf16/amx_bf16"
     versions = ", ".join(f"{name} {machine[name]}" for name in ("torch", "transformers", "trl") if machine.get(name))

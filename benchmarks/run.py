@@ -212,9 +212,7 @@ def summarise(run: dict) -> str:
         f"update {mid('update_s'):.3f}), peak RSS {run['peak_rss_mib']:.0f} MiB"
     )
     if run.get("matmul_split"):
-        from profile_phases import split_summary
-
-        line += "\n" + split_summary(run["matmul_split"])
+        line += "\n" + report.split_summary(run["matmul_split"])
     return line
 
 
