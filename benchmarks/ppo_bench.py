@@ -64,6 +64,11 @@ def parse_args(argv=None):
         action="store_true",
         help="PPOConfig.gradient_checkpointing: activations recomputed in backward (less memory, more time)",
     )
+    p.add_argument(
+        "--compile-layers",
+        action="store_true",
+        help="PPOConfig.compile_layers: decoder layers through torch.compile (compiling falls in the warm-up)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -93,10 +98,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def system_label(micro_batches: int, gradient_checkpointing: bool) -> str:
-    """The row's name: "ppo-rlhf", plus each memory switch that is on."""
+def system_label(micro_batches: int, gradient_checkpointing: bool, compile_layers: bool = False) -> str:
+    """The row's name: "ppo-rlhf", plus each memory or speed switch that is on."""
     switches = [f"{micro_batches} micro-batches"] if micro_batches != 1 else []
     switches += ["gradient checkpointing"] if gradient_checkpointing else []
+    switches += ["compiled layers"] if compile_layers else []
     return ", ".join(["ppo-rlhf", *switches])
 
 
@@ -110,6 +116,7 @@ def build_trainer(
     micro_batches: int = 1,
     gradient_checkpointing: bool = False,
     model_dir: str | None = None,
+    compile_layers: bool = False,
 ):
     """The trainer on workload `w` (a real-model workload: from `model_dir`), sampling exactly R
     tokens per response (no stop token)."""
@@ -125,6 +132,7 @@ def build_trainer(
         mini_batch_size=w.mini_batch_size,
         gradient_accumulation_steps=micro_batches,
         gradient_checkpointing=gradient_checkpointing,
+        compile_layers=compile_layers,
         ppo_epochs=w.ppo_epochs,
         learning_rate=3e-6,
         temperature=0.7,
@@ -219,6 +227,7 @@ def main(argv=None) -> None:
             args.micro_batches,
             args.gradient_checkpointing,
             model_dir,
+            args.compile_layers,
         )
         n_measured = args.warmup + args.iters
         batches = prompt_batches(w, tokenizer, n_measured + bool(args.profile) + args.split_matmul, args, output_dir)
@@ -250,7 +259,7 @@ def main(argv=None) -> None:
         "bench": "ppo_rlhf",
         # Micro-batching and checkpointing are their own rows: the same maths and optimizer steps,
         # another memory (and time) figure.
-        "system": system_label(args.micro_batches, args.gradient_checkpointing),
+        "system": system_label(args.micro_batches, args.gradient_checkpointing, args.compile_layers),
         "workload": w.name,
         "workload_params": w.as_dict(),
         # fp32 on oneDNN is its own row: another kernel, measured against another peak.
@@ -259,6 +268,7 @@ def main(argv=None) -> None:
         "micro_batches": args.micro_batches,
         # Read back from the model, so the record says what ran, not what was asked.
         "gradient_checkpointing": is_activation_checkpointing(trainer.policy),
+        "compile_layers": args.compile_layers,
         "threads": torch.get_num_threads(),
         "seed": args.seed,
         "warmup_iters": args.warmup,

@@ -85,6 +85,11 @@ def parse_args(argv=None):
         action="store_true",
         help="ppo-rlhf with PPOConfig.gradient_checkpointing (activations recomputed in backward); rows say so",
     )
+    p.add_argument(
+        "--compile-layers",
+        action="store_true",
+        help="ppo-rlhf with PPOConfig.compile_layers (decoder layers through torch.compile); rows say so",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -164,6 +169,7 @@ def run_ppo(workload: str, precision: str, args, real: dict) -> dict:
     cmd += ["--release-memory"] if args.release_memory else []
     cmd += ["--micro-batches", str(args.micro_batches)]
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+    cmd += ["--compile-layers"] if args.compile_layers else []
     cmd += ["--split-matmul"] if args.split_matmul else []
     if WORKLOADS.get(workload) and WORKLOADS[workload].real_model:
         cmd += ["--model-dir", str(real["model_dir"]), "--prompts-json", str(real["prompts_json"])]

@@ -66,6 +66,9 @@ class PPOConfig:
         "the sample (None: no bound).",
     )
     num_epochs: int = opt(1, "Passes over the prompt set.")
+    max_steps: int | None = opt(
+        None, "Stop after this many PPO steps, wherever the epochs are (None: num_epochs whole passes)."
+    )
     max_length: int | None = opt(None, "Cap on prompt + response tokens; longer prompts are cut from the left.")
 
     # --- optimisation ---
@@ -185,6 +188,13 @@ class PPOConfig:
         "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same "
         "maths, float rounding apart; faster sampling on CPU, see docs/performance.md). Other models, and "
         "adapters, always use their forward.",
+    )
+    compile_layers: bool = opt(
+        False,
+        "torch.compile each decoder layer of every model for scoring and the update (one graph per layer "
+        "class, dynamic shapes): fuses the norms, rotary, activations and casts around the matmuls. Same "
+        "maths, float rounding apart; compiling takes ~1 min on a 2-core CPU and gave no speed in fp32 there "
+        "(docs/performance.md), so it is off. Sampling is not compiled; not with gradient_checkpointing.",
     )
     host_release_memory: bool = opt(
         False,
@@ -332,6 +342,13 @@ def _check_ppo_relations(cfg: PPOConfig) -> None:
             "PPOConfig.fp32_matmul=onednn cannot run with gradient_checkpointing: the recomputation in backward "
             "runs outside the oneDNN context and computes the layers with another kernel; use auto or mkl",
             key="fp32_matmul",
+        )
+    if cfg.compile_layers and (cfg.gradient_checkpointing or cfg.fp32_matmul == "onednn"):
+        other = "gradient_checkpointing=true" if cfg.gradient_checkpointing else "fp32_matmul=onednn"
+        raise ConfigError(
+            f"PPOConfig.compile_layers=true cannot run with {other}: the compiled layers are traced with torch's "
+            "own kernels and without recomputation; turn one of them off",
+            key="compile_layers",
         )
     if cfg.resume_from_checkpoint and cfg.overwrite:
         raise ConfigError(

@@ -13,6 +13,7 @@ from ppo.lr_schedule import SCHEDULES
 # `ppo.config._check_ppo_relations`.
 PPO_RULES = {
     "num_epochs": at_least(1),
+    "max_steps": at_least(1),
     "max_length": at_least(2),
     "learning_rate": above(0),
     "value_learning_rate": above(0),

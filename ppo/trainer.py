@@ -28,6 +28,7 @@ from ppo.batch import PromptBatch, Rollout, ScoredBatch
 from ppo.config import BatchPlan, PPOConfig, plan_batches
 from ppo.data import collate_prompts, ensure_pad_token
 from ppo.fastpath.compat import enable_activation_checkpointing
+from ppo.fastpath.compiled_layers import compile_decoder_layers
 from ppo.fastpath.host_memory import memory_releaser
 from ppo.fastpath.last_layer import pruning
 from ppo.fastpath.onednn_linear import resolve_fp32_matmul
@@ -110,8 +111,10 @@ class PPOTrainer:
         self.precision = resolve_precision(config.precision, self.device)
         # Under gradient checkpointing the recomputation in backward runs outside the kernel's context:
         # it must be torch's own kernel, or the recomputed activations differ from the saved ones.
+        # Compiled layers trace torch's own linear; the oneDNN kernel is a private op the compiler
+        # would have to trace through.
         self.fp32_kernel = resolve_fp32_matmul(
-            "mkl" if config.gradient_checkpointing else config.fp32_matmul,
+            "mkl" if config.gradient_checkpointing or config.compile_layers else config.fp32_matmul,
             self.device,
             getattr(getattr(model, "config", None), "hidden_size", 512),
         )
@@ -140,6 +143,10 @@ class PPOTrainer:
             if config.gradient_checkpointing:
                 enable_activation_checkpointing(module)
                 module.train()  # HF checkpoints only in train mode; dropout is already off
+        if config.compile_layers:
+            for module in (self.policy, self.ref_model, self.critic.module if self.critic else None, reward_model):
+                if module is not None:
+                    compile_decoder_layers(module)  # idempotent: a shared backbone is compiled once
         self._distribute(config.strategy)  # before the optimizers: FSDP2 replaces the parameters
         self.optimizers = {
             "policy": build_adamw(self.policy, config.learning_rate, config.weight_decay, config.optimizer),
@@ -318,12 +325,13 @@ class PPOTrainer:
         max_steps: int | None = None,
     ) -> list[dict[str, Any]]:
         """The PPO loop over a prompt list or a `datasets.Dataset`; see ppo.loop.train_loop (also for
-        the per-step callback `on_step` and `max_steps`). `num_epochs=None`: the config's `num_epochs`
-        (an explicit argument wins); `max_length=None`: the config's, already applied in __init__."""
+        the per-step callback `on_step`). `num_epochs=None` / `max_steps=None`: the config's (an
+        explicit argument wins); `max_length=None`: the config's, already applied in __init__."""
         from ppo.loop import train_loop  # the loop lives in its own file (checkpointing, logging)
 
         epochs = self.config.num_epochs if num_epochs is None else num_epochs
-        return train_loop(self, prompts, num_epochs=epochs, max_length=max_length, on_step=on_step, max_steps=max_steps)
+        steps = self.config.max_steps if max_steps is None else max_steps
+        return train_loop(self, prompts, num_epochs=epochs, max_length=max_length, on_step=on_step, max_steps=steps)
 
     def save_pretrained(self, output_dir: str) -> None:
         """The policy and tokenizer as a plain Hugging Face directory. With LoRA: the adapter (peft

@@ -88,7 +88,10 @@ def _prunable_last_layer(model):
         return None
     if not all(hasattr(layer, a) for a in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")):
         return None
-    if "forward" in vars(layer):  # someone else's per-instance forward (accelerate's offload hooks): leave it be
+    # Someone else's per-instance forward (accelerate's offload hooks): leave it be. compile_layers'
+    # forward is only a faster route to the layer's own, and it is put back after the block.
+    own = vars(layer).get("forward")
+    if own is not None and not getattr(own, "runs_the_layers_own_forward", False):
         return None
     if not fast_path_allowed("prune_last_layer", body):
         return None
@@ -123,11 +126,15 @@ def last_layer_rows(model, columns: Tensor):
 
 @contextlib.contextmanager
 def _pruned(layer, columns: Tensor):
+    previous = vars(layer).get("forward")  # compile_layers' forward, when it is on
     layer.forward = functools.partial(_forward_at, layer, columns)
     try:
         yield
     finally:
-        del layer.forward  # back to the class's forward
+        if previous is None:
+            del layer.forward  # back to the class's forward
+        else:
+            layer.forward = previous
 
 
 def _rotate_half(x: Tensor) -> Tensor:

@@ -74,6 +74,25 @@ def test_train_flags_end_to_end_then_refuse_rerun(run_dirs, capsys):
     assert (out / "metrics.jsonl").read_text() == before
 
 
+def test_max_steps_stops_the_run_inside_its_epochs(run_dirs):
+    out = run_dirs / "out"
+    argv = [
+        f"model_name_or_path={run_dirs / 'policy'}",
+        f"prompts_file={run_dirs / 'prompts.txt'}",
+        f"reward_funcs=[{run_dirs / 'rewards.py'}:has_w1]",
+        "batch_size=1",
+        "num_epochs=2",  # 8 steps of one prompt, cut at 3
+        "max_steps=3",
+        "max_new_tokens=2",
+        "progress_bar=false",
+        f"output_dir={out}",
+    ]
+    assert train_main(argv) == 0
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (out / "final" / "config.json").exists()
+    assert train_main([*argv[:-1], "max_steps=0", f"output_dir={run_dirs / 'zero'}"]) == 2
+
+
 def test_misspelt_key_and_unknown_stage(run_dirs, capsys):
     assert train_main(["--learning_rat", "0.1"]) == 2
     assert "Did you mean 'learning_rate'" in capsys.readouterr().err
