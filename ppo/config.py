@@ -183,6 +183,14 @@ class PPOConfig:
         "tokens; a reward model's last token): keys and values everywhere, queries and MLP there only. Same "
         "maths, float rounding apart; Qwen3/Qwen2/Llama without gradient checkpointing.",
     )
+    fused_lm_head: bool | str = opt(
+        "auto",
+        "Log-probs and entropy from the last hidden states through the LM head's weight, a chunk of rows at a "
+        "time, never holding the [B, R, V] logits or their gradient (backward recomputes each chunk: one more "
+        "head product, ~8% of a 135M model's forward and backward). auto: where a pass's logits would exceed "
+        "512 MiB in fp32 (long responses, large vocabularies); true, false. Same maths, float rounding apart; "
+        "Qwen3/Qwen2/Llama with a plain linear head, one process.",
+    )
     lean_decode: bool = opt(
         True,
         "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same "
@@ -324,6 +332,10 @@ def _check_ppo_relations(cfg: PPOConfig) -> None:
         raise ConfigError(
             f"PPOConfig.warmup_steps must be <= lr_schedule_steps ({cfg.lr_schedule_steps}), got {cfg.warmup_steps}",
             key="warmup_steps",
+        )
+    if not (isinstance(cfg.fused_lm_head, bool) or cfg.fused_lm_head == "auto"):
+        raise ConfigError(
+            f"PPOConfig.fused_lm_head must be true, false or auto; got {cfg.fused_lm_head!r}", key="fused_lm_head"
         )
     if not (isinstance(cfg.rollout_logprobs, bool) or cfg.rollout_logprobs == "auto"):
         raise ConfigError(

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ppo import functional as F
 from ppo.collate import IGNORE_INDEX, TokenBatch
+from ppo.fastpath import fused_head
 from ppo.fastpath.last_layer import last_layer_rows
 from ppo.rollout.hf import position_ids_from_mask
 
@@ -56,6 +57,17 @@ def policy_logprobs(
     The whole logits tensor goes to the log-prob functions, which bound their fp32 memory by
     chunking inside; slicing it here instead would make autograd build a zero-filled full-size
     gradient per slice."""
+    fused = fused_head.response_logprobs(
+        model,
+        input_ids,
+        attention_mask,
+        position_ids_from_mask(attention_mask),
+        state_columns(input_ids, response_width),
+        temperature,
+        with_entropy,
+    )
+    if fused is not None:  # never holds the [B, R, V] logits (ppo.fastpath.fused_head)
+        return fused if output_hidden else (*fused[:2], None)
     logits, hidden = response_logits(model, input_ids, attention_mask, response_width, output_hidden)
     labels = input_ids[:, -response_width:]
     logprobs = F.logprobs_from_logits(logits, labels, temperature)

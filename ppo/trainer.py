@@ -29,6 +29,7 @@ from ppo.config import BatchPlan, PPOConfig, plan_batches
 from ppo.data import collate_prompts, ensure_pad_token
 from ppo.fastpath.compat import enable_activation_checkpointing
 from ppo.fastpath.compiled_layers import compile_decoder_layers
+from ppo.fastpath.fused_head import fusing
 from ppo.fastpath.host_memory import memory_releaser
 from ppo.fastpath.last_layer import pruning
 from ppo.fastpath.onednn_linear import resolve_fp32_matmul
@@ -235,7 +236,7 @@ class PPOTrainer:
         # 1. sample: collate the prompts, then num_generations responses per prompt
         with self.timer.phase("generate"):
             prompt_batch, rollout = self.sample(prompts, extras, row_offset)
-        with self.timer.phase("score"), pruning(cfg.prune_last_layer):
+        with self.timer.phase("score"), pruning(cfg.prune_last_layer), fusing(cfg.fused_lm_head):
             # 2. score: log-probs, values and rewards, no grad; then the global batch on every rank
             completions = self.tokenizer.batch_decode(rollout.completion_ids(), skip_special_tokens=True)
             scored = self.scorer(rollout, prompt_batch, completions)
@@ -245,7 +246,7 @@ class PPOTrainer:
         # 4. the update: epochs x mini-batches of clipped policy and value losses (during the
         #    critic warm-up the critic's only: the policy, and so the KL, do not move)
         warming_up = self.global_step < cfg.critic_warmup_steps
-        with self.timer.phase("update"), pruning(cfg.prune_last_layer):
+        with self.timer.phase("update"), pruning(cfg.prune_last_layer), fusing(cfg.fused_lm_head):
             update_stats = ppo_update(
                 batch,
                 self.update_policy,

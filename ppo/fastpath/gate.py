@@ -38,6 +38,7 @@ FAST_PATHS = {
     "lean_decode": ("ppo.fastpath.lean_decode", ("transformers", "torch")),
     "kv_cache": ("ppo.fastpath.kv_cache", ("transformers",)),
     "onednn_linear": ("ppo.fastpath.onednn_linear", ("torch",)),
+    "fused_lm_head": ("ppo.fastpath.fused_head", ("transformers", "torch")),
 }
 
 

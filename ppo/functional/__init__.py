@@ -1,8 +1,9 @@
 """Pure tensor maths for PPO on language models: no modules, no config objects, scalars passed in.
 
-One package, imported as one module (`from ppo import functional as F`), in five files:
+One package, imported as one module (`from ppo import functional as F`), in six files:
     masked.py       masked mean / variance / whitening, explained variance; the shared upcasting
     softmax.py      log-probs and entropy from logits, chunked (one fp32 chunk at a time)
+    head.py         the same from hidden states and the LM head's weight, never holding the logits
     estimators.py   per-token rewards, GAE, discounted returns, group baselines (GRPO, RLOO)
     kl.py           the KL estimators k1/k2/k3, the KL term of a loss, the KL controllers
     losses.py       the clipped policy and value losses, truncated importance weights
@@ -33,6 +34,7 @@ from ppo.functional.estimators import (
     sequence_to_tokens,
     token_level_rewards,
 )
+from ppo.functional.head import head_logprobs
 from ppo.functional.kl import KL_ESTIMATORS as KL_ESTIMATORS  # `x as x`: importable, not in __all__
 from ppo.functional.kl import AdaptiveKLController, FixedKLController, kl_loss, kl_penalty
 from ppo.functional.losses import clipped_policy_loss, clipped_value_loss
@@ -44,6 +46,7 @@ from ppo.functional.softmax import entropy_from_logits, logprobs_from_logits
 __all__ = [
     "logprobs_from_logits",
     "entropy_from_logits",
+    "head_logprobs",
     "masked_mean",
     "masked_var",
     "masked_whiten",
