@@ -167,15 +167,8 @@ def main() -> int:
     for name, prompts, gens in [r for r in RUNS if r[0] in args.estimators.split(",")]:
         if args.quick:
             prompts, gens = 8, 2  # quick mode fixes 8 prompts per step
-        rollout = prompts * gens
-        mini_batch = None if base.ppo_mini_batch_size is None else min(base.ppo_mini_batch_size, rollout)
-        config = dataclasses.replace(
-            base,
-            advantage_estimator=name,
-            ppo_batch_size=prompts,
-            num_generations=gens,
-            ppo_mini_batch_size=mini_batch,
-        )
+        # The mini-batch is capped at the rollout by the demo's own ppo_config.
+        config = dataclasses.replace(base, advantage_estimator=name, ppo_batch_size=prompts, num_generations=gens)
         print(f"== {name}: {prompts} prompts x {gens} samples per step", flush=True)
         rows.append(
             row(

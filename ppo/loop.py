@@ -39,6 +39,27 @@ def prompt_rows(prompts, prompt_column: str = "prompt") -> list[dict[str, Any]]:
     return rows
 
 
+def fresh_output_dir(out: Path, overwrite: bool) -> None:
+    """A run starting from step 0 must not mix its checkpoints and final model with an earlier
+    run's (the CLIs check this before loading; `PPOTrainer.train()` from Python reaches here
+    directly): refused unless `overwrite`, which removes the earlier run's outputs first."""
+    from ppo.stage import PPO_OUTPUTS, OutputDirError, remove_outputs
+
+    earlier = [p.name for p in (out / "final", out / "latest") if p.exists()] + sorted(
+        p.name for p in out.glob("step_*")
+    )
+    if not earlier:
+        return
+    if not overwrite:
+        raise OutputDirError(
+            f"output_dir {str(out)!r} already holds a run's outputs ({', '.join(earlier)}); pass "
+            "resume_from_checkpoint='latest' to continue it, overwrite=True to replace it, or another output_dir"
+        )
+    if dist.is_main():
+        remove_outputs(out, PPO_OUTPUTS)
+    dist.barrier()
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The data order of an epoch, a pure function of (seed, epoch): resuming needs no saved order."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
@@ -97,6 +118,8 @@ def train_loop(
     start_epoch, start_batch = 0, 0
     if cfg.resume_from_checkpoint:
         start_epoch, start_batch = resume.resume(trainer, out, cfg.resume_from_checkpoint, plan)
+    else:
+        fresh_output_dir(out, getattr(cfg, "overwrite", False))
     for hook in getattr(
         trainer, "on_train_start", ()
     ):  # e.g. the CLI's config.yaml: written once a resume has succeeded

@@ -54,3 +54,23 @@ def test_on_step_sees_each_batch_and_its_metrics_are_logged_and_max_steps_stops(
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["texts_seen"] for line in logged] == [len(b) for b in seen]
     assert (tmp_path / "final" / "config.json").exists()
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused_unless_overwrite(tiny_policy, tiny_tokenizer, tmp_path):
+    """From Python as from the CLI: a new run does not mix its checkpoints and final model with an
+    earlier run's; overwrite=True replaces them."""
+    import copy
+
+    from ppo.stage import OutputDirError
+
+    trainer_for(copy.deepcopy(tiny_policy), tiny_tokenizer, tmp_path, save_steps=2).train(PROMPTS)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert {"final", "step_2", "metrics.jsonl"} <= before.keys()
+    second = trainer_for(copy.deepcopy(tiny_policy), tiny_tokenizer, tmp_path, seed=1)
+    with pytest.raises(OutputDirError, match=r"already holds a run's outputs \(final, latest, step_2\)"):
+        second.train(PROMPTS)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before  # nothing touched
+    third = trainer_for(copy.deepcopy(tiny_policy), tiny_tokenizer, tmp_path, overwrite=True)
+    third.train(PROMPTS, max_steps=1)
+    assert not list(tmp_path.glob("step_*")) and (tmp_path / "final").exists()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
