@@ -167,8 +167,13 @@ def main() -> int:
     for name, prompts, gens in [r for r in RUNS if r[0] in args.estimators.split(",")]:
         if args.quick:
             prompts, gens = 8, 2  # quick mode fixes 8 prompts per step
-        # The mini-batch is capped at the rollout by the demo's own ppo_config.
-        config = dataclasses.replace(base, advantage_estimator=name, ppo_batch_size=prompts, num_generations=gens)
+        config = dataclasses.replace(
+            base,
+            advantage_estimator=name,
+            ppo_batch_size=prompts,
+            num_generations=gens,
+            ppo_mini_batch_size=demo.capped_mini_batch(base.ppo_mini_batch_size, prompts, gens),
+        )
         print(f"== {name}: {prompts} prompts x {gens} samples per step", flush=True)
         rows.append(
             row(

@@ -172,9 +172,14 @@ def run_reward(config: DemoConfig, plan: DemoPlan, policy, tokenizer, task, rows
     return model, metrics
 
 
+def capped_mini_batch(mini_batch: int | None, prompts: int, generations: int) -> int | None:
+    """The mini-batch, at most one rollout (`prompts` x `generations` samples) long."""
+    return None if mini_batch is None else min(mini_batch, prompts * generations)
+
+
 def ppo_config(config: DemoConfig, plan: DemoPlan, out: Path) -> PPOConfig:
-    rollout = plan.ppo_batch_size * config.num_generations  # `quick` shrinks the batch below the mini-batch
-    mini_batch = None if config.ppo_mini_batch_size is None else min(config.ppo_mini_batch_size, rollout)
+    # `quick` shrinks the batch below the mini-batch
+    mini_batch = capped_mini_batch(config.ppo_mini_batch_size, plan.ppo_batch_size, config.num_generations)
     return PPOConfig(
         output_dir=str(out / "ppo"),
         seed=config.seed,
