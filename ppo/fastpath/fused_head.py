@@ -106,13 +106,9 @@ def mismatch_with_stock(twin) -> str | None:
     """The gate's self-check: log-probs and entropy against the twin's own logits."""
     ids, mask, positions = tiny_batch()
     columns = torch.arange(4, ids.shape[1] - 1)
-    with torch.no_grad():
-        return _compare(twin, ids, mask, positions, columns)
-
-
-def _compare(twin, ids, mask, positions, columns) -> str | None:
-    logits = twin(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, columns]
     labels = ids[:, columns + 1]
-    stock = torch.cat([logprobs_from_logits(logits, labels, 0.7), entropy_from_logits(logits, 0.7)])
-    lp, ent, _ = _fused(twin, twin.model, twin.lm_head, ids, mask, positions, columns, 0.7, True)
+    with torch.no_grad():
+        logits = twin(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, columns]
+        stock = torch.cat([logprobs_from_logits(logits, labels, 0.7), entropy_from_logits(logits, 0.7)])
+        lp, ent, _ = _fused(twin, twin.model, twin.lm_head, ids, mask, positions, columns, 0.7, True)
     return max_error(torch.cat([lp, ent]), stock)

@@ -79,11 +79,11 @@ class _HeadLogProbs(torch.autograd.Function):
                 logp = (_logits(hidden[idx], w, b, temperature, acc) - lse[idx, None]).clamp_min_(torch.finfo(acc).min)
                 p = logp.exp()
                 # d logp_label / dz = onehot - p;  dH / dz = -p (log p + H);  then d(z/T)/dz = 1/T.
-                g = torch.zeros_like(p)
                 if grad_logprobs is not None:
                     g_lp = grad_logprobs[idx, None]
-                    g = p * -g_lp
-                    g.scatter_add_(-1, labels[idx, None], g_lp)
+                    g = (p * -g_lp).scatter_add_(-1, labels[idx, None], g_lp)
+                else:
+                    g = torch.zeros_like(p)
                 if ctx.with_entropy and grad_entropy is not None:
                     g -= p * (logp + entropy[idx, None]) * grad_entropy[idx, None]
                 if temperature != 1.0:
