@@ -10,7 +10,6 @@ config the user gave us.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 # The loading machinery, the rule tables and the stage configs live beside this module; their names
@@ -34,7 +33,7 @@ from ppo.config_io import (  # noqa: F401
     save_config,
     validate,
 )
-from ppo.config_rules import PPO_RULES
+from ppo.config_rules import PPO_RULES, check_ppo_relations
 from ppo.stage_configs import DemoConfig, EvalConfig, RewardConfig, SFTConfig  # noqa: F401
 
 
@@ -257,7 +256,7 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         validate(self, PPO_RULES)  # every field's type, then each key's rule (the table below)
-        _check_ppo_relations(self)
+        check_ppo_relations(self)
         self._check_estimator()
 
     @property
@@ -292,82 +291,6 @@ class PPOConfig:
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 GROUP_ESTIMATORS = ("grpo", "rloo")  # a baseline from the other samples of the same prompt
-
-
-def _check_ppo_relations(cfg: PPOConfig) -> None:
-    """The rules that involve two keys, and the items of list keys."""
-    check_list_items(
-        cfg,
-        "reward_funcs",
-        lambda f: callable(f) or (isinstance(f, str) and f.strip() != ""),
-        "a built-in name, `module:function`, `file.py:function` or a callable",
-    )
-    check_list_items(cfg, "reward_weights", lambda w: FINITE.allows(w), "a finite number")
-    check_list_items(cfg, "stop_strings", lambda x: isinstance(x, str) and x != "", "a non-empty string")
-    check_list_items(cfg, "lora_target_modules", lambda x: isinstance(x, str) and x != "", "a module name")
-    check_list_items(
-        cfg, "report_to", lambda x: x in ("tensorboard", "wandb", "none", "jsonl"), "one of tensorboard, wandb, none"
-    )
-    rollout = cfg.batch_size * cfg.num_generations
-    if cfg.mini_batch_size is not None and cfg.mini_batch_size > rollout:
-        raise ConfigError(
-            f"PPOConfig.mini_batch_size must be <= the {rollout} samples of one rollout (batch_size {cfg.batch_size} "
-            f"x num_generations {cfg.num_generations}), got {cfg.mini_batch_size}",
-            key="mini_batch_size",
-        )
-    mini = cfg.mini_batch_size or rollout
-    if rollout % mini:
-        warnings.warn(
-            f"mini_batch_size {mini} does not divide the rollout of {rollout} samples: each epoch's last "
-            f"mini-batch has {rollout % mini}",
-            stacklevel=3,
-        )
-    if cfg.gradient_accumulation_steps > mini:
-        raise ConfigError(
-            f"PPOConfig.gradient_accumulation_steps must be <= the mini-batch's {mini} samples (it splits each "
-            f"mini-batch into that many micro-batches), got {cfg.gradient_accumulation_steps}",
-            key="gradient_accumulation_steps",
-        )
-    if cfg.lr_schedule_steps is not None and cfg.warmup_steps > cfg.lr_schedule_steps:
-        raise ConfigError(
-            f"PPOConfig.warmup_steps must be <= lr_schedule_steps ({cfg.lr_schedule_steps}), got {cfg.warmup_steps}",
-            key="warmup_steps",
-        )
-    if not (isinstance(cfg.fused_lm_head, bool) or cfg.fused_lm_head == "auto"):
-        raise ConfigError(
-            f"PPOConfig.fused_lm_head must be true, false or auto; got {cfg.fused_lm_head!r}", key="fused_lm_head"
-        )
-    if not (isinstance(cfg.rollout_logprobs, bool) or cfg.rollout_logprobs == "auto"):
-        raise ConfigError(
-            f"PPOConfig.rollout_logprobs must be true, false or auto; got {cfg.rollout_logprobs!r}",
-            key="rollout_logprobs",
-        )
-    if cfg.tis_cap is not None and cfg.rollout_logprobs is True:
-        raise ConfigError(
-            "PPOConfig.tis_cap weights pi_old (a scoring forward) against the sampling pass; with "
-            "rollout_logprobs=true they are the same numbers and every weight is 1: set rollout_logprobs=auto "
-            "or false",
-            key="tis_cap",
-        )
-    if cfg.gradient_checkpointing and cfg.fp32_matmul == "onednn":
-        raise ConfigError(
-            "PPOConfig.fp32_matmul=onednn cannot run with gradient_checkpointing: the recomputation in backward "
-            "runs outside the oneDNN context and computes the layers with another kernel; use auto or mkl",
-            key="fp32_matmul",
-        )
-    if cfg.compile_layers and (cfg.gradient_checkpointing or cfg.fp32_matmul == "onednn"):
-        other = "gradient_checkpointing=true" if cfg.gradient_checkpointing else "fp32_matmul=onednn"
-        raise ConfigError(
-            f"PPOConfig.compile_layers=true cannot run with {other}: the compiled layers are traced with torch's "
-            "own kernels and without recomputation; turn one of them off",
-            key="compile_layers",
-        )
-    if cfg.resume_from_checkpoint and cfg.overwrite:
-        raise ConfigError(
-            "PPOConfig: resume_from_checkpoint and overwrite=true contradict each other (overwrite would delete "
-            "the run being resumed); set only one",
-            key="overwrite",
-        )
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,18 @@
 """What each key of each config must be: one rule table per config class, checked at construction
 (`ppo.config_io.validate`) after the key's type; None passes where the type allows it. The classes
 and their help strings are in `ppo.config` (PPOConfig) and `ppo.stage_configs`; a check that
-involves two keys stays with its class.
+involves two keys is below (PPOConfig's) or stays with its class.
 """
 
 from __future__ import annotations
 
-from ppo.config_io import FINITE, TEXT, above, at_least, between, one_of
+import warnings
+
+from ppo.config_io import FINITE, TEXT, ConfigError, above, at_least, between, check_list_items, one_of
 from ppo.lr_schedule import SCHEDULES
 
 # PPOConfig's keys without a rule are flags, paths, names or lists, checked in
-# `ppo.config._check_ppo_relations`.
+# `check_ppo_relations` below.
 PPO_RULES = {
     "num_epochs": at_least(1),
     "max_steps": at_least(1),
@@ -160,3 +162,79 @@ DEMO_RULES = {
     "ppo_lr_scheduler": one_of(*SCHEDULES),  # the PPO trainer's own
     "output_dir": TEXT,
 }
+
+
+def check_ppo_relations(cfg) -> None:
+    """PPOConfig's rules that involve two keys, and the items of list keys."""
+    check_list_items(
+        cfg,
+        "reward_funcs",
+        lambda f: callable(f) or (isinstance(f, str) and f.strip() != ""),
+        "a built-in name, `module:function`, `file.py:function` or a callable",
+    )
+    check_list_items(cfg, "reward_weights", lambda w: FINITE.allows(w), "a finite number")
+    check_list_items(cfg, "stop_strings", lambda x: isinstance(x, str) and x != "", "a non-empty string")
+    check_list_items(cfg, "lora_target_modules", lambda x: isinstance(x, str) and x != "", "a module name")
+    check_list_items(
+        cfg, "report_to", lambda x: x in ("tensorboard", "wandb", "none", "jsonl"), "one of tensorboard, wandb, none"
+    )
+    rollout = cfg.batch_size * cfg.num_generations
+    if cfg.mini_batch_size is not None and cfg.mini_batch_size > rollout:
+        raise ConfigError(
+            f"PPOConfig.mini_batch_size must be <= the {rollout} samples of one rollout (batch_size {cfg.batch_size} "
+            f"x num_generations {cfg.num_generations}), got {cfg.mini_batch_size}",
+            key="mini_batch_size",
+        )
+    mini = cfg.mini_batch_size or rollout
+    if rollout % mini:
+        warnings.warn(
+            f"mini_batch_size {mini} does not divide the rollout of {rollout} samples: each epoch's last "
+            f"mini-batch has {rollout % mini}",
+            stacklevel=3,
+        )
+    if cfg.gradient_accumulation_steps > mini:
+        raise ConfigError(
+            f"PPOConfig.gradient_accumulation_steps must be <= the mini-batch's {mini} samples (it splits each "
+            f"mini-batch into that many micro-batches), got {cfg.gradient_accumulation_steps}",
+            key="gradient_accumulation_steps",
+        )
+    if cfg.lr_schedule_steps is not None and cfg.warmup_steps > cfg.lr_schedule_steps:
+        raise ConfigError(
+            f"PPOConfig.warmup_steps must be <= lr_schedule_steps ({cfg.lr_schedule_steps}), got {cfg.warmup_steps}",
+            key="warmup_steps",
+        )
+    if not (isinstance(cfg.fused_lm_head, bool) or cfg.fused_lm_head == "auto"):
+        raise ConfigError(
+            f"PPOConfig.fused_lm_head must be true, false or auto; got {cfg.fused_lm_head!r}", key="fused_lm_head"
+        )
+    if not (isinstance(cfg.rollout_logprobs, bool) or cfg.rollout_logprobs == "auto"):
+        raise ConfigError(
+            f"PPOConfig.rollout_logprobs must be true, false or auto; got {cfg.rollout_logprobs!r}",
+            key="rollout_logprobs",
+        )
+    if cfg.tis_cap is not None and cfg.rollout_logprobs is True:
+        raise ConfigError(
+            "PPOConfig.tis_cap weights pi_old (a scoring forward) against the sampling pass; with "
+            "rollout_logprobs=true they are the same numbers and every weight is 1: set rollout_logprobs=auto "
+            "or false",
+            key="tis_cap",
+        )
+    if cfg.gradient_checkpointing and cfg.fp32_matmul == "onednn":
+        raise ConfigError(
+            "PPOConfig.fp32_matmul=onednn cannot run with gradient_checkpointing: the recomputation in backward "
+            "runs outside the oneDNN context and computes the layers with another kernel; use auto or mkl",
+            key="fp32_matmul",
+        )
+    if cfg.compile_layers and (cfg.gradient_checkpointing or cfg.fp32_matmul == "onednn"):
+        other = "gradient_checkpointing=true" if cfg.gradient_checkpointing else "fp32_matmul=onednn"
+        raise ConfigError(
+            f"PPOConfig.compile_layers=true cannot run with {other}: the compiled layers are traced with torch's "
+            "own kernels and without recomputation; turn one of them off",
+            key="compile_layers",
+        )
+    if cfg.resume_from_checkpoint and cfg.overwrite:
+        raise ConfigError(
+            "PPOConfig: resume_from_checkpoint and overwrite=true contradict each other (overwrite would delete "
+            "the run being resumed); set only one",
+            key="overwrite",
+        )
