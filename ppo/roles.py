@@ -1,4 +1,4 @@
-"""Building the models of a run: frozen reference, critic, precision. Nothing algorithmic."""
+"""Building the models of a run: frozen reference, critic, LoRA, frozen weights in bf16. Nothing algorithmic."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from ppo.critic import SeparateCritic, SharedCritic
-from ppo.fastpath.onednn_linear import fp32_linear_context
-from ppo.host_cpu import cpu_flags
+from ppo.fastpath.bf16_weights import hold_in_bf16
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -74,6 +73,15 @@ def default_reference(policy, ref_model):
     return freeze(copy.deepcopy(policy))
 
 
+def hold_frozen_in_bf16(models, precision: str, strategy: str, world_size: int) -> int:
+    """Under bf16 autocast, the frozen `models`' linear weights in bf16 (`ppo.fastpath.bf16_weights`:
+    the same numbers, no cast per forward); returns how many layers changed. FSDP2 shards a layer's
+    parameters as one flat buffer of one dtype, so a sharded run keeps them as they are."""
+    if precision != "bf16" or (strategy == "fsdp" and world_size > 1):
+        return 0
+    return sum(hold_in_bf16(model) for model in models if model is not None)
+
+
 def critic_from_policy(policy) -> torch.nn.Module:
     """A sequence classifier with the policy's backbone weights and a zero-initialised score head."""
     config = copy.deepcopy(policy.config)
@@ -116,31 +124,3 @@ def build_critic(value_head: str, policy, reward_model=None, value_model=None, r
     if lora_config is not None:
         model = apply_lora(model, lora_config, task="critic")
     return SeparateCritic(model.eval())
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 where it is fast (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
-    if precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16():
-        warnings.warn(
-            "precision=bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls are emulated and can be "
-            "10x slower than fp32 here; precision=auto picks the fast one",
-            stacklevel=2,
-        )
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
-    return "bf16" if "AVX512" in capability and _cpu_has_bf16() else "fp32"
-
-
-def _cpu_has_bf16() -> bool:
-    return not cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"})
-
-
-def autocast_context(precision: str, device: torch.device, fp32_kernel: str = "mkl"):
-    """A fresh context for the resolved precision: bf16 autocast, or in fp32 the linear-layer kernel
-    (`ppo.fastpath.onednn_linear`; 'mkl' is torch's default: no context)."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return fp32_linear_context(fp32_kernel)

@@ -10,12 +10,11 @@ makes every rank hold the global batch in rank order - exactly the layout one pr
 
 from __future__ import annotations
 
-import torch
-
 from ppo import distributed as dist
 from ppo.batch import PromptBatch, Rollout, RolloutScores
 from ppo.config import PPOConfig, plan_batches
 from ppo.forward import by_rows, policy_logprobs
+from ppo.precision import grad_free
 from ppo.rewards import RewardSources
 from ppo.roles import reference_context
 
@@ -74,7 +73,7 @@ class Scorer:
         cfg = self.config
         ids, mask, width = rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1]
         rows = self.rows_per_forward(len(ids))
-        with torch.inference_mode(), self.autocast():
+        with self.autocast(), grad_free():
             if self.reuses_rollout_logprobs(rollout):
                 logprobs, entropy, hidden = rollout.logprobs, rollout.entropy, None
             else:

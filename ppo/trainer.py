@@ -37,15 +37,15 @@ from ppo.lr_schedule import lr_factor, set_learning_rates
 from ppo.metrics import PhaseTimer
 from ppo.models import end_of_turn_ids
 from ppo.optim import build_adamw
+from ppo.precision import autocast_context, resolve_precision
 from ppo.rewards import RewardSources
 from ppo.roles import (
     apply_lora,
-    autocast_context,
     build_critic,
     default_reference,
     freeze,
+    hold_frozen_in_bf16,
     is_peft_model,
-    resolve_precision,
 )
 from ppo.rollout import HFRolloutEngine, RolloutEngine, SamplingParams
 from ppo.scoring import Scorer
@@ -144,6 +144,8 @@ class PPOTrainer:
             if config.gradient_checkpointing:
                 enable_activation_checkpointing(module)
                 module.train()  # HF checkpoints only in train mode; dropout is already off
+        if config.bf16_frozen_weights:  # after the critic copied the reward model's fp32 weights
+            hold_frozen_in_bf16((self.ref_model, reward_model), self.precision, config.strategy, dist.world_size())
         if config.compile_layers:
             for module in (self.policy, self.ref_model, self.critic.module if self.critic else None, reward_model):
                 if module is not None:

@@ -39,6 +39,7 @@ FAST_PATHS = {
     "kv_cache": ("ppo.fastpath.kv_cache", ("transformers",)),
     "onednn_linear": ("ppo.fastpath.onednn_linear", ("torch",)),
     "fused_lm_head": ("ppo.fastpath.fused_head", ("transformers", "torch")),
+    "bf16_frozen_weights": ("ppo.fastpath.bf16_weights", ("transformers", "torch")),
 }
 
 

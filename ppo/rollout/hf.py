@@ -24,6 +24,7 @@ from ppo.batch import PromptBatch, Rollout
 from ppo.fastpath.compat import cache_kwargs
 from ppo.fastpath.kv_cache import PreallocatedLayer, rollout_cache
 from ppo.fastpath.lean_decode import lean_decoder_for
+from ppo.precision import grad_free
 from ppo.rollout.base import SamplingParams
 
 
@@ -90,13 +91,12 @@ class HFRolloutEngine:
         # The engine holds the trained module itself: there is nothing to copy.
         return None
 
-    @torch.inference_mode()
     def generate(self, prompts: PromptBatch, params: SamplingParams) -> Rollout:
         model = self.model
         was_training = model.training
         model.eval()  # dropout off while sampling
         try:
-            with self.autocast():
+            with self.autocast(), grad_free():  # under autocast each weight is cast once, not per token
                 seeds = prompts.seeds
                 if seeds is None:
                     seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()

@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ppo import PPOConfig, PPOTrainer
 from ppo import functional as F
@@ -178,3 +179,37 @@ def test_mismatch_measure_is_f_mean_abs_diff():
         F.mean_abs_diff(torch.tensor([[0.0, -1.0, 5.0]]), torch.tensor([[0.5, -1.0, -5.0]]), mask).item()
         == FIFTH * 1.25
     )
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts autocast's casts of `weights` to bf16."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.pointers, self.count = {w.data_ptr() for w in weights}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # in inference mode the cast arrives undecomposed, as aten.to.dtype
+        to_bf16 = (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16) or (
+            func is torch.ops.aten.to.dtype and args[1] == torch.bfloat16
+        )
+        if to_bf16:
+            self.count += args[0].data_ptr() in self.pointers
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("lean_decode", [True, False])
+def test_sampling_casts_each_policy_weight_once_not_per_token(tiny_policy, tiny_tokenizer, lean_decode):
+    """In inference mode autocast keeps no cast copies, so each decode step would cast every weight
+    again; sampling runs under no_grad when autocasting, so each is cast once per rollout."""
+    weights = [m.weight for m in tiny_policy.modules() if isinstance(m, torch.nn.Linear)]
+    engine = HFRolloutEngine(tiny_policy, tiny_tokenizer, bf16, lean_decode=lean_decode)
+    prompts, params = collate_prompts(tiny_tokenizer, PROMPTS), SamplingParams(max_new_tokens=6, temperature=0.0)
+    with WeightCasts(weights) as once:
+        rollout = engine.generate(prompts, params)
+    with WeightCasts(weights) as per_token, torch.inference_mode(), bf16():  # the old way
+        response_ids, *_ = engine._sample(prompts.input_ids, prompts.attention_mask, params, [0] * len(PROMPTS))
+    assert 0 < once.count <= len(weights)
+    assert per_token.count >= 5 * once.count  # 6 tokens: a forward per token
+    assert torch.equal(rollout.response_ids, response_ids)  # the same numbers

@@ -82,10 +82,10 @@ def test_batch_plan_is_derived_not_written_back():
 def test_auto_precision_is_bf16_only_where_the_cpu_is_fast_at_it(monkeypatch, flags, capability, expected):
     import torch
 
-    from ppo import roles
+    from ppo import precision
 
     assert PPOConfig().precision == "auto"
-    monkeypatch.setattr(roles, "_cpu_has_bf16", lambda: "avx512_bf16" in flags or "amx_bf16" in flags)
+    monkeypatch.setattr(precision, "_cpu_has_bf16", lambda: "avx512_bf16" in flags or "amx_bf16" in flags)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert roles.resolve_precision("auto", torch.device("cpu")) == expected
-    assert roles.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert precision.resolve_precision("auto", torch.device("cpu")) == expected
+    assert precision.resolve_precision("fp32", torch.device("cpu")) == "fp32"

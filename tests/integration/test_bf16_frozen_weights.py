@@ -1,0 +1,156 @@
+"""`bf16_frozen_weights`: under bf16 autocast the reference's and the reward model's linear weights
+are held in bf16 (ppo/fastpath/bf16_weights.py). Autocast would cast them to bf16 at every forward,
+so a PPO step must come out bit for bit the same, with the weights' memory halved; fp32 runs and
+the parts read outside autocast (embeddings, norms, score heads) are left alone.
+
+bf16 is emulated on AVX2-only CPUs: the models are the smallest that show the effect.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ppo import PPOConfig, PPOTrainer
+from ppo.fastpath import bf16_weights, gate
+from ppo.fastpath.gate import FastPathWarning, tiny_twin
+
+PROMPTS = ["w3 w4", "w5 w6 w7 w8 w9", "w2", "w8 w9 w10"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gate():
+    gate.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="precision=bf16 on a CPU")
+        yield
+    gate.reset()
+
+
+def thirds(completions, **kwargs):
+    return [1 / 3 if i % 2 else 1 / 9 for i in range(len(completions))]
+
+
+def dtypes(model) -> dict[str, torch.dtype]:
+    return {name: p.dtype for name, p in model.named_parameters()}
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def llama(tie: bool):
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def test_which_layers_a_causal_lm_holds_in_bf16():
+    untied, tied = llama(tie=False), llama(tie=True)
+    assert untied.lm_head in bf16_weights.frozen_linears(untied)
+    # tied: the head's weight is the embedding's, which must stay fp32 (the residual stream)
+    assert tied.lm_head not in bf16_weights.frozen_linears(tied)
+    assert len(bf16_weights.frozen_linears(tied)) == 2 * 7  # q k v o, gate up down per layer
+    untied.model.layers[0].mlp.up_proj.requires_grad_(True)  # a trainable layer is not frozen
+    assert untied.model.layers[0].mlp.up_proj not in bf16_weights.frozen_linears(untied)
+    assert bf16_weights.frozen_linears(torch.nn.Sequential(torch.nn.Linear(2, 2))) == []
+
+
+def test_reward_model_keeps_its_score_head_and_norms_in_fp32(tiny_reward_model):
+    tiny_reward_model.requires_grad_(False)
+    before = weight_bytes(tiny_reward_model)
+    assert bf16_weights.hold_in_bf16(tiny_reward_model) > 0
+    held = dtypes(tiny_reward_model)
+    assert held["score.weight"] == torch.float32  # read in fp32 outside autocast (forward.read_head)
+    assert held["model.embed_tokens.weight"] == held["model.norm.weight"] == torch.float32
+    assert held["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    assert held["model.layers.1.mlp.down_proj.weight"] == torch.bfloat16
+    assert weight_bytes(tiny_reward_model) < before
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_self_check_finds_llama_and_qwen3_bit_identical(tie, tiny_policy):
+    for config in (llama(tie).config, tiny_policy.config):
+        with torch.random.fork_rng():
+            assert bf16_weights.mismatch_with_stock(tiny_twin(config)) is None
+
+
+def test_a_model_that_computes_in_its_weights_dtype_is_refused(monkeypatch):
+    """Where a layer reads its weight's dtype (here: every linear runs outside autocast in it), bf16
+    weights would change the numbers: the self-check sees it and the model is left as it was."""
+
+    def in_weight_dtype(self, x):
+        with torch.autocast("cpu", enabled=False):
+            return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).float()
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", in_weight_dtype)
+    model = llama(tie=True)
+    assert "differ" in bf16_weights.mismatch_with_stock(tiny_twin(model.config))
+    before = dtypes(model)
+    with pytest.warns(FastPathWarning, match="bf16_frozen_weights"):
+        assert bf16_weights.hold_in_bf16(model) == 0
+    assert dtypes(model) == before
+
+
+def step(policy, tokenizer, reward_model, **overrides):
+    config = PPOConfig(
+        batch_size=4,
+        max_new_tokens=5,
+        gradient_accumulation_steps=2,
+        progress_bar=False,
+        seed=0,
+        **overrides,
+    )
+    trainer = PPOTrainer(config, policy, tokenizer, reward_model=reward_model, reward_funcs=thirds)
+    stats = trainer.step(PROMPTS)
+    return trainer, {k: v for k, v in stats.items() if not k.startswith("time/")}
+
+
+def test_bf16_step_is_bit_identical_with_frozen_weights_held_in_bf16(tiny_policy, tiny_tokenizer, tiny_reward_model):
+    with torch.no_grad():
+        tiny_policy.model.norm.weight.mul_(5.0)  # logits of a trained model's size: rounding shows
+    runs = {}
+    for held in (False, True):
+        runs[held] = step(
+            copy.deepcopy(tiny_policy),
+            tiny_tokenizer,
+            copy.deepcopy(tiny_reward_model),
+            precision="bf16",
+            bf16_frozen_weights=held,
+        )
+    (stock, stock_stats), (trainer, stats) = runs[False], runs[True]
+    reference, reward_model = trainer.ref_model, trainer.rewards.reward_model
+    assert reference.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert reward_model.model.layers[0].mlp.gate_proj.weight.dtype == torch.bfloat16
+    assert weight_bytes(reference) < weight_bytes(stock.ref_model)
+    # the policy and the critic train in fp32 (autocast caches their casts)
+    assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.critic.module.parameters()} == {torch.float32}
+    assert stats == stock_stats
+    assert stats["kl"] == 0.0  # the untouched policy against its bf16-held reference
+    for a, b in zip(trainer.policy.parameters(), stock.policy.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_fp32_and_the_switch_off_leave_the_frozen_models_alone(tiny_policy, tiny_tokenizer, tiny_reward_model):
+    for overrides in ({"precision": "fp32"}, {"precision": "bf16", "bf16_frozen_weights": False}):
+        trainer = PPOTrainer(
+            PPOConfig(batch_size=4, progress_bar=False, **overrides),
+            copy.deepcopy(tiny_policy),
+            tiny_tokenizer,
+            reward_model=copy.deepcopy(tiny_reward_model),
+        )
+        for model in (trainer.ref_model, trainer.rewards.reward_model):
+            assert {p.dtype for p in model.parameters()} == {torch.float32}
