@@ -83,6 +83,27 @@ def save_model_dir_main(directory: Path, model, tokenizer) -> None:
     dist.barrier()
 
 
+def publish_dir(final: Path, write) -> None:
+    """`write(tmp)` fills `final`'s sibling `.tmp-<name>`, which is sealed (manifest) and renamed
+    into place: an existing `final` is replaced only by a complete one, and a write that fails
+    leaves it as it was. Every rank calls (`write` may gather FSDP2 weights); rank 0 publishes."""
+    final = Path(final)
+    tmp = final.parent / f"{durable.TMP_PREFIX}{final.name}"
+    if dist.is_main():
+        tmp = durable.fresh_tmp(final.parent, final.name)
+    dist.barrier()
+    try:
+        write(tmp)
+        if dist.is_main():
+            durable.seal(tmp)
+            durable.publish(tmp, final)
+    except BaseException:
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dist.barrier()
+
+
 def _share_tied(state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
     """Gathered copies of tied weights (embeddings and LM head) become one tensor again, so that
     save_pretrained recognises the tie and writes the weight once, as for an unsharded model."""

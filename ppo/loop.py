@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ppo import checkpoint as ckpt
 from ppo import distributed as dist
-from ppo import durable, resume
+from ppo import resume
 from ppo.interrupt import StopOnSignal, TrainingInterrupted
 from ppo.metrics import main_logger
 
@@ -196,14 +196,5 @@ def interrupted_message(err: TrainingInterrupted, step: int, saved: Path | None,
 
 
 def save_final(trainer, final: Path) -> None:
-    """output_dir/final, written aside and renamed into place: an existing final/ is replaced
-    only by a complete one. Every rank calls (FSDP2 gathers the weights); rank 0 writes."""
-    tmp = final.parent / f"{durable.TMP_PREFIX}{final.name}"
-    if dist.is_main():
-        tmp = durable.fresh_tmp(final.parent, final.name)
-    dist.barrier()
-    trainer.save_pretrained(str(tmp))
-    if dist.is_main():
-        durable.seal(tmp)
-        durable.publish(tmp, final)
-    dist.barrier()
+    """output_dir/final, written aside and renamed into place (`checkpoint.publish_dir`)."""
+    ckpt.publish_dir(final, lambda tmp: trainer.save_pretrained(str(tmp)))

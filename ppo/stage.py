@@ -26,8 +26,8 @@ class OutputDirError(FileExistsError):
 
 # What a stage writes in output_dir (names or glob patterns). `overwrite` removes these and nothing
 # else: a user's own files there (a prompts file, notes) are never touched.
-OUTPUTS = ("config.yaml", "metrics.jsonl", "final")  # sft, reward
-PPO_OUTPUTS = OUTPUTS + ("final-merged", "step_*", ".tmp-*", ".trash-*", "latest", "latest.tmp", "tensorboard")
+OUTPUTS = ("config.yaml", "metrics.jsonl", "final", ".tmp-*", ".trash-*")  # sft, reward (final/ is published by rename)
+PPO_OUTPUTS = OUTPUTS + ("final-merged", "step_*", "latest", "latest.tmp", "tensorboard")
 EVAL_OUTPUTS = ("config.yaml", "eval.json")
 # Config keys that name a run's inputs (files or directories it reads).
 INPUT_KEYS = (
@@ -155,14 +155,15 @@ def remove_outputs(out: Path, names) -> None:
 
 
 def finish_outputs(out: Path, config, model, tokenizer, logger, metrics: dict) -> None:
-    """Log the summary line and save output_dir/final (weights checked for NaN/inf first).
-    Every rank calls; rank 0 writes."""
-    from ppo.checkpoint import save_model_dir_main
+    """Log the summary line and save output_dir/final (weights checked for NaN/inf first), written
+    aside and renamed into place: a failed save leaves no half-written final/. Every rank calls;
+    rank 0 writes."""
+    from ppo.checkpoint import publish_dir, save_model_dir_main
 
     logger.log(metrics["steps"], {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "steps"})
     logger.close()
     if config.save_final:
-        save_model_dir_main(out / "final", dist.unwrap(model), tokenizer)
+        publish_dir(out / "final", lambda tmp: save_model_dir_main(tmp, dist.unwrap(model), tokenizer))
 
 
 def load_causal_lm(config, model=None, tokenizer=None):

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,27 @@ def test_cli_trains_from_yaml_and_jsonl(tiny_policy, tiny_tokenizer, tmp_path, c
     assert saved["num_epochs"] == 2 and saved["batch_size"] == 4 and saved["learning_rate"] == 0.01
     assert (tmp_path / "out" / "final" / "config.json").exists()
     assert math.isfinite(json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])["final_loss"])
+
+
+def test_final_is_sealed_and_a_failed_save_leaves_no_half_written_model(tiny_tokenizer, tmp_path, monkeypatch):
+    """final/ is written aside and renamed into place: a crash or a full disk half-way through the
+    save leaves no directory that looks like a model but is not one."""
+    from ppo import durable
+
+    def run(**overrides):
+        model = build_policy(tiny_tokenizer, TinyModelSpec(hidden_size=32, num_layers=1), seed=0)
+        return train_sft(small_config(tmp_path, **overrides), model, tiny_tokenizer, rows=MAPPING[:2])
+
+    run()
+    out = tmp_path / "out"
+    assert durable.problem(out / "final") is None  # complete, with its manifest
+
+    def write_half(self, directory, *args, **kwargs):
+        (Path(directory) / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    policy_class = type(build_policy(tiny_tokenizer, TinyModelSpec(hidden_size=32, num_layers=1)))
+    monkeypatch.setattr(policy_class, "save_pretrained", write_half)
+    with pytest.raises(OSError, match="No space left"):
+        run(overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl"]
