@@ -190,6 +190,12 @@ class PPOConfig:
         "512 MiB in fp32 (long responses, large vocabularies); true, false. Same maths, float rounding apart; "
         "Qwen3/Qwen2/Llama with a plain linear head, one process.",
     )
+    fused_mlp: bool = opt(
+        True,
+        "The trained models' MLPs keep their gate and up projections for backward and recompute silu(gate) * up "
+        "there, instead of keeping four [tokens, intermediate] tensors per layer: the same bits, ~25% less "
+        "activation memory on SmolLM2. Qwen3/Qwen2/Llama; not with a LoRA adapter on down_proj, not under torchrun.",
+    )
     lean_decode: bool = opt(
         True,
         "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same "

@@ -40,6 +40,7 @@ FAST_PATHS = {
     "onednn_linear": ("ppo.fastpath.onednn_linear", ("torch",)),
     "fused_lm_head": ("ppo.fastpath.fused_head", ("transformers", "torch")),
     "bf16_frozen_weights": ("ppo.fastpath.bf16_weights", ("transformers", "torch")),
+    "fused_mlp": ("ppo.fastpath.fused_mlp", ("transformers", "torch")),
 }
 
 
