@@ -31,6 +31,16 @@ def one_thread():
 
 
 @pytest.fixture
+def fresh_gate():
+    """The fast-path gate with no verdicts before and after the test (its checks run again)."""
+    from ppo.fastpath import gate
+
+    gate.reset()
+    yield
+    gate.reset()
+
+
+@pytest.fixture
 def tiny_tokenizer():
     return build_tokenizer(WORDS)
 

@@ -13,27 +13,23 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_setups import thirds, tiny_llama
 
 from ppo import PPOConfig, PPOTrainer
-from ppo.fastpath import bf16_weights, gate
+from ppo.fastpath import bf16_weights
 from ppo.fastpath.gate import FastPathWarning, tiny_twin
 
 PROMPTS = ["w3 w4", "w5 w6 w7 w8 w9", "w2", "w8 w9 w10"]
-pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_gate")
 
 
 @pytest.fixture(autouse=True)
-def _fresh_gate():
-    gate.reset()
+def _no_emulation_warning():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="precision=bf16 on a CPU")
         yield
-    gate.reset()
-
-
-def thirds(completions, **kwargs):
-    return [1 / 3 if i % 2 else 1 / 9 for i in range(len(completions))]
 
 
 def dtypes(model) -> dict[str, torch.dtype]:
@@ -45,16 +41,7 @@ def weight_bytes(model) -> int:
 
 
 def llama(tie: bool):
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
+    return tiny_llama(tie_word_embeddings=tie).eval().requires_grad_(False)
 
 
 def test_which_layers_a_causal_lm_holds_in_bf16():

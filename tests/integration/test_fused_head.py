@@ -8,7 +8,8 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_setups import tiny_llama
+from transformers import LlamaConfig
 
 from ppo import PPOConfig, PPOTrainer
 from ppo.config_io import ConfigError
@@ -19,18 +20,8 @@ from ppo.forward import policy_logprobs
 R = 4  # response tokens
 
 
-def tiny_llama():
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).train()
+def small_llama():
+    return tiny_llama(seed=3, vocab_size=50, hidden_size=32, intermediate_size=64).train()
 
 
 def batch(vocab):
@@ -55,7 +46,7 @@ def run(model, mode, precision="fp32"):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_fused_equals_the_logits_path_values_and_gradients(tiny_policy, family, precision):
-    model = tiny_policy.train() if family == "qwen3" else tiny_llama()
+    model = tiny_policy.train() if family == "qwen3" else small_llama()
     calls = []
     real = fused_head._fused
     with pytest.MonkeyPatch.context() as mp:

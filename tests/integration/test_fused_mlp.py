@@ -9,32 +9,23 @@ import warnings
 
 import pytest
 import torch
-from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM
+from tiny_setups import thirds, tiny_llama
+from transformers import GPT2Config, LlamaConfig
 
 from ppo import PPOConfig, PPOTrainer
-from ppo.fastpath import fused_mlp, gate
+from ppo.fastpath import fused_mlp
 from ppo.fastpath.gate import FastPathWarning, tiny_twin
 from ppo.forward import policy_logprobs
 
 PROMPTS = ["w3 w4", "w5 w6 w7 w8 w9", "w2", "w8 w9 w10"]
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_gate")
 
 
 @pytest.fixture(autouse=True)
-def _fresh_gate():
-    gate.reset()
+def _no_emulation_warning():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="precision=bf16 on a CPU")
         yield
-    gate.reset()
-
-
-def small_llama():
-    return LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-
-
-def thirds(completions, **kwargs):
-    return [1 / 3 if i % 2 else 1 / 9 for i in range(len(completions))]
 
 
 def batch(tokenizer):
@@ -110,7 +101,7 @@ def test_steps_aside_without_grad_and_for_a_lora_down_projection(tiny_policy, ti
 
 
 def test_gate_knows_llama_and_qwen3_and_refuses_others(tiny_policy):
-    for config in (small_llama(), tiny_policy.config):
+    for config in (tiny_llama().config, tiny_policy.config):
         assert fused_mlp.architecture_reason(config) is None
         with torch.random.fork_rng():
             assert fused_mlp.mismatch_with_stock(tiny_twin(config)) is None
@@ -120,7 +111,7 @@ def test_gate_knows_llama_and_qwen3_and_refuses_others(tiny_policy):
 
 def test_a_wrong_fused_function_is_caught_by_the_self_check(monkeypatch):
     monkeypatch.setattr(fused_mlp, "silu_mul_linear", lambda g, u, w, b: torch.nn.functional.linear(g * u, w, b))
-    model = LlamaForCausalLM(small_llama())
+    model = tiny_llama()
     with pytest.warns(FastPathWarning, match="fused_mlp"):
         assert fused_mlp.install(model) == 0
     assert all("forward" not in vars(m) for m in fused_mlp.gated_mlps(model))

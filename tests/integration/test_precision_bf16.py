@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from tiny_setups import thirds
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ppo import PPOConfig, PPOTrainer
@@ -43,10 +44,6 @@ def bf16():
 
 def off_bf16_grid(x: torch.Tensor) -> bool:
     return bool((x.bfloat16().float() != x).any())
-
-
-def thirds(completions, **kwargs):
-    return [1 / 3 if i % 2 else 1 / 9 for i in range(len(completions))]
 
 
 def sequences(tokenizer):

@@ -22,11 +22,7 @@ from ppo.rollout import HFRolloutEngine, SamplingParams
 VOCAB = 40
 
 
-@pytest.fixture(autouse=True)
-def fresh_gate():
-    gate.reset()
-    yield
-    gate.reset()
+pytestmark = pytest.mark.usefixtures("fresh_gate")
 
 
 def qwen3(seed: int = 0):
