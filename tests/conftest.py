@@ -31,6 +31,16 @@ def one_thread():
 
 
 @pytest.fixture
+def quiet_bf16_emulation():
+    """precision=bf16 on a CPU without AVX512-BF16/AMX warns that it is slow: expected in these tests."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="precision=bf16 on a CPU")
+        yield
+
+
+@pytest.fixture
 def fresh_gate():
     """The fast-path gate with no verdicts before and after the test (its checks run again)."""
     from ppo.fastpath import gate

@@ -9,7 +9,6 @@ bf16 is emulated on AVX2-only CPUs: the models are the smallest that show the ef
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -22,14 +21,7 @@ from ppo.fastpath.gate import FastPathWarning, tiny_twin
 PROMPTS = ["w3 w4", "w5 w6 w7 w8 w9", "w2", "w8 w9 w10"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread", "fresh_gate")
-
-
-@pytest.fixture(autouse=True)
-def _no_emulation_warning():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="precision=bf16 on a CPU")
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_gate", "quiet_bf16_emulation")
 
 
 def dtypes(model) -> dict[str, torch.dtype]:

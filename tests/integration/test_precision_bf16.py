@@ -11,8 +11,6 @@ bf16 model itself changes.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from tiny_setups import thirds
@@ -28,14 +26,7 @@ from ppo.rollout import HFRolloutEngine, SamplingParams
 
 PROMPTS = ["w3 w4", "w5 w6 w7 w8 w9", "w2", "w8 w9 w10"]
 FIFTH = 1 / 5
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
-
-
-@pytest.fixture(autouse=True)
-def _no_emulation_warning():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="precision=bf16 on a CPU")
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet_bf16_emulation")  # tiny models: threads only contend
 
 
 def bf16():
