@@ -45,6 +45,11 @@ class StageConfig:
     max_grad_norm: float | None = opt(1.0, "Gradient-norm clip; None disables.")
     seed: int = opt(0, "Seeds shuffling, the eval split and initialisation.")
     eval_fraction: float = opt(0.0, "Share of rows held out to report an eval loss (0: none).")
+    fused_mlp: bool = opt(
+        True,
+        "The model's MLPs keep their gate and up projections for backward and recompute silu(gate) * up there "
+        "(the same bits, less activation memory; Qwen3/Qwen2/Llama, one process). See PPOConfig.fused_mlp.",
+    )
 
     # --- output ---
     output_dir: str = opt("stage_output", "Where config.yaml, metrics.jsonl and final/ go.")

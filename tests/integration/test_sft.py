@@ -258,3 +258,17 @@ def test_final_is_sealed_and_a_failed_save_leaves_no_half_written_model(tiny_tok
     with pytest.raises(OSError, match="No space left"):
         run(overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl"]
+
+
+def test_fused_mlp_trains_the_same_bits(tiny_tokenizer, tmp_path):
+    runs = []
+    for fused in (False, True):
+        model = build_policy(tiny_tokenizer, TinyModelSpec(hidden_size=32, num_layers=2), seed=0)
+        config = small_config(tmp_path / str(fused), num_epochs=2, eval_fraction=0.25, fused_mlp=fused)
+        metrics = train_sft(config, model, tiny_tokenizer, rows=MAPPING)
+        runs.append((model, {k: v for k, v in metrics.items() if k != "output_dir"}))
+    (stock, stock_metrics), (fused, fused_metrics) = runs
+    assert "forward" in vars(fused.model.layers[0].mlp) and "forward" not in vars(stock.model.layers[0].mlp)
+    assert fused_metrics == stock_metrics
+    for p, q in zip(fused.parameters(), stock.parameters()):
+        assert torch.equal(p, q)

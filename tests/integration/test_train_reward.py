@@ -245,3 +245,17 @@ def test_prompt_grouped_steps_keep_a_prompts_pairs_together_and_cover_every_pair
         runs = [p for i, p in enumerate(named) if i == 0 or named[i - 1] != p]
         assert len(runs) == len(set(named))  # each prompt's pairs in one contiguous run
     assert epochs[0] != epochs[1]  # reshuffled per epoch
+
+
+def test_fused_mlp_trains_the_same_bits(tiny_tokenizer, tmp_path):
+    runs = []
+    for fused in (False, True):
+        model = build_reward_model(tiny_tokenizer, TinyModelSpec(hidden_size=32, num_layers=2), seed=1)
+        config = small_config(tmp_path / str(fused), num_epochs=2, fused_mlp=fused)
+        metrics = train_reward_model(config, model, tiny_tokenizer, rows=marker_pairs(16))
+        runs.append((model, {k: v for k, v in metrics.items() if k != "output_dir"}))
+    (stock, stock_metrics), (fused, fused_metrics) = runs
+    assert "forward" in vars(fused.model.layers[0].mlp) and "forward" not in vars(stock.model.layers[0].mlp)
+    assert fused_metrics == stock_metrics
+    for p, q in zip(fused.parameters(), stock.parameters()):
+        assert torch.equal(p, q)
