@@ -30,10 +30,10 @@ import torch
 
 from ppo import distributed as dist
 from ppo.config import RewardConfig
-from ppo.fastpath.fused_mlp import install as install_fused_mlp
 from ppo.forward import sequence_scores
 from ppo.optim import build_optimizer, check_loss
 from ppo.preference import Pair, encode_pairs, evaluate_pairs, pair_scores, pairwise_loss
+from ppo.roles import keep_fewer_activations
 from ppo.run_inputs import load_reward_model
 from ppo.stage import (
     check_output_dir,
@@ -99,8 +99,7 @@ def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=No
     torch.manual_seed(config.seed)  # the fresh score head of init_from_policy
     # 2. model, tokenizer, pairs and the held-out split
     model, tokenizer = load_reward_model(config, model, tokenizer)
-    if config.fused_mlp:
-        install_fused_mlp(model)
+    keep_fewer_activations(model, config)
     # The score is read from the backbone and head directly, not model.forward: wrap that call.
     scorer = dist.wrap(dist.ForwardAs(model, lambda ids, mask: sequence_scores(model, ids, mask)), "ddp")
     rows = preference_rows(config, tokenizer, rows)

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from ppo.critic import SeparateCritic, SharedCritic
+from ppo.fastpath import fused_mlp, fused_norm
 from ppo.fastpath.bf16_weights import hold_in_bf16
 
 
@@ -80,6 +81,17 @@ def hold_frozen_in_bf16(models, precision: str, strategy: str, world_size: int) 
     if precision != "bf16" or (strategy == "fsdp" and world_size > 1):
         return 0
     return sum(hold_in_bf16(model) for model in models if model is not None)
+
+
+def keep_fewer_activations(model, config) -> None:
+    """On a model that is trained: the fused MLP and norm forwards its config asks for
+    (`fused_mlp`, `fused_norm`; the same bits, less memory kept for backward)."""
+    if model is None:
+        return
+    if config.fused_mlp:
+        fused_mlp.install(model)
+    if config.fused_norm:
+        fused_norm.install(model)
 
 
 def critic_from_policy(policy) -> torch.nn.Module:

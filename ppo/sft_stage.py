@@ -33,9 +33,9 @@ import torch
 from ppo import distributed as dist
 from ppo.collate import IGNORE_INDEX, collate, encode_prompt_completion, sft_labels
 from ppo.config import SFTConfig
-from ppo.fastpath.fused_mlp import install as install_fused_mlp
 from ppo.forward import completion_loss_sum
 from ppo.optim import build_optimizer, check_loss
+from ppo.roles import keep_fewer_activations
 from ppo.stage import (
     check_output_dir,
     finish_outputs,
@@ -112,8 +112,7 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     torch.manual_seed(config.seed)
     # 2. model, tokenizer, rows and the held-out split
     model, tokenizer = load_causal_lm(config, model, tokenizer)
-    if config.fused_mlp:
-        install_fused_mlp(model)
+    keep_fewer_activations(model, config)
     trained = dist.wrap(model, "ddp")  # under torchrun: gradients all-reduced; else the model
     rows = sft_rows(config, tokenizer, rows)
     train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.seed)

@@ -50,6 +50,11 @@ class StageConfig:
         "The model's MLPs keep their gate and up projections for backward and recompute silu(gate) * up there "
         "(the same bits, less activation memory; Qwen3/Qwen2/Llama, one process). See PPOConfig.fused_mlp.",
     )
+    fused_norm: bool = opt(
+        True,
+        "The model's RMS norms keep their input and 1/rms for backward and recompute the rest there (the same "
+        "values to float rounding, less activation memory; Qwen3/Qwen2/Llama, one process). See PPOConfig.fused_norm.",
+    )
 
     # --- output ---
     output_dir: str = opt("stage_output", "Where config.yaml, metrics.jsonl and final/ go.")

@@ -30,7 +30,6 @@ from ppo.data import collate_prompts, ensure_pad_token
 from ppo.fastpath.compat import enable_activation_checkpointing
 from ppo.fastpath.compiled_layers import compile_decoder_layers
 from ppo.fastpath.fused_head import fusing
-from ppo.fastpath.fused_mlp import install as install_fused_mlp
 from ppo.fastpath.host_memory import memory_releaser
 from ppo.fastpath.last_layer import pruning
 from ppo.fastpath.onednn_linear import resolve_fp32_matmul
@@ -47,6 +46,7 @@ from ppo.roles import (
     freeze,
     hold_frozen_in_bf16,
     is_peft_model,
+    keep_fewer_activations,
 )
 from ppo.rollout import HFRolloutEngine, RolloutEngine, SamplingParams
 from ppo.scoring import Scorer
@@ -145,10 +145,8 @@ class PPOTrainer:
             if config.gradient_checkpointing:
                 enable_activation_checkpointing(module)
                 module.train()  # HF checkpoints only in train mode; dropout is already off
-        if config.fused_mlp:  # the models whose activations are kept for backward
-            for module in (self.policy, self.critic.module if self.critic else None):
-                if module is not None:
-                    install_fused_mlp(module)
+        for module in (self.policy, self.critic.module if self.critic else None):  # kept for backward
+            keep_fewer_activations(module, config)
         if config.bf16_frozen_weights:  # after the critic copied the reward model's fp32 weights
             hold_frozen_in_bf16((self.ref_model, reward_model), self.precision, config.strategy, dist.world_size())
         if config.compile_layers:

@@ -16,12 +16,11 @@ handling must see the module's own forward.
 
 from __future__ import annotations
 
-import copy
 import types
 
 import torch
 
-from ppo.fastpath.gate import fast_path_allowed, max_error, tiny_batch
+from ppo.fastpath.gate import fast_path_allowed, one_process, patched_twin_mismatch
 from ppo.functional.mlp import silu_mul_linear
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
@@ -60,10 +59,12 @@ def install(model: torch.nn.Module) -> int:
 
 
 def _steps_aside(mlp) -> bool:
-    if not torch.is_grad_enabled() or type(mlp.down_proj) is not torch.nn.Linear or torch.compiler.is_compiling():
-        return True
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return distributed and torch.distributed.get_world_size() > 1
+    return (
+        not torch.is_grad_enabled()
+        or type(mlp.down_proj) is not torch.nn.Linear
+        or torch.compiler.is_compiling()
+        or not one_process()
+    )
 
 
 def _fused_forward(self, x):
@@ -75,25 +76,9 @@ def _fused_forward(self, x):
 
 def mismatch_with_stock(twin) -> str | None:
     """Logits and every parameter's gradient of the twin, fused against stock (fp32)."""
-    fused = copy.deepcopy(twin)
-    for mlp in gated_mlps(fused):
-        mlp.forward = types.MethodType(_fused_forward, mlp)
-    ids, mask, positions = tiny_batch()
-    results = []
-    for model in (twin, fused):
-        model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-            (logits.float().pow(2).mean()).backward()
-        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (stock_logits, stock_grads), (fused_logits, fused_grads) = results
-    error = max_error(fused_logits, stock_logits)
-    if error is not None:
-        return f"logits: {error}"
-    if stock_grads.keys() != fused_grads.keys():
-        return "different parameters received gradients"
-    for name, grad in stock_grads.items():
-        error = max_error(fused_grads[name], grad)
-        if error is not None:
-            return f"gradient of {name}: {error}"
-    return None
+
+    def fuse(model):
+        for mlp in gated_mlps(model):
+            mlp.forward = types.MethodType(_fused_forward, mlp)
+
+    return patched_twin_mismatch(twin, fuse)

@@ -41,6 +41,7 @@ FAST_PATHS = {
     "fused_lm_head": ("ppo.fastpath.fused_head", ("transformers", "torch")),
     "bf16_frozen_weights": ("ppo.fastpath.bf16_weights", ("transformers", "torch")),
     "fused_mlp": ("ppo.fastpath.fused_mlp", ("transformers", "torch")),
+    "fused_norm": ("ppo.fastpath.fused_norm", ("transformers", "torch")),
 }
 
 
@@ -209,6 +210,39 @@ def tiny_batch(width: int = 10, vocab: int = 96):
     mask[0, :3] = 0
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     return ids, mask, positions
+
+
+def patched_twin_mismatch(twin, patch) -> str | None:
+    """For fast paths that replace modules' forwards: logits and every parameter's gradient of
+    `twin` against a copy of it that `patch(copy)` changed (fp32), or None when they agree."""
+    patched = copy.deepcopy(twin)
+    patch(patched)
+    ids, mask, positions = tiny_batch()
+    results = []
+    for model in (twin, patched):
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            (logits.float().pow(2).mean()).backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (stock_logits, stock_grads), (fast_logits, fast_grads) = results
+    error = max_error(fast_logits, stock_logits)
+    if error is not None:
+        return f"logits: {error}"
+    if stock_grads.keys() != fast_grads.keys():
+        return "different parameters received gradients"
+    for name, grad in stock_grads.items():
+        error = max_error(fast_grads[name], grad)
+        if error is not None:
+            return f"gradient of {name}: {error}"
+    return None
+
+
+def one_process() -> bool:
+    """Not under a multi-rank torchrun: fast paths that replace a module's forward step aside
+    there, where FSDP2's parameter handling must see the module's own forward."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_world_size() == 1
 
 
 def max_error(fast: torch.Tensor, stock: torch.Tensor, rtol: float = 1e-4) -> str | None:

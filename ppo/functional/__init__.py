@@ -1,10 +1,11 @@
 """Pure tensor maths for PPO on language models: no modules, no config objects, scalars passed in.
 
-One package, imported as one module (`from ppo import functional as F`), in seven files:
+One package, imported as one module (`from ppo import functional as F`), in eight files:
     masked.py       masked mean / variance / whitening, explained variance; the shared upcasting
     softmax.py      log-probs and entropy from logits, chunked (one fp32 chunk at a time)
     head.py         the same from hidden states and the LM head's weight, never holding the logits
     mlp.py          a gated MLP's tail, down(silu(gate) * up), keeping only gate and up for backward
+    norm.py         RMS normalisation keeping only its input and 1/rms for backward
     estimators.py   per-token rewards, GAE, discounted returns, group baselines (GRPO, RLOO)
     kl.py           the KL estimators k1/k2/k3, the KL term of a loss, the KL controllers
     losses.py       the clipped policy and value losses, truncated importance weights
@@ -43,6 +44,7 @@ from ppo.functional.losses import mean_abs_diff as mean_abs_diff
 from ppo.functional.losses import truncated_importance_weights as truncated_importance_weights
 from ppo.functional.masked import explained_variance, masked_mean, masked_var, masked_whiten
 from ppo.functional.mlp import silu_mul_linear
+from ppo.functional.norm import rms_norm
 from ppo.functional.softmax import entropy_from_logits, logprobs_from_logits
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "entropy_from_logits",
     "head_logprobs",
     "silu_mul_linear",
+    "rms_norm",
     "masked_mean",
     "masked_var",
     "masked_whiten",

@@ -259,3 +259,21 @@ def test_fused_mlp_trains_the_same_bits(tiny_tokenizer, tmp_path):
     assert fused_metrics == stock_metrics
     for p, q in zip(fused.parameters(), stock.parameters()):
         assert torch.equal(p, q)
+
+
+def test_fused_norm_trains_the_same_to_rounding(tiny_tokenizer, tmp_path):
+    runs = []
+    for fused in (False, True):
+        model = build_reward_model(tiny_tokenizer, TinyModelSpec(hidden_size=32, num_layers=2), seed=1)
+        config = small_config(tmp_path / str(fused), num_epochs=2, fused_norm=fused)
+        metrics = train_reward_model(config, model, tiny_tokenizer, rows=marker_pairs(16))
+        runs.append((model, {k: v for k, v in metrics.items() if k != "output_dir"}))
+    (stock, stock_metrics), (fused, fused_metrics) = runs
+    assert "forward" in vars(fused.model.norm) and "forward" not in vars(stock.model.norm)
+    assert fused_metrics.keys() == stock_metrics.keys()
+    for key, value in stock_metrics.items():
+        assert fused_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # AdamW's step is ~lr whatever the gradient's size: where a gradient is ~0, rounding moves a
+    # weight by a fraction of the learning rate
+    for p, q in zip(fused.parameters(), stock.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
