@@ -1,14 +1,18 @@
-"""Host-memory behaviour of a CPU run: give freed memory back to the OS.
+"""Host-memory behaviour of a CPU run: freed activations go back to the OS instead of staying resident.
 
-A PPO iteration allocates and frees hundreds of MiB of activations in every phase (sampling,
-scoring, each model's pass of every mini-batch). glibc's malloc keeps freed heap memory resident
-for reuse, and fragmentation keeps more of it than the next phase can reuse: on the W2 benchmark
-workload the process holds ~600 MiB above its live tensors between passes. `malloc_trim(0)` hands
-the free pages back. Called at the phase boundaries (`PPOConfig.host_release_memory`), it lowered
-W2's peak RSS from 2078 to 1971-1985 MiB (-5%; the peak itself is inside a pass, where the live
-activations are) and the iteration took 9-15% longer, as the next phase faults its pages back in.
-So it is off by default, a switch for a run that is short of memory rather than time. (Pinning
-malloc's mmap threshold instead, so that every large block is its own mapping, cost +55% time.)
+A PPO iteration allocates and frees hundreds of MiB of activations in every phase, most of them
+tensors of a few MiB. glibc's malloc serves a block that large from its heap once a bigger one was
+freed (its mmap threshold rises with every freed mapping, up to 32 MiB), and a heap fragments: on
+W4 (SmolLM2-135M) the process peaks ~700 MiB above what the same run reaches when every block of
+1 MiB or more is its own mapping, returned to the OS the moment it is freed.
+
+`PPOConfig.host_release_memory` does both things glibc allows: it pins the mmap threshold at 1 MiB
+(`mallopt(M_MMAP_THRESHOLD)`, process-wide from the trainer's construction on) and calls
+`malloc_trim(0)` at the phase boundaries for what the heap still holds. Measured on W4 in fp32
+(docs/performance.md): the update's peak RSS 6,633 -> 5,903 MiB in one iteration, the iteration
+~10% slower, as every large block is mapped and its pages faulted in afresh. So it is off by
+default: a switch for a run that is short of memory rather than of time. (malloc_trim alone, at the
+phase boundaries, lowered W2's peak by 5% for 9-15% more time.)
 """
 
 from __future__ import annotations
@@ -32,6 +36,17 @@ def _glibc():
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "malloc_trim") else None
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def map_large_blocks(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Serve every allocation of `nbytes` or more by its own mapping, returned to the OS when freed
+    (process-wide, and it stops glibc raising the threshold); False where the C library is not glibc."""
+    libc = _glibc()
+    return libc is not None and libc.mallopt(M_MMAP_THRESHOLD, nbytes) == 1
+
+
 def release_free_memory() -> bool:
     """Return the heap's free pages to the OS; False where the C library is not glibc."""
     libc = _glibc()
@@ -43,7 +58,8 @@ def release_free_memory() -> bool:
 
 def memory_releaser(enabled: bool, device) -> Callable[[], bool]:
     """What the trainer calls at its phase boundaries: `release_free_memory` for a CPU run that
-    asked for it, else a no-op."""
+    asked for it (large blocks mapped from then on), else a no-op."""
     if enabled and getattr(device, "type", device) == "cpu" and _glibc() is not None:
+        map_large_blocks()
         return release_free_memory
     return lambda: False

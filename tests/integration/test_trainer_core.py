@@ -401,14 +401,17 @@ def test_gumbel_sampling_matches_the_softmax(tiny_policy, tiny_tokenizer):
 
 
 def test_host_release_memory_changes_nothing_but_the_allocator(tiny_policy, tiny_tokenizer, monkeypatch):
-    """The memory releaser runs before sampling, after sampling, after scoring and after each
-    model's pass, and the step's numbers are the same with and without it."""
+    """Large blocks are mapped from the trainer's construction on, the memory releaser runs before
+    sampling, after sampling, after scoring and after each model's pass, and the step's numbers are
+    the same with and without it."""
     import ppo.fastpath.host_memory as host_memory
     from ppo.config import plan_batches
 
     calls = []
     monkeypatch.setattr(host_memory, "release_free_memory", lambda: calls.append(1) or True)
     monkeypatch.setattr(host_memory, "_glibc", lambda: object())  # a glibc whatever the platform
+    mapped = []  # mapping large blocks is process-wide: recorded, not done, in the test process
+    monkeypatch.setattr(host_memory, "map_large_blocks", lambda: mapped.append(1) or True)
     results = {}
     for release in (False, True):
         config = small_config(host_release_memory=release, ppo_epochs=2, mini_batch_size=2)
@@ -417,6 +420,7 @@ def test_host_release_memory_changes_nothing_but_the_allocator(tiny_policy, tiny
         results[release] = (stats, [p.detach().clone() for p in trainer.policy.parameters()])
     plan = plan_batches(config, n_prompts=len(PROMPTS))
     assert len(calls) == 3 + 2 * config.ppo_epochs * plan.steps_per_epoch
+    assert mapped == [1]  # once, when the trainer was built
     (off, weights_off), (on, weights_on) = results[False], results[True]
     assert off["generated_texts"] == on["generated_texts"]
     assert all(off[k] == on[k] for k in ("mean_reward", "kl", "loss", "policy_loss", "value_loss"))

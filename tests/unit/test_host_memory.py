@@ -1,4 +1,5 @@
-"""Releasing freed heap memory to the OS (glibc's malloc_trim) at the trainer's phase boundaries."""
+"""Releasing freed heap memory to the OS (glibc's malloc_trim at the trainer's phase boundaries, and
+large blocks as their own mappings)."""
 
 import subprocess
 import sys
@@ -7,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from ppo.fastpath import host_memory
 from ppo.fastpath.host_memory import _glibc, memory_releaser, release_free_memory
 
 PROBE = r"""
 import sys, torch
-from ppo.fastpath.host_memory import release_free_memory
+from ppo.fastpath.host_memory import map_large_blocks, release_free_memory
+if sys.argv[1] == "map":
+    assert map_large_blocks()
 def rss_mib():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
 a = torch.ones(16 * 2**18); del a  # freeing a 16 MiB mmap block raises glibc's threshold past it
@@ -41,8 +45,18 @@ def test_release_returns_a_freed_heap_block_to_the_os():
     assert kept >= 7 and after >= 7
 
 
-def test_releaser_is_a_no_op_unless_asked_for_on_a_cpu():
+@pytest.mark.skipif(_glibc() is None or not Path("/proc/self/status").exists(), reason="glibc's malloc on Linux")
+def test_mapped_large_blocks_leave_at_once():
+    kept, after = resident_after_free("map")
+    assert kept <= 1 and after <= 1  # the 8 MiB block was its own mapping: unmapped when freed
+
+
+def test_releaser_is_a_no_op_unless_asked_for_on_a_cpu(monkeypatch):
     assert memory_releaser(False, torch.device("cpu"))() is False
     assert memory_releaser(True, torch.device("meta"))() is False
     if _glibc() is not None:
-        assert memory_releaser(True, torch.device("cpu")) is release_free_memory
+        with monkeypatch.context() as patch:  # mapping large blocks is process-wide: not in the test process
+            pinned = []
+            patch.setattr(host_memory, "map_large_blocks", lambda: pinned.append(1) or True)
+            assert memory_releaser(True, torch.device("cpu")) is release_free_memory
+            assert pinned == [1]
