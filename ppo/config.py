@@ -226,7 +226,7 @@ class PPOConfig:
         False,
         "CPU runs: hand freed memory back to the OS: blocks of 1 MiB or more get their own mappings (glibc "
         "mallopt, process-wide) and malloc_trim runs before and after sampling, after scoring and after each "
-        "model's pass of the update. W4: peak RSS -11%, ~10% more time (docs/performance.md). glibc only.",
+        "model's pass of the update. W4: peak RSS -14%, 13-40% more time (docs/performance.md). glibc only.",
     )
 
     # --- LoRA (peft) ---

@@ -9,10 +9,11 @@ W4 (SmolLM2-135M) the process peaks ~700 MiB above what the same run reaches whe
 `PPOConfig.host_release_memory` does both things glibc allows: it pins the mmap threshold at 1 MiB
 (`mallopt(M_MMAP_THRESHOLD)`, process-wide from the trainer's construction on) and calls
 `malloc_trim(0)` at the phase boundaries for what the heap still holds. Measured on W4 in fp32
-(docs/performance.md): the update's peak RSS 6,633 -> 5,903 MiB in one iteration, the iteration
-~10% slower, as every large block is mapped and its pages faulted in afresh. So it is off by
-default: a switch for a run that is short of memory rather than of time. (malloc_trim alone, at the
-phase boundaries, lowered W2's peak by 5% for 9-15% more time.)
+(docs/performance.md): the update's peak RSS 6,633 -> 5,903 MiB in one iteration (0.60x TRL's
+peak in the benchmark), the iteration 13% slower on one thread and 31% on two, as every large
+block is mapped and its pages faulted in afresh. So it is off by default: a switch for a run that
+is short of memory rather than of time. (malloc_trim alone, at the phase boundaries, lowered W2's
+peak by 5% for 9-15% more time.)
 """
 
 from __future__ import annotations
