@@ -8,15 +8,13 @@ import copy
 
 import pytest
 import torch
-from tiny_setups import thirds, tiny_llama
+from tiny_setups import ppo_step_with, tiny_llama
 from transformers import GPT2Config, LlamaConfig
 
-from ppo import PPOConfig, PPOTrainer
 from ppo.fastpath import fused_mlp
 from ppo.fastpath.gate import FastPathWarning, tiny_twin
 from ppo.forward import policy_logprobs
 
-PROMPTS = ["w3 w4", "w5 w6 w7 w8 w9", "w2", "w8 w9 w10"]
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_gate", "quiet_bf16_emulation")
 
 
@@ -113,29 +111,8 @@ def test_a_wrong_fused_function_is_caught_by_the_self_check(monkeypatch):
 def test_ppo_step_is_unchanged(tiny_policy, tiny_tokenizer, tiny_reward_model, precision):
     """GAE with a separate critic, 2 epochs x 2 mini-batches of 2 micro-batches: every statistic and
     every updated weight of the policy and the critic as with the stock MLPs."""
-    runs = []
-    for fused in (False, True):
-        config = PPOConfig(
-            batch_size=4,
-            mini_batch_size=2,
-            gradient_accumulation_steps=2,
-            ppo_epochs=2,
-            max_new_tokens=5,
-            progress_bar=False,
-            seed=0,
-            precision=precision,
-            fp32_matmul="mkl",
-            fused_mlp=fused,
-        )
-        trainer = PPOTrainer(
-            config,
-            copy.deepcopy(tiny_policy),
-            tiny_tokenizer,
-            reward_model=copy.deepcopy(tiny_reward_model),
-            reward_funcs=thirds,
-        )
-        stats = trainer.step(PROMPTS)
-        runs.append((trainer, {k: v for k, v in stats.items() if not k.startswith("time/")}))
+    models = (tiny_policy, tiny_tokenizer, tiny_reward_model)
+    runs = [ppo_step_with(*models, precision, fused_mlp=fused) for fused in (False, True)]
     (stock, stock_stats), (fused, fused_stats) = runs
     assert fused_mlp.gated_mlps(fused.policy)[0].forward.__func__ is fused_mlp._fused_forward
     assert "forward" in vars(fused_mlp.gated_mlps(fused.critic.module)[0])
