@@ -102,6 +102,7 @@ def ppo(
         rollout_logprobs=False,
         precision="fp32",  # compared at 1e-5 whatever the machine
         fp32_matmul="mkl",  # and on the same kernel in every process
+        fused_norm=False,  # it steps aside under torchrun, and its gradients differ from stock by rounding
     )
     trainer = PPOTrainer(config, policy, tok, reward_model=reward_model, reward_funcs=reward, reward_weights=[0.5, 1.0])
     prompts = [" ".join(f"w{(i * 5 + j) % 29}" for j in range(1 + i % 3)) for i in range(12)]
@@ -126,6 +127,7 @@ def sft(out: Path) -> None:
         output_dir=str(out),
         progress_bar=False,
         overwrite=True,
+        fused_norm=False,  # as in ppo(): the 2-rank run takes the stock norm
         dist_timeout_s=TIMEOUT_S,
     )
     train_sft(config, build_policy(tok, TinyModelSpec(), seed=0), tok, rows)
@@ -147,6 +149,7 @@ def reward(out: Path) -> None:
         output_dir=str(out),
         progress_bar=False,
         overwrite=True,
+        fused_norm=False,  # as in ppo(): the 2-rank run takes the stock norm
         dist_timeout_s=TIMEOUT_S,
     )
     train_reward_model(config, build_reward_model(tok, TinyModelSpec(), seed=2), tok, rows)
