@@ -16,11 +16,9 @@ handling must see the module's own forward.
 
 from __future__ import annotations
 
-import types
-
 import torch
 
-from ppo.fastpath.gate import fast_path_allowed, one_process, patched_twin_mismatch
+from ppo.fastpath.gate import one_process, patched_twin_mismatch, replace_forwards
 from ppo.functional.mlp import silu_mul_linear
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
@@ -50,12 +48,7 @@ def gated_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def install(model: torch.nn.Module) -> int:
     """Give every gated MLP of `model` the fused forward; returns how many (0 where the gate says no)."""
-    mlps = [m for m in gated_mlps(model) if "forward" not in vars(m)]
-    if not mlps or not fast_path_allowed("fused_mlp", model):
-        return 0
-    for mlp in mlps:
-        mlp.forward = types.MethodType(_fused_forward, mlp)
-    return len(mlps)
+    return replace_forwards("fused_mlp", model, gated_mlps(model), _fused_forward)
 
 
 def _steps_aside(mlp) -> bool:
@@ -76,9 +69,4 @@ def _fused_forward(self, x):
 
 def mismatch_with_stock(twin) -> str | None:
     """Logits and every parameter's gradient of the twin, fused against stock (fp32)."""
-
-    def fuse(model):
-        for mlp in gated_mlps(model):
-            mlp.forward = types.MethodType(_fused_forward, mlp)
-
-    return patched_twin_mismatch(twin, fuse)
+    return patched_twin_mismatch(twin, gated_mlps, _fused_forward)

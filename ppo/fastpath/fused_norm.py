@@ -18,11 +18,9 @@ torchrun, where FSDP2's parameter handling must see the module's own forward.
 
 from __future__ import annotations
 
-import types
-
 import torch
 
-from ppo.fastpath.gate import fast_path_allowed, one_process, patched_twin_mismatch
+from ppo.fastpath.gate import one_process, patched_twin_mismatch, replace_forwards
 from ppo.functional.norm import rms_norm
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
@@ -49,12 +47,7 @@ def rms_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def install(model: torch.nn.Module) -> int:
     """Give every RMS norm of `model` the fused forward; returns how many (0 where the gate says no)."""
-    norms = [m for m in rms_norms(model) if "forward" not in vars(m)]
-    if not norms or not fast_path_allowed("fused_norm", model):
-        return 0
-    for norm in norms:
-        norm.forward = types.MethodType(_fused_forward, norm)
-    return len(norms)
+    return replace_forwards("fused_norm", model, rms_norms(model), _fused_forward)
 
 
 def _fused_forward(self, x):
@@ -65,9 +58,4 @@ def _fused_forward(self, x):
 
 def mismatch_with_stock(twin) -> str | None:
     """Logits and every parameter's gradient of the twin, fused against stock (fp32)."""
-
-    def fuse(model):
-        for norm in rms_norms(model):
-            norm.forward = types.MethodType(_fused_forward, norm)
-
-    return patched_twin_mismatch(twin, fuse)
+    return patched_twin_mismatch(twin, rms_norms, _fused_forward)

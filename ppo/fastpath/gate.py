@@ -20,6 +20,7 @@ import contextlib
 import copy
 import importlib
 import importlib.metadata
+import types
 import warnings
 
 import torch
@@ -212,11 +213,23 @@ def tiny_batch(width: int = 10, vocab: int = 96):
     return ids, mask, positions
 
 
-def patched_twin_mismatch(twin, patch) -> str | None:
+def replace_forwards(name: str, model, modules, forward) -> int:
+    """For fast paths that replace modules' forwards: `forward` bound to each of `modules` (of
+    `model`) that has no forward of its own yet, where fast path `name` may run; returns how many."""
+    todo = [module for module in modules if "forward" not in vars(module)]
+    if not todo or not fast_path_allowed(name, model):
+        return 0
+    for module in todo:
+        module.forward = types.MethodType(forward, module)
+    return len(todo)
+
+
+def patched_twin_mismatch(twin, find_modules, forward) -> str | None:
     """For fast paths that replace modules' forwards: logits and every parameter's gradient of
-    `twin` against a copy of it that `patch(copy)` changed (fp32), or None when they agree."""
+    `twin` against a copy of it whose `find_modules(copy)` run `forward` (fp32), or None when they agree."""
     patched = copy.deepcopy(twin)
-    patch(patched)
+    for module in find_modules(patched):
+        module.forward = types.MethodType(forward, module)
     ids, mask, positions = tiny_batch()
     results = []
     for model in (twin, patched):
