@@ -202,6 +202,13 @@ class PPOConfig:
         "activations there, instead of also keeping them: the same values to float rounding, 13% less activation "
         "memory on SmolLM2. Qwen3/Qwen2/Llama; not under torchrun.",
     )
+    fp32_attention: bool = opt(
+        True,
+        "Under bf16 autocast on a CPU, attention (not the matmuls around it) runs torch's fp32 kernel on the bf16 "
+        "query, keys and values, and the sampling KV cache is held in fp32: torch's bf16 attention kernels are the "
+        "slower ones on a CPU (a decode step ~5x). At least as exact as the bf16 kernel; off on GPUs and in fp32, "
+        "where it changes nothing. Models on transformers' sdpa attention.",
+    )
     lean_decode: bool = opt(
         True,
         "Sample Qwen3/Qwen2/Llama policies with a decode step of our own instead of the model's forward (same "

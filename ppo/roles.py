@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from ppo.critic import SeparateCritic, SharedCritic
-from ppo.fastpath import fused_mlp, fused_norm
+from ppo.fastpath import fp32_attention, fused_mlp, fused_norm
 from ppo.fastpath.bf16_weights import hold_in_bf16
 
 
@@ -81,6 +81,14 @@ def hold_frozen_in_bf16(models, precision: str, strategy: str, world_size: int) 
     if precision != "bf16" or (strategy == "fsdp" and world_size > 1):
         return 0
     return sum(hold_in_bf16(model) for model in models if model is not None)
+
+
+def attend_in_fp32(models, precision: str, device: torch.device) -> int:
+    """Under bf16 autocast on a CPU, the `models`' attention in fp32 (`ppo.fastpath.fp32_attention`:
+    torch's fp32 kernels are the faster ones there); returns how many models switched."""
+    if precision != "bf16" or device.type != "cpu":
+        return 0
+    return sum(fp32_attention.install(model) for model in models if model is not None)
 
 
 def keep_fewer_activations(model, config) -> None:

@@ -41,6 +41,7 @@ from ppo.precision import autocast_context, resolve_precision
 from ppo.rewards import RewardSources
 from ppo.roles import (
     apply_lora,
+    attend_in_fp32,
     build_critic,
     default_reference,
     freeze,
@@ -149,6 +150,12 @@ class PPOTrainer:
             keep_fewer_activations(module, config)
         if config.bf16_frozen_weights:  # after the critic copied the reward model's fp32 weights
             hold_frozen_in_bf16((self.ref_model, reward_model), self.precision, config.strategy, dist.world_size())
+        if config.fp32_attention:  # a shared backbone (critic, reward model) switches with its owner
+            attend_in_fp32(
+                (self.policy, self.ref_model, self.critic.module if self.critic else None, reward_model),
+                self.precision,
+                self.device,
+            )
         if config.compile_layers:
             for module in (self.policy, self.ref_model, self.critic.module if self.critic else None, reward_model):
                 if module is not None:

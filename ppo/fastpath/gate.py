@@ -43,6 +43,7 @@ FAST_PATHS = {
     "bf16_frozen_weights": ("ppo.fastpath.bf16_weights", ("transformers", "torch")),
     "fused_mlp": ("ppo.fastpath.fused_mlp", ("transformers", "torch")),
     "fused_norm": ("ppo.fastpath.fused_norm", ("transformers", "torch")),
+    "fp32_attention": ("ppo.fastpath.fp32_attention", ("transformers", "torch")),
 }
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ppo.fastpath import fp32_attention
 from ppo.fastpath.compat import cache_kwargs
 from ppo.fastpath.gate import fast_path_allowed, max_error, tiny_batch
 
@@ -21,16 +22,23 @@ from ppo.fastpath.gate import fast_path_allowed, max_error, tiny_batch
 class PreallocatedLayer(DynamicLayer):
     """A `DynamicLayer` whose keys/values are views into a buffer of `capacity` positions."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, upcast: bool = False) -> None:
         super().__init__()
         self.capacity = capacity
         self.length = 0
+        self.upcast = upcast
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> None:
         batch, heads, _, dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self._keys = key_states.new_empty(batch, heads, self.capacity, dim)
-        self._values = value_states.new_empty(batch, value_states.shape[1], self.capacity, value_states.shape[-1])
+        # For a model that attends in fp32 under CPU autocast (`fp32_attention`), 16-bit keys and
+        # values are stored in fp32 once, rather than the whole cache upcast at every step.
+        dtype = (
+            torch.float32 if self.upcast and self.device.type == "cpu" and torch.is_autocast_enabled("cpu") else None
+        )
+        self._keys = key_states.new_empty(batch, heads, self.capacity, dim, dtype=dtype)
+        shape = (batch, value_states.shape[1], self.capacity, value_states.shape[-1])
+        self._values = value_states.new_empty(shape, dtype=dtype)
         self.keys, self.values = self._keys[:, :, :0], self._values[:, :, :0]
         self.is_initialized = True
 
@@ -58,7 +66,8 @@ def preallocated_cache(config, capacity: int) -> DynamicCache | None:
     cache = DynamicCache(config=config)
     if not cache.layers or not all(type(layer) is DynamicLayer for layer in cache.layers):
         return None
-    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    upcast = fp32_attention.uses_fp32_attention(config)
+    cache.layers = [PreallocatedLayer(capacity, upcast) for _ in cache.layers]
     return cache
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as TF
 
+from ppo.fastpath import fp32_attention
 from ppo.fastpath.compat import layer_cache
 from ppo.fastpath.gate import fast_path_allowed, max_error, tiny_batch
 
@@ -64,8 +65,8 @@ def architecture_reason(config) -> str | None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model type {model_type!r} (it knows {', '.join(SUPPORTED_MODEL_TYPES)})"
-    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-        return f"attention implementation {config._attn_implementation!r} (it knows sdpa, eager)"
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager", fp32_attention.NAME):
+        return f"attention implementation {config._attn_implementation!r} (it knows sdpa, eager, {fp32_attention.NAME})"
     if getattr(config, "use_sliding_window", False) or any(
         t != "full_attention" for t in getattr(config, "layer_types", None) or ()
     ):
@@ -173,7 +174,10 @@ def _forward_at(layer, columns: Tensor, hidden_states: Tensor, attention_mask=No
     cos_q, sin_q = cos[:, columns].unsqueeze(1), sin[:, columns].unsqueeze(1)
     q = q * cos_q + _rotate_half(q) * sin_q
     k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
-    out = TF.scaled_dot_product_attention(
+    attention = (
+        fp32_attention.sdpa if fp32_attention.uses_fp32_attention(attn.config) else TF.scaled_dot_product_attention
+    )
+    out = attention(
         q,
         k,
         v,

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as TF
 
+from ppo.fastpath import fp32_attention
 from ppo.fastpath.compat import cache_kwargs
 from ppo.fastpath.gate import fast_path_allowed, max_error, tiny_batch
 from ppo.fastpath.kv_cache import preallocated_cache
@@ -142,6 +143,9 @@ class LeanDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
+        self.attention = (
+            fp32_attention.sdpa if fp32_attention.uses_fp32_attention(model) else TF.scaled_dot_product_attention
+        )
 
     def step(
         self, tokens: Tensor, positions: Tensor, keys: list[Tensor], values: list[Tensor], length: int, attend: Tensor
@@ -169,7 +173,7 @@ class LeanDecoder:
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             keys[i][:, :, length] = k.permute(2, 0, 1)
             values[i][:, :, length] = v.permute(2, 0, 1)
-            out = TF.scaled_dot_product_attention(
+            out = self.attention(
                 q.permute(2, 0, 1).contiguous()[:, :, None],  # [B, heads, 1, D]; contiguous, or SDPA copies the cache
                 keys[i][:, :, : length + 1],
                 values[i][:, :, : length + 1],
