@@ -69,6 +69,11 @@ def parse_args(argv=None):
         action="store_true",
         help="PPOConfig.compile_layers: decoder layers through torch.compile (compiling falls in the warm-up)",
     )
+    p.add_argument(
+        "--bf16-attention",
+        action="store_true",
+        help="PPOConfig.fp32_attention=false: under bf16, attention on torch's bf16 CPU kernels (the old way)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -98,11 +103,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def system_label(micro_batches: int, gradient_checkpointing: bool, compile_layers: bool = False) -> str:
-    """The row's name: "ppo-rlhf", plus each memory or speed switch that is on."""
+def system_label(
+    micro_batches: int, gradient_checkpointing: bool, compile_layers: bool = False, bf16_attention: bool = False
+) -> str:
+    """The row's name: "ppo-rlhf", plus each memory or speed switch that is on (or off by request)."""
     switches = [f"{micro_batches} micro-batches"] if micro_batches != 1 else []
     switches += ["gradient checkpointing"] if gradient_checkpointing else []
     switches += ["compiled layers"] if compile_layers else []
+    switches += ["bf16 attention"] if bf16_attention else []
     return ", ".join(["ppo-rlhf", *switches])
 
 
@@ -117,6 +125,7 @@ def build_trainer(
     gradient_checkpointing: bool = False,
     model_dir: str | None = None,
     compile_layers: bool = False,
+    fp32_attention: bool = True,
 ):
     """The trainer on workload `w` (a real-model workload: from `model_dir`), sampling exactly R
     tokens per response (no stop token)."""
@@ -133,6 +142,7 @@ def build_trainer(
         gradient_accumulation_steps=micro_batches,
         gradient_checkpointing=gradient_checkpointing,
         compile_layers=compile_layers,
+        fp32_attention=fp32_attention,
         ppo_epochs=w.ppo_epochs,
         learning_rate=3e-6,
         temperature=0.7,
@@ -228,6 +238,7 @@ def main(argv=None) -> None:
             args.gradient_checkpointing,
             model_dir,
             args.compile_layers,
+            not args.bf16_attention,
         )
         n_measured = args.warmup + args.iters
         batches = prompt_batches(w, tokenizer, n_measured + bool(args.profile) + args.split_matmul, args, output_dir)
@@ -259,7 +270,9 @@ def main(argv=None) -> None:
         "bench": "ppo_rlhf",
         # Micro-batching and checkpointing are their own rows: the same maths and optimizer steps,
         # another memory (and time) figure.
-        "system": system_label(args.micro_batches, args.gradient_checkpointing, args.compile_layers),
+        "system": system_label(
+            args.micro_batches, args.gradient_checkpointing, args.compile_layers, args.bf16_attention
+        ),
         "workload": w.name,
         "workload_params": w.as_dict(),
         # fp32 on oneDNN is its own row: another kernel, measured against another peak.
@@ -269,6 +282,7 @@ def main(argv=None) -> None:
         # Read back from the model, so the record says what ran, not what was asked.
         "gradient_checkpointing": is_activation_checkpointing(trainer.policy),
         "compile_layers": args.compile_layers,
+        "fp32_attention": not args.bf16_attention,
         "threads": torch.get_num_threads(),
         "seed": args.seed,
         "warmup_iters": args.warmup,

@@ -90,6 +90,11 @@ def parse_args(argv=None):
         action="store_true",
         help="ppo-rlhf with PPOConfig.compile_layers (decoder layers through torch.compile); rows say so",
     )
+    p.add_argument(
+        "--bf16-attention",
+        action="store_true",
+        help="ppo-rlhf with PPOConfig.fp32_attention=false (bf16 CPU attention kernels under bf16); rows say so",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -170,6 +175,7 @@ def run_ppo(workload: str, precision: str, args, real: dict) -> dict:
     cmd += ["--micro-batches", str(args.micro_batches)]
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     cmd += ["--compile-layers"] if args.compile_layers else []
+    cmd += ["--bf16-attention"] if args.bf16_attention else []
     cmd += ["--split-matmul"] if args.split_matmul else []
     if WORKLOADS.get(workload) and WORKLOADS[workload].real_model:
         cmd += ["--model-dir", str(real["model_dir"]), "--prompts-json", str(real["prompts_json"])]
