@@ -30,21 +30,26 @@ from torch.nn import functional as TF
 from ppo.fastpath.gate import fast_path_allowed, max_error, tiny_batch
 
 NAME = "ppo_fp32_sdpa"
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _on_cpu_autocast(query: Tensor) -> bool:
     return query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
 
 
+def _upcast(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> tuple:
+    """The inputs in fp32 (a boolean mask as it is)."""
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()
+    return query.float(), key.float(), value.float(), mask
+
+
 def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, **kwargs) -> Tensor:
     """`scaled_dot_product_attention`, in fp32 under CPU autocast (output in autocast's dtype)."""
     if not _on_cpu_autocast(query):
         return TF.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **kwargs)
-    if attn_mask is not None and attn_mask.is_floating_point():
-        attn_mask = attn_mask.float()
+    query, key, value, attn_mask = _upcast(query, key, value, attn_mask)
     with torch.autocast("cpu", enabled=False):
-        out = TF.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=attn_mask, **kwargs)
+        out = TF.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **kwargs)
     return out.to(torch.get_autocast_dtype("cpu"))
 
 
@@ -54,12 +59,8 @@ def _attention_forward(module, query, key, value, attention_mask, **kwargs):
 
     if not _on_cpu_autocast(query):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.float()
     with torch.autocast("cpu", enabled=False):
-        out, weights = sdpa_attention_forward(
-            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
-        )
+        out, weights = sdpa_attention_forward(module, *_upcast(query, key, value, attention_mask), **kwargs)
     return out.to(torch.get_autocast_dtype("cpu")), weights
 
 
@@ -80,9 +81,11 @@ def uses_fp32_attention(model) -> bool:
 def install(model) -> bool:
     """Switch `model` from transformers' SDPA attention to `NAME` where the gate allows it; False
     (and the model unchanged) otherwise. Models on another attention implementation keep it."""
+    if uses_fp32_attention(model):
+        return True
     config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "set_attn_implementation") or uses_fp32_attention(model):
-        return uses_fp32_attention(model)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        return False
     if getattr(config, "_attn_implementation", None) != "sdpa" or not fast_path_allowed("fp32_attention", model):
         return False
     model.set_attn_implementation(NAME)
