@@ -226,8 +226,9 @@ class PPOConfig:
         True,
         "Under bf16 precision, hold the linear weights of the frozen models (reference, reward model) in bf16: "
         "autocast would cast them again at every forward. Bit-identical results, half their memory; "
-        "embeddings, norms and score heads keep fp32. The models passed in are changed in place. Not under "
-        "strategy=fsdp.",
+        "embeddings, norms and score heads keep fp32. The models passed in are changed in place. While "
+        "sampling, a LoRA policy's frozen base runs on bf16 copies too (autocast would cast it at every "
+        "decode step); its fp32 weights are left as they are. Not under strategy=fsdp.",
     )
     host_release_memory: bool = opt(
         False,

@@ -76,11 +76,16 @@ def default_reference(policy, ref_model):
 
 def hold_frozen_in_bf16(models, precision: str, strategy: str, world_size: int) -> int:
     """Under bf16 autocast, the frozen `models`' linear weights in bf16 (`ppo.fastpath.bf16_weights`:
-    the same numbers, no cast per forward); returns how many layers changed. FSDP2 shards a layer's
-    parameters as one flat buffer of one dtype, so a sharded run keeps them as they are."""
-    if precision != "bf16" or (strategy == "fsdp" and world_size > 1):
+    the same numbers, no cast per forward); returns how many layers changed."""
+    if not frozen_bf16_allowed(precision, strategy, world_size):
         return 0
     return sum(hold_in_bf16(model) for model in models if model is not None)
+
+
+def frozen_bf16_allowed(precision: str, strategy: str, world_size: int) -> bool:
+    """Whether frozen weights may be held in bf16: under bf16 precision, and not sharded by FSDP2,
+    which holds a layer's parameters as one flat buffer of one dtype."""
+    return precision == "bf16" and not (strategy == "fsdp" and world_size > 1)
 
 
 def attend_in_fp32(models, precision: str, device: torch.device) -> int:

@@ -45,6 +45,7 @@ from ppo.roles import (
     build_critic,
     default_reference,
     freeze,
+    frozen_bf16_allowed,
     hold_frozen_in_bf16,
     is_peft_model,
     keep_fewer_activations,
@@ -175,7 +176,14 @@ class PPOTrainer:
             self.kl_controller = F.AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         else:
             self.kl_controller = F.FixedKLController(config.kl_coef)
-        self.engine = rollout_engine or HFRolloutEngine(model, tokenizer, self.autocast, lean_decode=config.lean_decode)
+        self.engine = rollout_engine or HFRolloutEngine(
+            model,
+            tokenizer,
+            self.autocast,
+            lean_decode=config.lean_decode,
+            bf16_frozen_weights=config.bf16_frozen_weights
+            and frozen_bf16_allowed(self.precision, config.strategy, dist.world_size()),
+        )
         # Every end-of-turn token ends a response (chat models list several in generation_config).
         stop_ids = end_of_turn_ids(tokenizer, model)
         self.sampling = SamplingParams(

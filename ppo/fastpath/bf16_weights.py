@@ -7,6 +7,11 @@ copy in memory. Casting those weights to bf16 once gives the matmuls exactly the
 would have made (a cast rounds the same way whenever it runs), so the results are bit-identical,
 the casts are gone, and the linear weights take half the memory.
 
+`bf16_while` does the same for the length of a loop of forwards, handing the fp32 weights back
+after: sampling from a LoRA policy, whose frozen base autocast would cast again at every decode
+step (a trained weight's cast autocast caches for the whole rollout), and whose fp32 base stays
+what the user holds.
+
 Only nn.Linear layers of the decoder body and the LM head change. Embeddings and norms keep their
 dtype, so the residual stream stays fp32 as under autocast; a weight shared with another kind of
 module (tied input and output embeddings) stays too; a reward model's score head stays fp32 because
@@ -17,6 +22,7 @@ same architecture (logits under bf16 autocast, bit for bit) before any model is 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -33,6 +39,8 @@ def frozen_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     """The linear layers of `model`'s decoder body and LM head that may be held in bf16: frozen,
     fp32, and not sharing a weight with a module of another kind. Empty for a model that is not a
     transformers model with a body (`base_model_prefix`)."""
+    if hasattr(model, "get_base_model"):  # a peft wrapper: the transformers model inside
+        model = model.get_base_model()
     body = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
     if not isinstance(body, torch.nn.Module):
         return []
@@ -64,6 +72,27 @@ def hold_in_bf16(model: torch.nn.Module) -> int:
     for layer in layers:
         layer.to(torch.bfloat16)
     return len(layers)
+
+
+@contextlib.contextmanager
+def bf16_while(model: torch.nn.Module):
+    """Inside: `frozen_linears(model)` hold bf16 copies of their weights and biases (where the gate
+    allows; yields how many layers). After: the original fp32 parameters, the same objects."""
+    layers = frozen_linears(model)
+    if not layers or not fast_path_allowed("bf16_frozen_weights", model):
+        yield 0
+        return
+    originals = [(layer.weight, layer.bias) for layer in layers]
+    try:
+        for layer in layers:
+            for name in ("weight", "bias"):
+                if getattr(layer, name) is not None:
+                    held = getattr(layer, name).detach().to(torch.bfloat16)
+                    setattr(layer, name, torch.nn.Parameter(held, requires_grad=False))
+        yield len(layers)
+    finally:
+        for layer, (weight, bias) in zip(layers, originals):
+            layer.weight, layer.bias = weight, bias
 
 
 def mismatch_with_stock(twin) -> str | None:

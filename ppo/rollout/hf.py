@@ -21,6 +21,7 @@ from transformers.generation.logits_process import (
 )
 
 from ppo.batch import PromptBatch, Rollout
+from ppo.fastpath.bf16_weights import bf16_while
 from ppo.fastpath.compat import cache_kwargs
 from ppo.fastpath.kv_cache import PreallocatedLayer, rollout_cache
 from ppo.fastpath.lean_decode import lean_decoder_for
@@ -79,10 +80,20 @@ def next_token(
 class HFRolloutEngine:
     """Samples from the policy module itself, so weights are always current."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, autocast=contextlib.nullcontext, lean_decode: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        autocast=contextlib.nullcontext,
+        lean_decode: bool = True,
+        bf16_frozen_weights: bool = False,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.autocast = autocast  # a factory of fresh mixed-precision contexts
+        # Under bf16 autocast: frozen weights (a LoRA base) in bf16 while sampling, or autocast casts
+        # them again at every decode step (`ppo.fastpath.bf16_weights.bf16_while`).
+        self.bf16_frozen_weights = bf16_frozen_weights
         # Decode steps without transformers' per-layer machinery where the architecture allows it
         # (`ppo.fastpath.lean_decode`); the prompt always goes through the model's own forward.
         self.lean_decoder = lean_decoder_for(model) if lean_decode else None
@@ -96,7 +107,9 @@ class HFRolloutEngine:
         was_training = model.training
         model.eval()  # dropout off while sampling
         try:
-            with self.autocast(), grad_free():  # under autocast each weight is cast once, not per token
+            frozen_in_bf16 = bf16_while(model) if self.bf16_frozen_weights else contextlib.nullcontext()
+            # Under autocast each trained weight is cast once per rollout, not per token.
+            with self.autocast(), grad_free(), frozen_in_bf16:
                 seeds = prompts.seeds
                 if seeds is None:
                     seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()

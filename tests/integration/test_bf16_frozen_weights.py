@@ -81,6 +81,8 @@ def test_a_model_that_computes_in_its_weights_dtype_is_refused(monkeypatch):
     with pytest.warns(FastPathWarning, match="bf16_frozen_weights"):
         assert bf16_weights.hold_in_bf16(model) == 0
     assert dtypes(model) == before
+    with bf16_weights.bf16_while(model) as held:
+        assert held == 0 and dtypes(model) == before
 
 
 def step(policy, tokenizer, reward_model, **overrides):
@@ -133,3 +135,61 @@ def test_fp32_and_the_switch_off_leave_the_frozen_models_alone(tiny_policy, tiny
         )
         for model in (trainer.ref_model, trainer.rewards.reward_model):
             assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_bf16_while_holds_frozen_weights_for_its_block_and_hands_the_same_ones_back():
+    model = llama(tie=False)
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    originals = {name: p for name, p in model.named_parameters()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids).logits
+        with bf16_weights.bf16_while(model) as held:
+            assert held == 2 * 7 + 1  # q k v o, gate up down per layer, and the untied head
+            assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+            got = model(input_ids=ids).logits
+    assert torch.equal(got, want)
+    assert all(p is originals[name] for name, p in model.named_parameters())
+    with pytest.raises(RuntimeError, match="inside"), bf16_weights.bf16_while(model):
+        raise RuntimeError("inside")
+    assert all(p is originals[name] for name, p in model.named_parameters())
+
+
+def lora_trainer(policy, tokenizer, held: bool):
+    config = PPOConfig(
+        batch_size=4,
+        max_new_tokens=5,
+        lora_r=4,
+        lora_alpha=8,
+        learning_rate=1e-2,
+        precision="bf16",
+        bf16_frozen_weights=held,
+        progress_bar=False,
+        seed=0,
+    )
+    return PPOTrainer(config, policy, tokenizer, reward_funcs=thirds)
+
+
+def test_bf16_lora_samples_on_a_bf16_copy_of_its_frozen_base_bit_identically(tiny_policy, tiny_tokenizer):
+    """A LoRA policy's base is frozen, so autocast casts each base weight again at every decode
+    step. While sampling, the base runs on bf16 copies: the same numbers, and the fp32 base the
+    user holds is handed back untouched."""
+    pytest.importorskip("peft")
+    with torch.no_grad():
+        tiny_policy.model.norm.weight.mul_(5.0)  # logits of a trained model's size: rounding shows
+    runs = {}
+    for held in (False, True):
+        trainer = lora_trainer(copy.deepcopy(tiny_policy), tiny_tokenizer, held)
+        q_proj = trainer.policy.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+        seen = []
+        q_proj.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(module.weight.dtype))
+        base = dict(trainer.policy.named_parameters())
+        stats = [trainer.step(PROMPTS) for _ in range(2)]  # the second samples from a moved adapter
+        assert all(p is base[name] for name, p in trainer.policy.named_parameters())
+        runs[held] = trainer, [{k: v for k, v in s.items() if not k.startswith("time/")} for s in stats], seen
+    (stock, stock_stats, stock_seen), (trainer, stats, seen) = runs[False], runs[True]
+    assert set(stock_seen) == {torch.float32}
+    assert torch.bfloat16 in seen and torch.float32 in seen  # sampling on the copy, the rest on fp32
+    assert stats[1]["kl"] != 0.0  # the adapter moved, so the second step compares two policies
+    assert stats == stock_stats
+    for (name, a), b in zip(trainer.policy.named_parameters(), stock.policy.parameters()):
+        assert a.dtype == torch.float32 and torch.equal(a, b), name
