@@ -10,6 +10,10 @@ name or `module:function` that `reward_funcs` accepts; it sees the prompt row's 
 random, becomes {"prompt", "chosen", "rejected"}. Prompts whose samples all score the same give no
 pair. The prompt is kept as chat messages, so `ppo-rlhf reward` renders it with the chat template,
 exactly as PPO's prompts are.
+
+`--precision` (default auto: bf16 where the hardware is fast at it, as PPO's) samples under bf16
+autocast with the frozen sampler's linear weights held in bf16 and attention on torch's fp32 CPU
+kernels, as PPO's frozen models run: the pairs' responses are then the bf16 policy's samples.
 """
 
 from __future__ import annotations
@@ -35,17 +39,26 @@ def build_pairs(
     pairs_per_prompt: int = 2,
     batch_size: int = 32,
     seed: int = 0,
+    precision: str = "auto",
 ) -> tuple[list[dict], dict]:
     """(pairs, stats): `rows` are prompt rows as `load_prompt_rows` gives them (`prompt` as text or
-    chat messages, plus the other columns, which the rule reward reads)."""
+    chat messages, plus the other columns, which the rule reward reads). `model` is frozen in place
+    (and under bf16 its linear weights held in bf16): it only samples."""
     from ppo.data import collate_prompts
     from ppo.models import end_of_turn_ids
+    from ppo.precision import autocast_context, resolve_precision
     from ppo.rewards import call_reward_function
+    from ppo.roles import attend_in_fp32, freeze, hold_frozen_in_bf16
     from ppo.rollout import HFRolloutEngine, SamplingParams
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    engine = HFRolloutEngine(model, tokenizer)
+    device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
+    freeze(model)
+    hold_frozen_in_bf16([model], precision, strategy="ddp", world_size=1)
+    attend_in_fp32([model], precision, device)
+    engine = HFRolloutEngine(model, tokenizer, lambda: autocast_context(precision, device))
     params = SamplingParams(max_new_tokens, temperature, stop_token_ids=end_of_turn_ids(tokenizer, model))
     pairs, scored = [], []
     for start in range(0, len(rows), batch_size):
@@ -67,7 +80,8 @@ def build_pairs(
             for chosen, rejected in rng.sample(decisive, min(len(decisive), pairs_per_prompt)):
                 pairs.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected})
         print(f"self_pairs: {min(start + batch_size, len(rows))}/{len(rows)} prompts, {len(pairs)} pairs", flush=True)
-    stats = {"prompts": len(rows), "pairs": len(pairs), "mean_rule_reward": sum(scored) / max(len(scored), 1)}
+    mean_reward = sum(scored) / max(len(scored), 1)
+    stats = {"prompts": len(rows), "pairs": len(pairs), "mean_rule_reward": mean_reward, "precision": precision}
     return pairs, stats
 
 
@@ -84,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per sampling batch")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="sampling precision: auto is bf16 where the hardware is fast at it (as in PPO), else fp32",
+    )
     args = parser.parse_args(argv)
     try:
         from ppo.data import ensure_pad_token
@@ -109,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             args.pairs_per_prompt,
             args.batch_size,
             args.seed,
+            args.precision,
         )
     except (ValueError, OSError) as err:
         print(f"self_pairs: error: {err}", file=sys.stderr)
@@ -124,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
     print(
         f"self_pairs: wrote {stats['pairs']} pairs from {stats['prompts']} prompts to {out} "
-        f"(mean rule reward of the samples {stats['mean_rule_reward']:.3f})"
+        f"(mean rule reward of the samples {stats['mean_rule_reward']:.3f}, sampled in {stats['precision']})"
     )
     return 0
 

@@ -311,3 +311,24 @@ def test_self_pairs_from_a_policys_own_samples(policy_dir, tmp_path, monkeypatch
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     assert pairs and all(has_w1([p["chosen"]]) == [1.0] and has_w1([p["rejected"]]) == [0.0] for p in pairs)
     assert all(isinstance(p["prompt"], list) and p["prompt"][0]["role"] == "user" for p in pairs)
+
+
+@pytest.mark.usefixtures("quiet_bf16_emulation")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_self_pairs_samples_in_the_precision_asked(policy_dir, precision):
+    """Under bf16 the sampler runs as PPO's frozen models do (linear weights held in bf16); the
+    pairs are valid in either precision."""
+    from ppo.data_tasks.self_pairs import build_pairs
+    from ppo.models import load_causal_lm, load_tokenizer
+
+    def has_w1(completions, **kwargs):
+        return [float("w1" in c.split()) for c in completions]
+
+    tokenizer, model = load_tokenizer(str(policy_dir)), load_causal_lm(str(policy_dir))
+    rows = [{"prompt": f"w{i} w{i + 1}"} for i in range(6)]
+    pairs, stats = build_pairs(model, tokenizer, rows, has_w1, samples=8, max_new_tokens=6, precision=precision)
+    assert stats["precision"] == precision and stats["pairs"] == len(pairs) > 0
+    assert all(has_w1([p["chosen"]]) == [1.0] and has_w1([p["rejected"]]) == [0.0] for p in pairs)
+    held = {torch.float32: "fp32", torch.bfloat16: "bf16"}[model.model.layers[0].self_attn.q_proj.weight.dtype]
+    assert held == precision
+    assert not any(p.requires_grad for p in model.parameters())
