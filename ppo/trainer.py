@@ -151,14 +151,11 @@ class PPOTrainer:
             keep_fewer_activations(module, config)
         if config.bf16_frozen_weights:  # after the critic copied the reward model's fp32 weights
             hold_frozen_in_bf16((self.ref_model, reward_model), self.precision, config.strategy, dist.world_size())
+        every_model = (self.policy, self.ref_model, self.critic.module if self.critic else None, reward_model)
         if config.fp32_attention:  # a shared backbone (critic, reward model) switches with its owner
-            attend_in_fp32(
-                (self.policy, self.ref_model, self.critic.module if self.critic else None, reward_model),
-                self.precision,
-                self.device,
-            )
+            attend_in_fp32(every_model, self.precision, self.device)
         if config.compile_layers:
-            for module in (self.policy, self.ref_model, self.critic.module if self.critic else None, reward_model):
+            for module in every_model:
                 if module is not None:
                     compile_decoder_layers(module)  # idempotent: a shared backbone is compiled once
         self._distribute(config.strategy)  # before the optimizers: FSDP2 replaces the parameters

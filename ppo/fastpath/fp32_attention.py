@@ -72,6 +72,12 @@ def _register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+def sdpa_for(model):
+    """The attention function for code that calls attention itself on `model`'s (or a config's)
+    behalf: `sdpa` where the model runs `NAME`, else torch's."""
+    return sdpa if uses_fp32_attention(model) else TF.scaled_dot_product_attention
+
+
 def uses_fp32_attention(model) -> bool:
     """Whether `model` (or the config of one) runs `NAME`: then its callers attend in fp32 too."""
     config = getattr(model, "config", model)

@@ -29,7 +29,6 @@ import functools
 
 import torch
 from torch import Tensor
-from torch.nn import functional as TF
 
 from ppo.fastpath import fp32_attention
 from ppo.fastpath.compat import layer_cache
@@ -174,10 +173,7 @@ def _forward_at(layer, columns: Tensor, hidden_states: Tensor, attention_mask=No
     cos_q, sin_q = cos[:, columns].unsqueeze(1), sin[:, columns].unsqueeze(1)
     q = q * cos_q + _rotate_half(q) * sin_q
     k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
-    attention = (
-        fp32_attention.sdpa if fp32_attention.uses_fp32_attention(attn.config) else TF.scaled_dot_product_attention
-    )
-    out = attention(
+    out = fp32_attention.sdpa_for(attn.config)(
         q,
         k,
         v,
