@@ -11,6 +11,8 @@ import warnings
 from ppo.config_io import FINITE, TEXT, ConfigError, above, at_least, between, check_list_items, one_of
 from ppo.lr_schedule import SCHEDULES
 
+PRECISION = one_of("fp32", "bf16", "auto")  # every config that trains or samples: PPO, the stages, the demo
+
 # PPOConfig's keys without a rule are flags, paths, names or lists, checked in
 # `check_ppo_relations` below.
 PPO_RULES = {
@@ -49,7 +51,7 @@ PPO_RULES = {
     "num_generations": at_least(1),
     "missing_eos_penalty": at_least(0),
     "value_head": one_of("separate", "shared"),
-    "precision": one_of("fp32", "bf16", "auto"),
+    "precision": PRECISION,
     "fp32_matmul": one_of("auto", "mkl", "onednn"),
     "lora_r": at_least(0),
     "lora_alpha": above(0),
@@ -89,6 +91,7 @@ STAGE_RULES = {
     "dist_timeout_s": above(0),
     "output_dir": TEXT,
     "prompt_column": TEXT,
+    "precision": PRECISION,
 }
 
 SFT_RULES = {**STAGE_RULES, "completion_column": TEXT, "messages_column": TEXT}
@@ -158,7 +161,7 @@ DEMO_RULES = {
     "vf_coef": at_least(0),
     "missing_eos_penalty": at_least(0),
     "value_head": one_of("separate", "shared"),
-    "precision": one_of("fp32", "bf16", "auto"),
+    "precision": PRECISION,
     "ppo_lr_scheduler": one_of(*SCHEDULES),  # the PPO trainer's own
     "output_dir": TEXT,
 }

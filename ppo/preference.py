@@ -7,6 +7,8 @@ the very function PPO scores with, so training and use read the same position.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -60,18 +62,26 @@ def pairwise_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0, center_
 
 @torch.no_grad()
 def evaluate_pairs(
-    model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 512, margin: float = 0.0
+    model,
+    tokenizer,
+    rows: list[dict],
+    batch_size: int = 8,
+    max_length: int = 512,
+    margin: float = 0.0,
+    autocast=contextlib.nullcontext,
 ) -> dict[str, float]:
     """On preference rows: `accuracy` (share with r_chosen > r_rejected, ties count as wrong),
-    `loss` (mean Bradley–Terry loss with `margin`) and `score_gap` (mean r_chosen - r_rejected)."""
+    `loss` (mean Bradley–Terry loss with `margin`) and `score_gap` (mean r_chosen - r_rejected).
+    Each forward runs in a fresh `autocast()` context; the scores come out fp32."""
     was_training = model.training
     model.eval()
     chosen, rejected = [torch.zeros(0)], [torch.zeros(0)]
     mine = rows[dist.shard_slice(len(rows))]  # under torchrun each rank scores its share
     for start in range(0, len(mine), batch_size):
-        c, r = pair_scores(
-            model, encode_pairs(tokenizer, mine[start : start + batch_size], max_length), tokenizer.pad_token_id
-        )
+        with autocast():
+            c, r = pair_scores(
+                model, encode_pairs(tokenizer, mine[start : start + batch_size], max_length), tokenizer.pad_token_id
+            )
         chosen.append(c.cpu())
         rejected.append(r.cpu())
     model.train(was_training)

@@ -22,6 +22,7 @@ optimizer step's pairs, gradients are all-reduced, rank 0 logs and saves.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any
@@ -42,6 +43,7 @@ from ppo.stage import (
     rank_micro_batches,
     run_steps,
     split_rows,
+    stage_precision,
     start_outputs,
     step_groups,
 )
@@ -61,15 +63,24 @@ def prompt_grouped_steps(prompts: list[str], per_step: int, num_epochs: int, see
 
 
 def accumulate_reward_gradients(
-    model, pairs: list[Pair], config: RewardConfig, pad_id: int, step: int, epoch: int, scorer=None
+    model,
+    pairs: list[Pair],
+    config: RewardConfig,
+    pad_id: int,
+    step: int,
+    epoch: int,
+    scorer=None,
+    autocast=contextlib.nullcontext,
 ) -> tuple[float, float]:
     """Backward over one optimizer step's pairs - this rank's share, in micro-batches - and return
-    the step's mean loss and accuracy. `scorer`: the model's score call wrapped for DDP."""
+    the step's mean loss and accuracy. `scorer`: the model's score call wrapped for DDP;
+    `autocast()`: a fresh context for each forward (`ppo.stage.stage_precision`)."""
     step_loss, correct = 0.0, 0.0
     micros = rank_micro_batches(pairs, config.batch_size)
     for i, (part, weight) in enumerate(micros):
         with dist.gradient_sync([scorer] if scorer is not None else [], enabled=i == len(micros) - 1):
-            chosen, rejected = pair_scores(model, part, pad_id, scorer)
+            with autocast():  # the scores come out fp32 (`ppo.forward.read_head`)
+                chosen, rejected = pair_scores(model, part, pad_id, scorer)
             loss_sum = pairwise_loss(chosen, rejected, config.margin, config.center_rewards_coefficient).sum()
             check_loss(loss_sum, "reward loss", step, epoch)
             # Divide by the whole step's pairs (every pair weighs the same); world_size undoes DDP's mean.
@@ -91,7 +102,8 @@ def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=No
 
     Returns the metrics: `train_loss` / `train_accuracy` (one value per optimizer step),
     `final_loss`, held-out `accuracy_before` / `accuracy` and `eval_loss_before` / `eval_loss`
-    (None without an eval set), `steps`, `train_rows`, `eval_rows`, `output_dir`.
+    (None without an eval set), `steps`, `train_rows`, `eval_rows`, `precision` (the one
+    `config.precision` resolved to), `output_dir`.
     """
     # 1. refuse to clobber another run before anything is loaded or written
     dist.init_from_env(config.dist_timeout_s)  # a no-op unless launched by torchrun
@@ -100,6 +112,7 @@ def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=No
     # 2. model, tokenizer, pairs and the held-out split
     model, tokenizer = load_reward_model(config, model, tokenizer)
     keep_fewer_activations(model, config)
+    precision, autocast = stage_precision(config, model)
     # The score is read from the backbone and head directly, not model.forward: wrap that call.
     scorer = dist.wrap(dist.ForwardAs(model, lambda ids, mask: sequence_scores(model, ids, mask)), "ddp")
     rows = preference_rows(config, tokenizer, rows)
@@ -112,7 +125,7 @@ def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=No
     optimizer, scheduler = build_optimizer(model, config, total_steps)
     # 5. accuracy before, then train
     logger = start_outputs(out, config)
-    before = held_out(model, tokenizer, eval_rows, config)
+    before = held_out(model, tokenizer, eval_rows, config, autocast)
     if config.group_by_prompt:
         steps = prompt_grouped_steps([r["prompt"] for r in train_rows], per_step, config.num_epochs, config.seed)
     else:
@@ -120,7 +133,9 @@ def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=No
 
     def accumulate(group: list[int], step: int, epoch: int) -> dict[str, float]:
         part = [pairs[i] for i in group]
-        loss, accuracy = accumulate_reward_gradients(model, part, config, tokenizer.pad_token_id, step, epoch, scorer)
+        loss, accuracy = accumulate_reward_gradients(
+            model, part, config, tokenizer.pad_token_id, step, epoch, scorer, autocast
+        )
         return {"loss": loss, "accuracy": accuracy}
 
     def shown(numbers: dict[str, float]) -> dict[str, str]:
@@ -129,7 +144,7 @@ def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=No
     records = run_steps(config, model, optimizer, scheduler, logger, steps, total_steps, accumulate, "reward", shown)
     losses, accuracies = [r["loss"] for r in records], [r["accuracy"] for r in records]
     # 6. accuracy after, and the final model
-    after = held_out(model, tokenizer, eval_rows, config)
+    after = held_out(model, tokenizer, eval_rows, config, autocast)
     metrics = {
         "train_loss": losses,
         "train_accuracy": accuracies,
@@ -142,17 +157,18 @@ def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=No
         "steps": len(losses),
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
+        "precision": precision,
         "output_dir": str(out),
     }
     finish_outputs(out, config, model, tokenizer, logger, metrics)
     return metrics
 
 
-def held_out(model, tokenizer, eval_rows: list[dict], config: RewardConfig) -> dict[str, float]:
-    """`evaluate_pairs` on the held-out rows; empty when there are none."""
+def held_out(model, tokenizer, eval_rows: list[dict], config: RewardConfig, autocast) -> dict[str, float]:
+    """`evaluate_pairs` on the held-out rows, in the stage's precision; empty when there are none."""
     if not eval_rows:
         return {}
-    return evaluate_pairs(model, tokenizer, eval_rows, config.batch_size, config.max_length, config.margin)
+    return evaluate_pairs(model, tokenizer, eval_rows, config.batch_size, config.max_length, config.margin, autocast)
 
 
 def preference_rows(config: RewardConfig, tokenizer, rows) -> list[dict[str, str]]:

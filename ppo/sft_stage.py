@@ -25,6 +25,7 @@ result equals one process's; rank 0 logs and saves.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -44,25 +45,34 @@ from ppo.stage import (
     rank_micro_batches,
     run_steps,
     split_rows,
+    stage_precision,
     start_outputs,
     step_groups,
 )
 
 
 def accumulate_sft_gradients(
-    model, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, step: int, epoch: int
+    model,
+    examples: list[tuple[list[int], list[int]]],
+    batch_size: int,
+    pad_id: int,
+    step: int,
+    epoch: int,
+    autocast=contextlib.nullcontext,
 ) -> float:
     """Backward over one optimizer step's (ids, labels) examples - this rank's share, in
     micro-batches of `batch_size` - and return the step's mean loss per completion token.
-    `model` may be DDP-wrapped: its averaging over ranks is undone by the factor world_size."""
+    `model` may be DDP-wrapped: its averaging over ranks is undone by the factor world_size.
+    `autocast()`: a fresh context for each forward (`ppo.stage.stage_precision`)."""
     n_tokens = sum(sum(t != IGNORE_INDEX for t in labels) for _, labels in examples)  # the whole step's
     step_loss = 0.0
     micros = rank_micro_batches(examples, batch_size)
     for i, (part, weight) in enumerate(micros):
         with dist.gradient_sync([model], enabled=i == len(micros) - 1):
-            loss_sum, _ = completion_loss_sum(
-                model, collate([ids for ids, _ in part], pad_id, [labels for _, labels in part])
-            )
+            with autocast():
+                loss_sum, _ = completion_loss_sum(
+                    model, collate([ids for ids, _ in part], pad_id, [labels for _, labels in part])
+                )
             check_loss(loss_sum, "SFT loss", step, epoch)
             (loss_sum / n_tokens * (weight * dist.world_size())).backward()
         step_loss += weight * loss_sum.item() / n_tokens
@@ -70,9 +80,12 @@ def accumulate_sft_gradients(
 
 
 @torch.no_grad()
-def evaluate_sft_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 512) -> float:
-    """Mean cross-entropy per completion token of `rows` ({"prompt", "completion"} dicts).
-    Under torchrun each rank scores its share of the rows (a collective: every rank calls)."""
+def evaluate_sft_loss(
+    model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 512, autocast=contextlib.nullcontext
+) -> float:
+    """Mean cross-entropy per completion token of `rows` ({"prompt", "completion"} dicts), each
+    forward in a fresh `autocast()` context. Under torchrun each rank scores its share of the rows
+    (a collective: every rank calls)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -85,7 +98,8 @@ def evaluate_sft_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, m
         batch = collate(
             [ids for ids, _ in examples], tokenizer.pad_token_id, [sft_labels(ids, n) for ids, n in examples]
         )
-        loss, n = completion_loss_sum(model, batch)
+        with autocast():
+            loss, n = completion_loss_sum(model, batch)
         total, count = total + loss.item(), count + n
     model.train(was_training)
     total, count = dist.all_reduce_sum([total, count])
@@ -103,7 +117,8 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     `rows` is a list of {"prompt": str, "completion": str}, or anything `ppo.formats.load_sft_rows`
     reads (a datasets.Dataset, rows of chat messages). Returns the metrics: `train_loss` (one value
     per optimizer step), `final_loss`, `eval_loss_before` / `eval_loss` (None without an eval set),
-    `steps`, `train_rows`, `eval_rows`, `output_dir`. Writes output_dir/config.yaml, metrics.jsonl
+    `steps`, `train_rows`, `eval_rows`, `precision` (the one `config.precision` resolved to),
+    `output_dir`. Writes output_dir/config.yaml, metrics.jsonl
     and, with `save_final`, output_dir/final.
     """
     # 1. refuse to clobber another run before anything is loaded or written
@@ -113,6 +128,7 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     # 2. model, tokenizer, rows and the held-out split
     model, tokenizer = load_causal_lm(config, model, tokenizer)
     keep_fewer_activations(model, config)
+    precision, autocast = stage_precision(config, model)
     trained = dist.wrap(model, "ddp")  # under torchrun: gradients all-reduced; else the model
     rows = sft_rows(config, tokenizer, rows)
     train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.seed)
@@ -126,14 +142,20 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     # 5. train
     logger = start_outputs(out, config)
     eval_before = (
-        evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length) if eval_rows else None
+        evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length, autocast)
+        if eval_rows
+        else None
     )
 
     steps = step_groups(len(examples), per_step, config.num_epochs, config.seed)
 
     def accumulate(group: list[int], step: int, epoch: int) -> dict[str, float]:
         part = [examples[i] for i in group]
-        return {"loss": accumulate_sft_gradients(trained, part, config.batch_size, tokenizer.pad_token_id, step, epoch)}
+        return {
+            "loss": accumulate_sft_gradients(
+                trained, part, config.batch_size, tokenizer.pad_token_id, step, epoch, autocast
+            )
+        }
 
     def shown(numbers: dict[str, float]) -> dict[str, str]:
         return {"loss": f"{numbers['loss']:.4f}"}
@@ -142,7 +164,9 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     curve = [r["loss"] for r in records]
     # 6. eval loss and the final model
     eval_after = (
-        evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length) if eval_rows else None
+        evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length, autocast)
+        if eval_rows
+        else None
     )
     metrics = {
         "train_loss": curve,
@@ -152,6 +176,7 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
         "steps": len(curve),
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
+        "precision": precision,
         "output_dir": str(out),
     }
     finish_outputs(out, config, model, tokenizer, logger, metrics)

@@ -184,6 +184,21 @@ def load_causal_lm(config, model=None, tokenizer=None):
     return model, tokenizer
 
 
+def stage_precision(config, model):
+    """(the precision `config.precision` resolves to on `model`'s device, a factory of fresh
+    contexts for one forward pass in it). Under bf16 the forwards run in autocast, as PPO's do
+    (`ppo.precision`): the model's matmuls in bf16, its weights and AdamW states fp32, losses,
+    scores and accuracies computed in fp32 (`ppo.forward`); on a CPU attention runs torch's fp32
+    kernel (`ppo.fastpath.fp32_attention`), the faster one there. Backward runs outside it."""
+    from ppo.precision import autocast_context, resolve_precision
+    from ppo.roles import attend_in_fp32
+
+    device = next(model.parameters()).device
+    precision = resolve_precision(config.precision, device)
+    attend_in_fp32([dist.unwrap(model)], precision, device)
+    return precision, lambda: autocast_context(precision, device)
+
+
 def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
     """(train, eval) rows: a seeded random `eval_fraction` held out (at least one row when > 0)."""
     if eval_fraction <= 0 or len(rows) < 2:
@@ -278,7 +293,8 @@ def run_cli(stage: str, config_cls, train_fn, argv: list[str] | None, summary) -
     main = dist.is_main()
     dist.teardown()
     if main:
-        print(f"ppo-rlhf {stage}: {metrics['steps']} steps, {summary(metrics)}; outputs in {metrics['output_dir']}")
+        steps = f"{metrics['steps']} steps" + (f" in {metrics['precision']}" if "precision" in metrics else "")
+        print(f"ppo-rlhf {stage}: {steps}, {summary(metrics)}; outputs in {metrics['output_dir']}")
     return 0
 
 

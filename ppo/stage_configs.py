@@ -45,6 +45,12 @@ class StageConfig:
     max_grad_norm: float | None = opt(1.0, "Gradient-norm clip; None disables.")
     seed: int = opt(0, "Seeds shuffling, the eval split and initialisation.")
     eval_fraction: float = opt(0.0, "Share of rows held out to report an eval loss (0: none).")
+    precision: str = opt(
+        "auto",
+        "auto: bf16 autocast where the hardware is fast at it (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32; or "
+        "fp32, bf16. Weights and AdamW states stay fp32; losses, scores and accuracies are computed in fp32 "
+        "(docs/precision.md).",
+    )
     fused_mlp: bool = opt(
         True,
         "The model's MLPs keep their gate and up projections for backward and recompute silu(gate) * up there "
@@ -299,8 +305,8 @@ class DemoConfig:
     )
     precision: str = opt(
         "fp32",
-        "PPO's precision. fp32: these tiny models are bound by per-op overhead, not matmuls, so bf16 buys no "
-        "time (see docs/demo.md); bf16 or auto as in PPOConfig.",
+        "The precision of every stage (SFT, reward model, PPO). fp32: these tiny models are bound by per-op "
+        "overhead, not matmuls, so bf16 buys no time (see docs/demo.md); bf16 or auto as in PPOConfig.",
     )
 
     # --- evaluation and report ---

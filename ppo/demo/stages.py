@@ -88,7 +88,7 @@ def quiet_transformers() -> None:
 def stage_config(cls, config: DemoConfig, output_dir: Path, **values):
     """An SFTConfig or RewardConfig (`cls`) with the settings every training stage of the demo
     shares (a cosine schedule after 5% warm-up, a metrics line every 10 steps, prompt + completion
-    of 64 tokens at most) and the stage's own `values`."""
+    of 64 tokens at most, the demo's precision) and the stage's own `values`."""
     return cls(
         output_dir=str(output_dir),
         lr_scheduler="cosine",
@@ -96,6 +96,7 @@ def stage_config(cls, config: DemoConfig, output_dir: Path, **values):
         logging_steps=10,
         progress_bar=config.progress_bar,
         max_length=64,
+        precision=config.precision,
         **values,
     )
 

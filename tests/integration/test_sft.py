@@ -43,7 +43,8 @@ def trained(tmp_path_factory):
     transformers.utils.logging.set_verbosity_error()
     tokenizer = build_tokenizer(WORDS)
     model = build_policy(tokenizer, TinyModelSpec(), seed=0)
-    config = small_config(tmp_path_factory.mktemp("sft"), num_epochs=30)
+    # 50 epochs: at 30 one seed in six ended near 0.05, in fp32 and bf16 alike
+    config = small_config(tmp_path_factory.mktemp("sft"), num_epochs=50)
     before = evaluate_sft_loss(model, tokenizer, MAPPING)
     metrics = train_sft(config, model, tokenizer, rows=MAPPING)
     return config, model, tokenizer, metrics, before
@@ -101,7 +102,7 @@ def test_loss_equals_manual_cross_entropy_over_completion_tokens(tiny_policy, ti
 
 def test_training_lowers_loss_and_reproduces_the_mapping(trained):
     _, model, tokenizer, metrics, before = trained
-    assert metrics["steps"] == 30 and len(metrics["train_loss"]) == 30
+    assert metrics["steps"] == 50 and len(metrics["train_loss"]) == 50
     assert metrics["final_loss"] < 0.05 < before
     assert evaluate_sft_loss(model, tokenizer, MAPPING) < 0.05
     inputs = tokenizer([r["prompt"] for r in MAPPING], return_tensors="pt")
@@ -116,7 +117,7 @@ def test_outputs_are_plain_hugging_face_files(trained):
     config, model, _, metrics, _ = trained
     out = config.output_dir
     saved = yaml.safe_load(open(f"{out}/config.yaml"))
-    assert saved["learning_rate"] == 1e-2 and saved["num_epochs"] == 30
+    assert saved["learning_rate"] == 1e-2 and saved["num_epochs"] == 50
     lines = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     assert lines[-1]["final_loss"] == pytest.approx(metrics["final_loss"])
     assert "auto_map" not in json.load(open(f"{out}/final/config.json"))  # no custom code to import
@@ -260,33 +261,43 @@ def test_final_is_sealed_and_a_failed_save_leaves_no_half_written_model(tiny_tok
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl"]
 
 
-def test_fused_mlp_trains_the_same_bits(tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_mlp_trains_the_same_bits(tiny_tokenizer, tmp_path, precision, quiet_bf16_emulation):
     runs = []
     for fused in (False, True):
         model = build_policy(tiny_tokenizer, TinyModelSpec(hidden_size=32, num_layers=2), seed=0)
-        config = small_config(tmp_path / str(fused), num_epochs=2, eval_fraction=0.25, fused_mlp=fused)
+        config = small_config(
+            tmp_path / str(fused), num_epochs=2, eval_fraction=0.25, fused_mlp=fused, precision=precision
+        )
         metrics = train_sft(config, model, tiny_tokenizer, rows=MAPPING)
         runs.append((model, {k: v for k, v in metrics.items() if k != "output_dir"}))
     (stock, stock_metrics), (fused, fused_metrics) = runs
     assert "forward" in vars(fused.model.layers[0].mlp) and "forward" not in vars(stock.model.layers[0].mlp)
-    assert fused_metrics == stock_metrics
+    assert fused_metrics == stock_metrics and stock_metrics["precision"] == precision
     for p, q in zip(fused.parameters(), stock.parameters()):
         assert torch.equal(p, q)
 
 
-def test_fused_norm_trains_the_same_to_rounding(tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_norm_trains_the_same_to_rounding(tiny_tokenizer, tmp_path, precision, quiet_bf16_emulation):
     runs = []
     for fused in (False, True):
         model = build_policy(tiny_tokenizer, TinyModelSpec(hidden_size=32, num_layers=2), seed=0)
-        config = small_config(tmp_path / str(fused), num_epochs=2, eval_fraction=0.25, fused_norm=fused)
+        config = small_config(
+            tmp_path / str(fused), num_epochs=2, eval_fraction=0.25, fused_norm=fused, precision=precision
+        )
         metrics = train_sft(config, model, tiny_tokenizer, rows=MAPPING)
         runs.append((model, {k: v for k, v in metrics.items() if k != "output_dir"}))
     (stock, stock_metrics), (fused, fused_metrics) = runs
     assert "forward" in vars(fused.model.norm) and "forward" not in vars(stock.model.norm)
+    assert fused_metrics.pop("precision") == stock_metrics.pop("precision") == precision
     assert fused_metrics.keys() == stock_metrics.keys()
+    # In bf16 a last-bit difference of the fp32 norm can round a matmul's input to the next bf16
+    # value: the two runs agree to bf16's rounding, not fp32's.
+    rel, atol = (1e-4, 1e-5) if precision == "fp32" else (2e-2, 1e-3)
     for key, value in stock_metrics.items():
-        assert fused_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        assert fused_metrics[key] == pytest.approx(value, rel=rel, abs=1e-6), key
     # AdamW's step is ~lr whatever the gradient's size: where a gradient is ~0, rounding moves a
     # weight by a fraction of the learning rate
     for p, q in zip(fused.parameters(), stock.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p, q, rtol=rel, atol=atol)
