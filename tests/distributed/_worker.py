@@ -128,6 +128,7 @@ def sft(out: Path) -> None:
         progress_bar=False,
         overwrite=True,
         fused_norm=False,  # as in ppo(): the 2-rank run takes the stock norm
+        precision="fp32",  # as in ppo(): compared at 1e-5 whatever the machine
         dist_timeout_s=TIMEOUT_S,
     )
     train_sft(config, build_policy(tok, TinyModelSpec(), seed=0), tok, rows)
@@ -150,6 +151,7 @@ def reward(out: Path) -> None:
         progress_bar=False,
         overwrite=True,
         fused_norm=False,  # as in ppo(): the 2-rank run takes the stock norm
+        precision="fp32",  # as in ppo(): compared at 1e-5 whatever the machine
         dist_timeout_s=TIMEOUT_S,
     )
     train_reward_model(config, build_reward_model(tok, TinyModelSpec(), seed=2), tok, rows)
