@@ -194,3 +194,51 @@ def test_lora_on_the_real_model(smollm2_dir, problems):
         n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in trained.items() if "lora_" not in n
     }
     assert all(torch.equal(frozen[n], base[n]) for n in base if n in frozen)  # the base weights stay
+
+
+def test_reward_model_from_the_real_policy_in_both_precisions(smollm2_dir, problems, tmp_path):
+    """The reward stage on SmolLM2 (its backbone, a fresh score head): the same start in fp32 and
+    bf16 gives the same held-out loss to bf16's rounding, and the bf16 stage saves a plain fp32
+    classifier that loads with transformers and scores."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ppo.config import RewardConfig
+    from ppo.preference import encode_pairs, pair_scores
+    from ppo.reward_stage import preference_rows, train_reward_model
+
+    train, _ = problems
+    # The right answer against a wrong one, as the rule would label the policy's samples.
+    rows = [
+        {
+            "prompt": r["prompt"],
+            "chosen": f"The answer is {r['answer']}.",
+            "rejected": f"The answer is {int(r['answer']) + 3}.",
+        }
+        for r in train[:8]
+    ]
+    results = {}
+    for precision in ("fp32", "bf16"):
+        config = RewardConfig(
+            model_name_or_path=str(smollm2_dir),
+            init_from_policy=True,
+            max_length=96,
+            batch_size=4,
+            learning_rate=1e-5,
+            eval_fraction=0.25,
+            precision=precision,
+            output_dir=str(tmp_path / precision),
+            progress_bar=False,
+            seed=0,
+        )
+        metrics = train_reward_model(config, rows=rows)
+        assert metrics["precision"] == precision and metrics["steps"] == 2
+        assert all(torch.isfinite(torch.tensor(metrics["train_loss"])))
+        results[precision] = metrics
+    # the same fresh head and pairs: the held-out loss before training agrees to bf16's rounding
+    assert results["bf16"]["eval_loss_before"] == pytest.approx(results["fp32"]["eval_loss_before"], rel=5e-2)
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "bf16" / "final")
+    assert {p.dtype for p in saved.parameters()} == {torch.float32}
+    tokenizer = load_tokenizer(tmp_path / "bf16" / "final")
+    rendered = preference_rows(config, tokenizer, rows[:2])  # chat messages through the template
+    chosen, rejected = pair_scores(saved, encode_pairs(tokenizer, rendered, 96), tokenizer.pad_token_id)
+    assert torch.isfinite(chosen).all() and torch.isfinite(rejected).all()
