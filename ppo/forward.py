@@ -159,22 +159,26 @@ def by_rows(fn, rows: int | None, *batches):
     return torch.cat(parts)
 
 
-def completion_loss_sum(model, batch: TokenBatch) -> tuple[Tensor, int]:
-    """Summed cross-entropy over the batch's completion tokens (0-d) and how many there are.
+def completion_loss_sum(model, batch: TokenBatch, fused_head_ok: bool = False) -> tuple[Tensor, int]:
+    """Summed cross-entropy over the batch's completion tokens (0-d, fp32) and how many there are.
 
     A sum, not a mean, so that gradient accumulation can divide by the token count of the whole
     optimizer step: every completion token then weighs the same, however the batch was split.
+    With `fused_head_ok`, where `ppo.fastpath.fused_head` allows it, only the completion tokens'
+    states go through the LM head, a chunk at a time (no `[B, T, V]` logits); the same maths.
     """
     device = next(model.parameters()).device
-    logits = model(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        position_ids=batch.position_ids.to(device),
-        use_cache=False,
-    ).logits
-    # The logits at column t predict the token at column t + 1.
+    ids, mask, positions = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.position_ids))
+    # The state at column t predicts the token at column t + 1.
     targets = batch.labels[:, 1:].to(device)
+    count = int((targets != IGNORE_INDEX).sum())
+    if fused_head_ok and count:
+        next_tokens = torch.nn.functional.pad(targets, (0, 1), value=IGNORE_INDEX)  # [B, T], one per state
+        logprobs = fused_head.token_logprobs(model, ids, mask, positions, next_tokens)
+        if logprobs is not None:
+            return -logprobs.sum(), count
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     loss = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss, int((targets != IGNORE_INDEX).sum())
+    return loss, count

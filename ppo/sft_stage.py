@@ -59,11 +59,13 @@ def accumulate_sft_gradients(
     step: int,
     epoch: int,
     autocast=contextlib.nullcontext,
+    fused_head_ok: bool = False,
 ) -> float:
     """Backward over one optimizer step's (ids, labels) examples - this rank's share, in
     micro-batches of `batch_size` - and return the step's mean loss per completion token.
     `model` may be DDP-wrapped: its averaging over ranks is undone by the factor world_size.
-    `autocast()`: a fresh context for each forward (`ppo.stage.stage_precision`)."""
+    `autocast()`: a fresh context for each forward (`ppo.stage.stage_precision`); `fused_head_ok`:
+    see `ppo.forward.completion_loss_sum`."""
     n_tokens = sum(sum(t != IGNORE_INDEX for t in labels) for _, labels in examples)  # the whole step's
     step_loss = 0.0
     micros = rank_micro_batches(examples, batch_size)
@@ -71,7 +73,7 @@ def accumulate_sft_gradients(
         with dist.gradient_sync([model], enabled=i == len(micros) - 1):
             with autocast():
                 loss_sum, _ = completion_loss_sum(
-                    model, collate([ids for ids, _ in part], pad_id, [labels for _, labels in part])
+                    model, collate([ids for ids, _ in part], pad_id, [labels for _, labels in part]), fused_head_ok
                 )
             check_loss(loss_sum, "SFT loss", step, epoch)
             (loss_sum / n_tokens * (weight * dist.world_size())).backward()
@@ -81,7 +83,13 @@ def accumulate_sft_gradients(
 
 @torch.no_grad()
 def evaluate_sft_loss(
-    model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 512, autocast=contextlib.nullcontext
+    model,
+    tokenizer,
+    rows: list[dict],
+    batch_size: int = 8,
+    max_length: int = 512,
+    autocast=contextlib.nullcontext,
+    fused_head_ok: bool = False,
 ) -> float:
     """Mean cross-entropy per completion token of `rows` ({"prompt", "completion"} dicts), each
     forward in a fresh `autocast()` context. Under torchrun each rank scores its share of the rows
@@ -99,7 +107,7 @@ def evaluate_sft_loss(
             [ids for ids, _ in examples], tokenizer.pad_token_id, [sft_labels(ids, n) for ids, n in examples]
         )
         with autocast():
-            loss, n = completion_loss_sum(model, batch)
+            loss, n = completion_loss_sum(model, batch, fused_head_ok)
         total, count = total + loss.item(), count + n
     model.train(was_training)
     total, count = dist.all_reduce_sum([total, count])
@@ -142,7 +150,9 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     # 5. train
     logger = start_outputs(out, config)
     eval_before = (
-        evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length, autocast)
+        evaluate_sft_loss(
+            model, tokenizer, eval_rows, config.batch_size, config.max_length, autocast, config.fused_lm_head
+        )
         if eval_rows
         else None
     )
@@ -153,7 +163,7 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
         part = [examples[i] for i in group]
         return {
             "loss": accumulate_sft_gradients(
-                trained, part, config.batch_size, tokenizer.pad_token_id, step, epoch, autocast
+                trained, part, config.batch_size, tokenizer.pad_token_id, step, epoch, autocast, config.fused_lm_head
             )
         }
 
@@ -164,7 +174,9 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     curve = [r["loss"] for r in records]
     # 6. eval loss and the final model
     eval_after = (
-        evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length, autocast)
+        evaluate_sft_loss(
+            model, tokenizer, eval_rows, config.batch_size, config.max_length, autocast, config.fused_lm_head
+        )
         if eval_rows
         else None
     )

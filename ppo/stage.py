@@ -1,6 +1,7 @@
 """Plumbing shared by the stage recipes (sft, reward, train, eval): output-directory safety,
-the SFT and reward stages' precision, held-out splits, batches and the `--config key=value` CLI, with the `--key value` spellings of
-other PPO scripts (the optimizer, schedule and NaN guards are in `ppo.optim`).
+the SFT and reward stages' precision, held-out splits, batches and the `--config key=value` CLI,
+with the `--key value` spellings of other PPO scripts (the optimizer, schedule and NaN guards are
+in `ppo.optim`).
 
 Under torchrun every rank runs the recipe; the helpers here keep file writes on rank 0 (the others
 wait at a barrier) and split each optimizer step's rows over the ranks (`rank_micro_batches`).

@@ -93,6 +93,13 @@ class SFTConfig(StageConfig):
     messages_column: str = opt(
         "messages", "Column holding a whole conversation; the last assistant turn is the completion."
     )
+    # --- speed and memory ---
+    fused_lm_head: bool = opt(
+        True,
+        "Only the completion tokens' states go through the LM head (and the last layer's MLP), a chunk of rows at "
+        "a time: no [B, T, V] logits over prompt and padding, nor their gradient. Same maths, float rounding apart; "
+        "Qwen3/Qwen2/Llama with a plain linear head, one process (elsewhere the model's own logits).",
+    )
 
     def __post_init__(self) -> None:
         validate(self, SFT_RULES)

@@ -11,6 +11,10 @@ after the head), so it covers Qwen3, Qwen2 and Llama with a plain `nn.Linear` he
 where `ppo.fastpath.gate` allows it (tested versions, a known architecture, a self-check against the
 model's own logits on a tiny twin). It steps aside (the caller uses the model's logits) for a LoRA
 adapter on the head, and under torchrun, where DDP and FSDP2 must see the model's own forward.
+
+SFT's cross-entropy takes the same route (`token_logprobs`, `SFTConfig.fused_lm_head`): there the
+model's logits would cover every position, prompt and padding too, and only the completion
+tokens' states need the head.
 """
 
 from __future__ import annotations
@@ -100,6 +104,30 @@ def _fused(model, decoder, head, input_ids, attention_mask, position_ids, column
         hidden, head.weight, labels, temperature, with_entropy, bias=head.bias, compute_dtype=compute_dtype
     )
     return logprobs, entropy, hidden
+
+
+def token_logprobs(model, input_ids, attention_mask, position_ids, next_tokens):
+    """Log-probs `[N]` of `next_tokens` `[B, T]` (the token each state predicts; -100: none) at the
+    N states that have one, in row-major order; None when it steps aside (then use the model's
+    logits). For SFT: only the completion tokens' states go through the head and the last layer's
+    MLP, where the model's logits cover every position, prompt and padding included."""
+    parts = _parts(model)
+    if parts is None or not fast_path_allowed("fused_lm_head", parts[0]):
+        return None
+    decoder, head = parts
+    wanted = next_tokens >= 0
+    columns = wanted.any(0).nonzero().squeeze(-1)
+    with last_layer_rows(model, columns):
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state[:, columns]
+    keep = wanted[:, columns]
+    device = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+    logprobs, _ = head_logprobs(
+        hidden[keep], head.weight, next_tokens[:, columns][keep], bias=head.bias, compute_dtype=compute_dtype
+    )
+    return logprobs
 
 
 def mismatch_with_stock(twin) -> str | None:
