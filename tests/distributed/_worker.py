@@ -128,6 +128,7 @@ def sft(out: Path) -> None:
         progress_bar=False,
         overwrite=True,
         fused_norm=False,  # as in ppo(): the 2-rank run takes the stock norm
+        fused_lm_head=False,  # and the model's own logits
         precision="fp32",  # as in ppo(): compared at 1e-5 whatever the machine
         dist_timeout_s=TIMEOUT_S,
     )
