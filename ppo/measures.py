@@ -219,7 +219,8 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> 
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         part = encoded[start : start + batch_size]
-        loss, n = completion_loss_sum(model, collate(part, tokenizer.pad_token_id, labels=part))
+        # Through the fused head where it may: a large vocabulary's [B, T, V] logits are never held.
+        loss, n = completion_loss_sum(model, collate(part, tokenizer.pad_token_id, labels=part), fused_head_ok=True)
         total, count = total + loss.item(), count + n
     model.train(was_training)
     return math.exp(total / count)
