@@ -25,7 +25,6 @@ result equals one process's; rank 0 logs and saves.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
@@ -58,26 +57,22 @@ def accumulate_sft_gradients(
     pad_id: int,
     step: int,
     epoch: int,
-    autocast=contextlib.nullcontext,
-    fused_head_ok: bool = False,
+    loss_sum=completion_loss_sum,
 ) -> float:
     """Backward over one optimizer step's (ids, labels) examples - this rank's share, in
     micro-batches of `batch_size` - and return the step's mean loss per completion token.
     `model` may be DDP-wrapped: its averaging over ranks is undone by the factor world_size.
-    `autocast()`: a fresh context for each forward (`ppo.stage.stage_precision`); `fused_head_ok`:
-    see `ppo.forward.completion_loss_sum`."""
+    `loss_sum(model, batch)`: summed loss and token count of a micro-batch (`train_sft` passes
+    `completion_loss_sum` in the stage's precision and with its fused head)."""
     n_tokens = sum(sum(t != IGNORE_INDEX for t in labels) for _, labels in examples)  # the whole step's
     step_loss = 0.0
     micros = rank_micro_batches(examples, batch_size)
     for i, (part, weight) in enumerate(micros):
         with dist.gradient_sync([model], enabled=i == len(micros) - 1):
-            with autocast():
-                loss_sum, _ = completion_loss_sum(
-                    model, collate([ids for ids, _ in part], pad_id, [labels for _, labels in part]), fused_head_ok
-                )
-            check_loss(loss_sum, "SFT loss", step, epoch)
-            (loss_sum / n_tokens * (weight * dist.world_size())).backward()
-        step_loss += weight * loss_sum.item() / n_tokens
+            loss, _ = loss_sum(model, collate([ids for ids, _ in part], pad_id, [labels for _, labels in part]))
+            check_loss(loss, "SFT loss", step, epoch)
+            (loss / n_tokens * (weight * dist.world_size())).backward()
+        step_loss += weight * loss.item() / n_tokens
     return dist.all_reduce_sum([step_loss])[0]
 
 
@@ -88,12 +83,11 @@ def evaluate_sft_loss(
     rows: list[dict],
     batch_size: int = 8,
     max_length: int = 512,
-    autocast=contextlib.nullcontext,
-    fused_head_ok: bool = False,
+    loss_sum=completion_loss_sum,
 ) -> float:
     """Mean cross-entropy per completion token of `rows` ({"prompt", "completion"} dicts), each
-    forward in a fresh `autocast()` context. Under torchrun each rank scores its share of the rows
-    (a collective: every rank calls)."""
+    batch's by `loss_sum` (as in `accumulate_sft_gradients`). Under torchrun each rank scores its
+    share of the rows (a collective: every rank calls)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -106,8 +100,7 @@ def evaluate_sft_loss(
         batch = collate(
             [ids for ids, _ in examples], tokenizer.pad_token_id, [sft_labels(ids, n) for ids, n in examples]
         )
-        with autocast():
-            loss, n = completion_loss_sum(model, batch, fused_head_ok)
+        loss, n = loss_sum(model, batch)
         total, count = total + loss.item(), count + n
     model.train(was_training)
     total, count = dist.all_reduce_sum([total, count])
@@ -137,6 +130,11 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     model, tokenizer = load_causal_lm(config, model, tokenizer)
     keep_fewer_activations(model, config)
     precision, autocast = stage_precision(config, model)
+
+    def loss_sum(module, batch):  # in the stage's precision, through the fused head where it may
+        with autocast():
+            return completion_loss_sum(module, batch, config.fused_lm_head)
+
     trained = dist.wrap(model, "ddp")  # under torchrun: gradients all-reduced; else the model
     rows = sft_rows(config, tokenizer, rows)
     train_rows, eval_rows = split_rows(rows, config.eval_fraction, config.seed)
@@ -150,9 +148,7 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     # 5. train
     logger = start_outputs(out, config)
     eval_before = (
-        evaluate_sft_loss(
-            model, tokenizer, eval_rows, config.batch_size, config.max_length, autocast, config.fused_lm_head
-        )
+        evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length, loss_sum)
         if eval_rows
         else None
     )
@@ -163,7 +159,7 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
         part = [examples[i] for i in group]
         return {
             "loss": accumulate_sft_gradients(
-                trained, part, config.batch_size, tokenizer.pad_token_id, step, epoch, autocast, config.fused_lm_head
+                trained, part, config.batch_size, tokenizer.pad_token_id, step, epoch, loss_sum
             )
         }
 
@@ -174,9 +170,7 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     curve = [r["loss"] for r in records]
     # 6. eval loss and the final model
     eval_after = (
-        evaluate_sft_loss(
-            model, tokenizer, eval_rows, config.batch_size, config.max_length, autocast, config.fused_lm_head
-        )
+        evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length, loss_sum)
         if eval_rows
         else None
     )

@@ -92,16 +92,30 @@ def response_logprobs(model, input_ids, attention_mask, position_ids, columns, t
     return _fused(model, *parts, input_ids, attention_mask, position_ids, columns, temperature, with_entropy)
 
 
-def _fused(model, decoder, head, input_ids, attention_mask, position_ids, columns, temperature, with_entropy):
+def _hidden_at(model, decoder, input_ids, attention_mask, position_ids, columns):
+    """The final hidden states at `columns`, `[B, C, H]` (the last layer computes only those)."""
     with last_layer_rows(model, columns):  # nothing else is read
-        hidden = decoder(
+        return decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state[:, columns]
+
+
+def _compute_dtype(hidden, head) -> torch.dtype:
+    """The head product's precision: autocast's where it is on (as the model's own head), else the weight's."""
     device = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
-    labels = input_ids[:, columns + 1]
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+
+
+def _fused(model, decoder, head, input_ids, attention_mask, position_ids, columns, temperature, with_entropy):
+    hidden = _hidden_at(model, decoder, input_ids, attention_mask, position_ids, columns)
     logprobs, entropy = head_logprobs(
-        hidden, head.weight, labels, temperature, with_entropy, bias=head.bias, compute_dtype=compute_dtype
+        hidden,
+        head.weight,
+        input_ids[:, columns + 1],
+        temperature,
+        with_entropy,
+        bias=head.bias,
+        compute_dtype=_compute_dtype(hidden, head),
     )
     return logprobs, entropy, hidden
 
@@ -117,15 +131,14 @@ def token_logprobs(model, input_ids, attention_mask, position_ids, next_tokens):
     decoder, head = parts
     wanted = next_tokens >= 0
     columns = wanted.any(0).nonzero().squeeze(-1)
-    with last_layer_rows(model, columns):
-        hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state[:, columns]
+    hidden = _hidden_at(model, decoder, input_ids, attention_mask, position_ids, columns)
     keep = wanted[:, columns]
-    device = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
     logprobs, _ = head_logprobs(
-        hidden[keep], head.weight, next_tokens[:, columns][keep], bias=head.bias, compute_dtype=compute_dtype
+        hidden[keep],
+        head.weight,
+        next_tokens[:, columns][keep],
+        bias=head.bias,
+        compute_dtype=_compute_dtype(hidden, head),
     )
     return logprobs
 
