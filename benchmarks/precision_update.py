@@ -16,6 +16,7 @@ computed in fp32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import sys
@@ -65,14 +66,23 @@ def first_batch(config: PPOConfig):
     return trainer, captured["batch"]
 
 
-def context(precision: str):
-    return lambda: autocast_context(precision, torch.device("cpu"))
+def precision_context(trainer, precision: str):
+    """A factory of fresh contexts for `precision`, as the trainer makes its own (device, fp32 kernel)."""
+    return lambda: autocast_context(precision, trainer.device, trainer.fp32_kernel)
 
 
-def gradient(policy, batch, config: PPOConfig, precision: str) -> dict[str, torch.Tensor]:
-    policy.zero_grad(set_to_none=True)
+@contextlib.contextmanager
+def trainer_fast_paths(config: PPOConfig):
+    """The fast paths the trainer's scoring and update run under."""
     with pruning(config.prune_last_layer), fusing(config.fused_lm_head):
-        with context(precision)():
+        yield
+
+
+def gradient(trainer, batch, precision: str) -> dict[str, torch.Tensor]:
+    policy, config = trainer.policy, trainer.config
+    policy.zero_grad(set_to_none=True)
+    with trainer_fast_paths(config):
+        with precision_context(trainer, precision)():
             loss = policy_loss(batch.trim_padding(), policy, None, config)[0]
         loss.backward()
     # A parameter that got no gradient counts as a zero one: a path cut in one precision shows as such.
@@ -94,11 +104,14 @@ def norm(grads: dict) -> float:
     return float(torch.sqrt(sum((g**2).sum() for g in grads.values())))
 
 
-def sampled_logprobs(policy, batch, config: PPOConfig, precision: str = "fp32") -> torch.Tensor:
-    with torch.no_grad(), pruning(config.prune_last_layer), fusing(config.fused_lm_head), context(precision)():
-        return policy_logprobs(policy, batch.input_ids, batch.attention_mask, batch.response_width, config.temperature)[
-            0
-        ]
+def sampled_logprobs(trainer, batch, precision: str) -> torch.Tensor:
+    """Log-probs `[B, R]` of the batch's sampled tokens under the policy as it is now."""
+    config = trainer.config
+    with torch.no_grad(), trainer_fast_paths(config), precision_context(trainer, precision)():
+        logprobs, _, _ = policy_logprobs(
+            trainer.policy, batch.input_ids, batch.attention_mask, batch.response_width, config.temperature
+        )
+    return logprobs
 
 
 def main() -> None:
@@ -110,30 +123,31 @@ def main() -> None:
     overrides = ["output_dir=/tmp/ppo-precision-update", "progress_bar=false", f"seed={args.seed}", *args.overrides]
     config = load_config(PPOConfig, args.config, overrides)
     trainer, batch = first_batch(config)
-    policy, adam_eps = trainer.policy, 1e-8
+    policy = trainer.policy
     print(f"sampled and scored in {trainer.precision}; {len(batch)} samples, mean reward {batch.scores.mean():.3f}")
 
     # pi_old as each precision computes it at these weights (the trainer's choice in each: in fp32
     # the sampler's log-probs equal this forward's to 1e-6); a pi_old of the other precision would
     # put its rounding into the ratio and clip tokens that the run itself would not clip.
-    batches = {p: dataclasses.replace(batch, logprobs=sampled_logprobs(policy, batch, config, p)) for p in PRECISIONS}
-    grads = {p: gradient(policy, batches[p], config, p) for p in PRECISIONS}
+    batches = {p: dataclasses.replace(batch, logprobs=sampled_logprobs(trainer, batch, p)) for p in PRECISIONS}
+    grads = {p: gradient(trainer, batches[p], p) for p in PRECISIONS}
     print(
         f"gradient norm fp32 {norm(grads['fp32']):.4f}, bf16 {norm(grads['bf16']):.4f}; "
         f"cosine {cosine(grads['fp32'], grads['bf16']):.5f}"
     )
     per_tensor = sorted((cosine({k: grads["fp32"][k]}, {k: grads["bf16"][k]}), k) for k in grads["fp32"])
     print("least aligned tensors:", ", ".join(f"{name} {c:.4f}" for c, name in per_tensor[:4]))
+    adam_eps = trainer.optimizers["policy"].defaults["eps"]
     steps = {p: {k: g / (g.abs() + adam_eps) for k, g in grads[p].items()} for p in PRECISIONS}
     print(f"first AdamW step direction, cosine fp32/bf16: {cosine(steps['fp32'], steps['bf16']):.5f}")
 
     start = copy.deepcopy(policy.state_dict())
-    before = sampled_logprobs(policy, batch, config)
+    before = batches["fp32"].logprobs  # the start's log-probs, in fp32
     mask = batch.response_mask.bool()
     for precision in PRECISIONS:
         policy.load_state_dict(start)
         optimizers = {"policy": build_adamw(policy, config.learning_rate, config.weight_decay, config.optimizer)}
-        with pruning(config.prune_last_layer), fusing(config.fused_lm_head):
+        with trainer_fast_paths(config):
             stats = ppo_update(
                 batches[precision],
                 policy,
@@ -142,9 +156,9 @@ def main() -> None:
                 trainer.plan_step(config.batch_size),
                 config,
                 torch.Generator().manual_seed(args.seed),
-                context(precision),
+                precision_context(trainer, precision),
             )
-        change = (sampled_logprobs(policy, batch, config) - before)[mask]
+        change = (sampled_logprobs(trainer, batch, "fp32") - before)[mask]
         print(
             f"update in {precision}: sampled tokens' log-prob change {change.mean():+.4f} "
             f"(mean |.| {change.abs().mean():.4f}) nats/token; approx-KL {stats['approx_kl']:.4f}, "
