@@ -54,9 +54,38 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
 
 
 def teardown() -> None:
-    """Leave the process group (end of a recipe); a no-op without one."""
+    """Leave the process group and free it (end of a recipe); a no-op without one.
+
+    Call it at the end of a script that trains under torchrun, after the last collective: the
+    recipes and the CLI do. It is not for the failure path: a rank that raised just exits.
+    """
     if _initialized():
         dist.destroy_process_group()
+        _release_mesh_groups()
+
+
+def _release_mesh_groups() -> None:
+    """Drop the process groups that FSDP2's device meshes still hold after destroy_process_group.
+
+    Why: DTensor's sharding caches keep every DeviceMesh alive, and each mesh keeps its process
+    groups in `_pg_registry` (torch 2.13), so a gloo group outlived destroy_process_group and its
+    worker threads ran into interpreter shutdown, where about one 2-rank CPU run in 20 under load
+    aborted ("terminate called without an active exception", SIGABRT) after finishing its work.
+    Emptying the registries of the destroyed groups lets the group be freed (threads joined) here.
+    Reads a torch internal: where the attribute is missing or not a dict, nothing is done and the
+    group lives until exit, as in stock torch.
+    """
+    import gc
+
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:
+        return
+    for obj in gc.get_objects():
+        registry = getattr(obj, "_pg_registry", None) if isinstance(obj, DeviceMesh) else None
+        if isinstance(registry, dict):
+            registry.clear()  # every group is destroyed by now: the mesh is unusable either way
+    gc.collect()
 
 
 def _initialized() -> bool:

@@ -13,6 +13,7 @@ DDP (no critic), SFT and reward-model training.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -176,7 +177,12 @@ def main(job: str, out: str, source: str | None = None) -> None:
     elif job in ("crash", "hang"):
         failing_reward.mode = job
         ppo(out / job, "ddp", "separate", reward=failing_reward)
+    rank = dist.rank()
     dist.teardown()
+    # What still runs after teardown: a gloo thread here would run into interpreter shutdown.
+    tasks = Path("/proc/self/task")
+    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()] if tasks.is_dir() else None
+    (out / f"threads_after_teardown_rank{rank}.json").write_text(json.dumps(names))
 
 
 if __name__ == "__main__":

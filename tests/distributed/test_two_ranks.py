@@ -126,6 +126,16 @@ def test_two_rank_checkpoints_resume_on_two_ranks_and_on_one(one, two, tmp_path,
         assert_same_metrics(one / run, tmp_path / run, exact=EXACT)
 
 
+def test_teardown_frees_the_process_group_fsdp_used(two):
+    # FSDP2's device meshes outlive the run in DTensor's caches; if they kept the gloo group, its
+    # threads would run into interpreter shutdown, where a finished run could abort (SIGABRT).
+    for rank in (0, 1):
+        threads = json.loads((two / f"threads_after_teardown_rank{rank}.json").read_text())
+        if threads is None:
+            pytest.skip("no /proc/self/task to list the threads")
+        assert not [name for name in threads if "gloo" in name], (rank, threads)
+
+
 @pytest.mark.parametrize("stage", ["sft", "reward"])
 def test_stage_on_two_ranks_equals_one_process(one, two, stage):
     assert max_weight_diff(one / stage, two / stage) < ATOL
