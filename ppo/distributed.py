@@ -68,7 +68,7 @@ def _release_mesh_groups() -> None:
     """Drop the process groups that FSDP2's device meshes still hold after destroy_process_group.
 
     Why: DTensor's sharding caches keep every DeviceMesh alive, and each mesh keeps its process
-    groups in `_pg_registry` (torch 2.13), so a gloo group outlived destroy_process_group and its
+    groups in `_pg_registry` (torch 2.13-2.15), so a gloo group outlived destroy_process_group and its
     worker threads ran into interpreter shutdown, where about one 2-rank CPU run in 20 under load
     aborted ("terminate called without an active exception", SIGABRT) after finishing its work.
     Emptying the registries of the destroyed groups lets the group be freed (threads joined) here.

@@ -30,7 +30,7 @@ from packaging.version import Version
 # inclusive, upper bound exclusive. Widen it only after `tools/test-latest` passes on the new release.
 TESTED_WINDOW = {
     "transformers": ("4.56", "5.26"),
-    "torch": ("2.4", "2.15"),
+    "torch": ("2.4", "2.16"),
 }
 
 # Fast path -> (its module, the libraries whose internals it reads).
