@@ -23,6 +23,7 @@ What `trainer_state` holds besides the weights, and putting it back on resume, i
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import warnings
 from pathlib import Path
@@ -61,10 +62,27 @@ def check_finite_tensors(owner: str, tensors: dict[str, torch.Tensor]) -> None:
             raise FloatingPointError(f"{owner} parameter {name!r} holds NaN/inf; not writing a checkpoint")
 
 
+@contextlib.contextmanager
+def quiet_transformers_bars():
+    """transformers' own progress bars off inside ("Writing model shards" at every save_pretrained,
+    even of one shard): the run reports its saves itself, and `progress_bar: false` must mean no
+    bars in a log file. Their previous state is restored on the way out."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def save_model_dir(directory: Path, model, tokenizer, state_dict: dict | None = None) -> None:
     """`model` as a Hugging Face directory loadable without importing ppo (`state_dict`: its full
     weights when the model itself holds shards)."""
-    model.save_pretrained(directory, state_dict=state_dict)
+    with quiet_transformers_bars():
+        model.save_pretrained(directory, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
@@ -121,7 +139,8 @@ def save_critic(directory: Path, critic_module: torch.nn.Module) -> None:
     as its full state (what resuming needs)."""
     directory.mkdir(parents=True, exist_ok=True)
     if hasattr(critic_module, "save_pretrained") and not hasattr(critic_module, "peft_config"):
-        critic_module.save_pretrained(directory)
+        with quiet_transformers_bars():
+            critic_module.save_pretrained(directory)
     else:
         save_model(critic_module, str(directory / CRITIC_WEIGHTS))
 

@@ -185,3 +185,21 @@ def test_a_metrics_write_error_names_the_file(tmp_path, monkeypatch):
         OSError, match=rf"could not append step 3 to {re.escape(str(tmp_path / 'metrics.jsonl'))}: No space left"
     ):
         logger.log(3, {"kl": 0.1})
+
+
+def test_saves_print_no_transformers_bars_and_leave_their_setting_alone(tiny_policy, tiny_tokenizer, tmp_path, capfd):
+    import transformers
+
+    from ppo.checkpoint import save_critic, save_model_dir
+
+    hf_logging = transformers.utils.logging
+    hf_logging.enable_progress_bar()  # as in a user's process (the suite turns them off)
+    tiny_policy.save_pretrained(tmp_path / "plain")  # transformers' own save draws its bar
+    assert "Writing model shards" in capfd.readouterr().err  # so the check below can fail
+    save_model_dir(tmp_path / "policy", tiny_policy, tiny_tokenizer)
+    save_critic(tmp_path / "critic", tiny_policy)
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # restored as found
+    hf_logging.disable_progress_bar()
+    save_model_dir(tmp_path / "again", tiny_policy, tiny_tokenizer)
+    assert not hf_logging.is_progress_bar_enabled()
