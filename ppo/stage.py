@@ -10,6 +10,7 @@ wait at a barrier) and split each optimizer step's rows over the ranks (`rank_mi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ppo import distributed as dist
+from ppo.checkpoint import quiet_transformers_bars
 from ppo.config import ConfigError, config_help, config_to_dict, load_config, save_config
 from ppo.metrics import main_logger
 
@@ -283,7 +285,9 @@ def run_cli(stage: str, config_cls, train_fn, argv: list[str] | None, summary) -
     args, extra = parser.parse_known_args(argv)  # `--key=value` is accepted as an override too
     try:
         config = load_config(config_cls, args.config, args.overrides + extra)
-        with dist.report_failures(f"ppo-rlhf {stage}"):
+        # progress_bar: false means no bars at all, transformers' "Loading weights" ones included.
+        quiet = contextlib.nullcontext() if getattr(config, "progress_bar", True) else quiet_transformers_bars()
+        with dist.report_failures(f"ppo-rlhf {stage}"), quiet:
             metrics = train_fn(config)
     except ConfigError as err:
         print(f"ppo-rlhf {stage}: config error: {err}", file=sys.stderr)

@@ -164,3 +164,27 @@ def test_python_dash_m_and_console_script_agree(run_dirs):
     ma = json.loads((run_dirs / "a" / "metrics.jsonl").read_text())
     mb = json.loads((run_dirs / "b" / "metrics.jsonl").read_text())
     assert ma["mean_reward"] == mb["mean_reward"]
+
+
+def test_progress_bar_false_means_no_bars_from_transformers_either(run_dirs, capfd):
+    import transformers
+
+    hf_logging = transformers.utils.logging
+    hf_logging.enable_progress_bar()  # as in a user's shell (the suite turns them off)
+    argv = [
+        f"model_name_or_path={run_dirs / 'policy'}",
+        f"reward_model_path={run_dirs / 'rm'}",
+        f"prompts_file={run_dirs / 'prompts.txt'}",
+        "batch_size=2",
+        "max_steps=1",
+        "ppo_epochs=1",
+        "max_new_tokens=3",
+        "save_steps=1",
+        "progress_bar=false",
+        f"output_dir={run_dirs / 'out'}",
+    ]
+    assert train_main(argv) == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err and "it/s" not in err, err[-2000:]
+    assert hf_logging.is_progress_bar_enabled()  # the user's setting, restored after the run
+    hf_logging.disable_progress_bar()
