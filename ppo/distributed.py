@@ -82,7 +82,9 @@ def _release_mesh_groups() -> None:
     except ImportError:
         return
     for obj in gc.get_objects():
-        registry = getattr(obj, "_pg_registry", None) if isinstance(obj, DeviceMesh) else None
+        # The class's MRO, not isinstance: an isinstance hook would run on every object in the heap
+        # (torch's opaque-type check touched deprecated module attributes, which then warned).
+        registry = getattr(obj, "_pg_registry", None) if DeviceMesh in type(obj).__mro__ else None
         if isinstance(registry, dict):
             registry.clear()  # every group is destroyed by now: the mesh is unusable either way
     gc.collect()
