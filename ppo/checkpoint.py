@@ -23,7 +23,6 @@ What `trainer_state` holds besides the weights, and putting it back on resume, i
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import warnings
 from pathlib import Path
@@ -34,6 +33,7 @@ from safetensors.torch import load_model, save_model
 
 from ppo import distributed as dist
 from ppo import durable
+from ppo.models import quiet_transformers_bars
 from ppo.state_file import LEGACY_STATE, STATE_JSON, read_state, write_state
 
 STATE_FILE = STATE_JSON
@@ -60,22 +60,6 @@ def check_finite_tensors(owner: str, tensors: dict[str, torch.Tensor]) -> None:
         param = param.to_local() if hasattr(param, "to_local") else param  # this rank's shard
         if param.is_floating_point() and not torch.isfinite(param).all():
             raise FloatingPointError(f"{owner} parameter {name!r} holds NaN/inf; not writing a checkpoint")
-
-
-@contextlib.contextmanager
-def quiet_transformers_bars():
-    """transformers' own progress bars off inside ("Writing model shards" at every save_pretrained,
-    even of one shard): the run reports its saves itself, and `progress_bar: false` must mean no
-    bars in a log file. Their previous state is restored on the way out."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
 
 
 def save_model_dir(directory: Path, model, tokenizer, state_dict: dict | None = None) -> None:

@@ -69,7 +69,7 @@ def _release_mesh_groups() -> None:
 
     Why: DTensor's sharding caches keep every DeviceMesh alive, and each mesh keeps its process
     groups in `_pg_registry` (torch 2.13-2.15), so a gloo group outlived destroy_process_group and its
-    worker threads ran into interpreter shutdown, where about one 2-rank CPU run in 20 under load
+    worker threads ran into interpreter shutdown, where about one 2-rank CPU run in 15 under load
     aborted ("terminate called without an active exception", SIGABRT) after finishing its work.
     Emptying the registries of the destroyed groups lets the group be freed (threads joined) here.
     Reads a torch internal: where the attribute is missing or not a dict, nothing is done and the

@@ -24,6 +24,7 @@ load, without a tokenizer, or read without the `gguf` package installed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
@@ -31,6 +32,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+
+@contextlib.contextmanager
+def quiet_transformers_bars():
+    """transformers' own progress bars off inside ("Loading weights" at every load, "Writing model
+    shards" at every save_pretrained, even of one shard): the run reports its loads and saves itself,
+    and `progress_bar: false` must mean no bars in a log file. Their previous state is restored on
+    the way out."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 class ModelLoadError(ValueError):

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from ppo import distributed as dist
-from ppo.checkpoint import quiet_transformers_bars
 from ppo.config import ConfigError, config_help, config_to_dict, load_config, save_config
 from ppo.metrics import main_logger
+from ppo.models import quiet_transformers_bars
 
 
 class OutputDirError(FileExistsError):
