@@ -202,12 +202,14 @@ class PPOConfig:
         "activations there, instead of also keeping them: the same values to float rounding, 13% less activation "
         "memory on SmolLM2. Qwen3/Qwen2/Llama; not under torchrun.",
     )
-    fp32_attention: bool = opt(
-        True,
+    fp32_attention: bool | str = opt(
+        "auto",
         "Under bf16 autocast on a CPU, attention (not the matmuls around it) runs torch's fp32 kernel on the bf16 "
-        "query, keys and values, and the sampling KV cache is held in fp32: torch's bf16 attention kernels are the "
-        "slower ones on a CPU (a decode step ~5x). At least as exact as the bf16 kernel; off on GPUs and in fp32, "
-        "where it changes nothing. Models on transformers' sdpa attention.",
+        "query, keys and values, and the sampling KV cache is held in fp32: on CPUs without AMX torch's bf16 "
+        "attention kernels are the slower ones (a decode step ~5x). auto: both kernels timed once at the policy's "
+        "head shapes (~0.1 s), the bf16 one kept where it is >= 25% faster, separately for sampling and for the "
+        "forwards; true: fp32 always; false: the bf16 kernels. At least as exact as the bf16 kernel; off on GPUs "
+        "and in fp32, where it changes nothing. Models on transformers' sdpa attention.",
     )
     lean_decode: bool = opt(
         True,

@@ -206,6 +206,10 @@ def check_ppo_relations(cfg) -> None:
             f"PPOConfig.warmup_steps must be <= lr_schedule_steps ({cfg.lr_schedule_steps}), got {cfg.warmup_steps}",
             key="warmup_steps",
         )
+    if not (isinstance(cfg.fp32_attention, bool) or cfg.fp32_attention == "auto"):
+        raise ConfigError(
+            f"PPOConfig.fp32_attention must be true, false or auto; got {cfg.fp32_attention!r}", key="fp32_attention"
+        )
     if not (isinstance(cfg.fused_lm_head, bool) or cfg.fused_lm_head == "auto"):
         raise ConfigError(
             f"PPOConfig.fused_lm_head must be true, false or auto; got {cfg.fused_lm_head!r}", key="fused_lm_head"

@@ -9,6 +9,7 @@ import warnings
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from ppo import distributed as dist
 from ppo.critic import SeparateCritic, SharedCritic
 from ppo.fastpath import fp32_attention, fused_mlp, fused_norm
 from ppo.fastpath.bf16_weights import hold_in_bf16
@@ -88,12 +89,18 @@ def frozen_bf16_allowed(precision: str, strategy: str, world_size: int) -> bool:
     return precision == "bf16" and not (strategy == "fsdp" and world_size > 1)
 
 
-def attend_in_fp32(models, precision: str, device: torch.device) -> int:
+def attend_in_fp32(models, precision: str, device: torch.device, mode=True) -> int:
     """Under bf16 autocast on a CPU, the `models`' attention in fp32 (`ppo.fastpath.fp32_attention`:
-    torch's fp32 kernels are the faster ones there); returns how many models switched."""
+    torch's fp32 kernels are the faster ones there without AMX); `mode="auto"` times both kernels
+    at each model's head shapes first and keeps the bf16 one where it is clearly faster. Returns how
+    many models switched."""
     if precision != "bf16" or device.type != "cpu":
         return 0
-    return sum(fp32_attention.install(model) for model in models if model is not None)
+
+    def rank_zeros_choice(name):  # under torchrun every rank attends as rank 0's timing says
+        return dist.all_gather_objects(name)[0]
+
+    return sum(fp32_attention.install(model, mode, rank_zeros_choice) for model in models if model is not None)
 
 
 def keep_fewer_activations(model, config) -> None:

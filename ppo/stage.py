@@ -192,13 +192,14 @@ def stage_precision(config, model):
     contexts for one forward pass in it). Under bf16 the forwards run in autocast, as PPO's do
     (`ppo.precision`): the model's matmuls in bf16, its weights and AdamW states fp32, losses,
     scores and accuracies computed in fp32 (`ppo.forward`); on a CPU attention runs torch's fp32
-    kernel (`ppo.fastpath.fp32_attention`), the faster one there. Backward runs outside it."""
+    kernel (`ppo.fastpath.fp32_attention`) unless its bf16 one is clearly faster on this machine
+    (timed once: with AMX it may be). Backward runs outside it."""
     from ppo.precision import autocast_context, resolve_precision
     from ppo.roles import attend_in_fp32
 
     device = next(model.parameters()).device
     precision = resolve_precision(config.precision, device)
-    attend_in_fp32([dist.unwrap(model)], precision, device)
+    attend_in_fp32([dist.unwrap(model)], precision, device, "auto")
     return precision, lambda: autocast_context(precision, device)
 
 

@@ -153,7 +153,7 @@ class PPOTrainer:
             hold_frozen_in_bf16((self.ref_model, reward_model), self.precision, config.strategy, dist.world_size())
         every_model = (self.policy, self.ref_model, self.critic.module if self.critic else None, reward_model)
         if config.fp32_attention:  # a shared backbone (critic, reward model) switches with its owner
-            attend_in_fp32(every_model, self.precision, self.device)
+            attend_in_fp32(every_model, self.precision, self.device, config.fp32_attention)
         if config.compile_layers:
             for module in every_model:
                 if module is not None:

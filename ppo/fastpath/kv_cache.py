@@ -66,7 +66,7 @@ def preallocated_cache(config, capacity: int) -> DynamicCache | None:
     cache = DynamicCache(config=config)
     if not cache.layers or not all(type(layer) is DynamicLayer for layer in cache.layers):
         return None
-    upcast = fp32_attention.uses_fp32_attention(config)
+    upcast = fp32_attention.decodes_in_fp32(config)
     cache.layers = [PreallocatedLayer(capacity, upcast) for _ in cache.layers]
     return cache
 

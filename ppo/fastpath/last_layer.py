@@ -64,8 +64,9 @@ def architecture_reason(config) -> str | None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model type {model_type!r} (it knows {', '.join(SUPPORTED_MODEL_TYPES)})"
-    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager", fp32_attention.NAME):
-        return f"attention implementation {config._attn_implementation!r} (it knows sdpa, eager, {fp32_attention.NAME})"
+    known = ("sdpa", "eager", *fp32_attention.NAMES)
+    if getattr(config, "_attn_implementation", "sdpa") not in known:
+        return f"attention implementation {config._attn_implementation!r} (it knows {', '.join(known)})"
     if getattr(config, "use_sliding_window", False) or any(
         t != "full_attention" for t in getattr(config, "layer_types", None) or ()
     ):

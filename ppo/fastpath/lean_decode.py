@@ -143,7 +143,7 @@ class LeanDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
-        self.attention = fp32_attention.sdpa_for(model)
+        self.attention = fp32_attention.decode_sdpa_for(model)
 
     def step(
         self, tokens: Tensor, positions: Tensor, keys: list[Tensor], values: list[Tensor], length: int, attend: Tensor

@@ -21,6 +21,7 @@ from transformers.generation.logits_process import (
 )
 
 from ppo.batch import PromptBatch, Rollout
+from ppo.fastpath import fp32_attention
 from ppo.fastpath.bf16_weights import bf16_while
 from ppo.fastpath.compat import cache_kwargs
 from ppo.fastpath.kv_cache import PreallocatedLayer, rollout_cache
@@ -109,7 +110,7 @@ class HFRolloutEngine:
         try:
             frozen_in_bf16 = bf16_while(model) if self.bf16_frozen_weights else contextlib.nullcontext()
             # Under autocast each trained weight is cast once per rollout, not per token.
-            with self.autocast(), grad_free(), frozen_in_bf16:
+            with self.autocast(), grad_free(), frozen_in_bf16, fp32_attention.sampling():
                 seeds = prompts.seeds
                 if seeds is None:
                     seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()

@@ -5,6 +5,7 @@
     python tests/distributed/_worker.py resume OUT SRC     # continue SRC's step_2 checkpoints in OUT
     torchrun --nproc_per_node=2 tests/distributed/_worker.py crash OUT  # rank 1 raises in step 2
     torchrun --nproc_per_node=2 tests/distributed/_worker.py hang OUT   # rank 1 stops answering
+    torchrun --nproc_per_node=2 tests/distributed/_worker.py attention OUT  # fp32_attention: auto's choice
 
 `all` runs, one after the other in the same processes: PPO with DDP and a shared value head, PPO
 with FSDP2, a separate critic and gradient checkpointing (both checkpointing at step 2), GRPO with
@@ -159,6 +160,19 @@ def reward(out: Path) -> None:
     train_reward_model(config, build_reward_model(tok, TinyModelSpec(), seed=2), tok, rows)
 
 
+def attention_choice(out: Path) -> None:
+    """`fp32_attention: auto` where the ranks' timings disagree: rank 0 finds torch's bf16 kernel
+    faster for the forwards (not for decoding), rank 1 finds fp32 faster for both."""
+    from ppo.fastpath import fp32_attention
+    from ppo.roles import attend_in_fp32
+
+    ratios = (0.5, 3.0) if dist.rank() == 0 else (1.7, 3.0)
+    fp32_attention.kernel_speedups = lambda *shape: ratios
+    policy = build_policy(build_tokenizer(WORDS), TinyModelSpec(), seed=0)
+    attend_in_fp32([policy], "bf16", torch.device("cpu"), "auto")
+    (out / f"attention_rank{dist.rank()}.json").write_text(json.dumps(policy.config._attn_implementation))
+
+
 def main(job: str, out: str, source: str | None = None) -> None:
     out = Path(out)
     dist.init_from_env(TIMEOUT_S)  # before world_size() is read (the trainer would do it later)
@@ -177,6 +191,8 @@ def main(job: str, out: str, source: str | None = None) -> None:
     elif job in ("crash", "hang"):
         failing_reward.mode = job
         ppo(out / job, "ddp", "separate", reward=failing_reward)
+    elif job == "attention":
+        attention_choice(out)
     rank = dist.rank()
     dist.teardown()
     # What still runs after teardown: a gloo thread here would run into interpreter shutdown.

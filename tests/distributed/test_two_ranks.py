@@ -161,3 +161,11 @@ def test_a_failing_rank_ends_the_run(tmp_path, failure):
     else:  # rank 0 gives up after the timeout, saying so; torchrun then stops rank 1
         assert "rank 0 of 2: ppo training failed: lost the other ranks" in output
         assert f"dist_timeout_s={timeout_s}s" in output and "Timed out" in output
+
+
+def test_every_rank_attends_as_rank_zeros_timing_says(tmp_path):
+    """`fp32_attention: auto` times the kernels on each rank's CPU; where the timings disagree, all
+    ranks take rank 0's choice (here: the forwards on the bf16 kernel, sampling in fp32)."""
+    launch("attention", tmp_path)
+    chosen = [json.loads((tmp_path / f"attention_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert chosen == ["ppo_fp32_decode_sdpa", "ppo_fp32_decode_sdpa"]

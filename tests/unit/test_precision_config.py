@@ -1,4 +1,4 @@
-"""`rollout_logprobs` (true / false / auto) and `tis_cap`: loading and the errors for bad values."""
+"""`rollout_logprobs`, `fp32_attention` (true / false / auto) and `tis_cap`: loading, and the errors for bad values."""
 
 from __future__ import annotations
 
@@ -32,3 +32,10 @@ def test_tis_cap_loads_and_is_checked():
     with pytest.raises(ConfigError, match="rollout_logprobs=true"):
         PPOConfig(tis_cap=2.0, rollout_logprobs=True)
     assert PPOConfig(tis_cap=2.0, rollout_logprobs=False).tis_cap == 2.0
+
+
+@pytest.mark.parametrize("raw, value", [("auto", "auto"), ("true", True), ("false", False)])
+def test_fp32_attention_loads_from_an_override_and_refuses_other_values(raw, value):
+    assert load_config(PPOConfig, overrides=[f"fp32_attention={raw}"]).fp32_attention == value
+    with pytest.raises(ConfigError, match="fp32_attention must be true, false or auto; got 'fast'"):
+        load_config(PPOConfig, overrides=["fp32_attention=fast"])
