@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--bf16-attention",
         action="store_true",
-        help="PPOConfig.fp32_attention=false: under bf16, attention on torch's bf16 CPU kernels (the old way)",
+        help="PPOConfig.fp32_attention=false: under bf16, attention on torch's bf16 CPU kernels (default: auto)",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -125,7 +125,7 @@ def build_trainer(
     gradient_checkpointing: bool = False,
     model_dir: str | None = None,
     compile_layers: bool = False,
-    fp32_attention: bool = True,
+    fp32_attention: bool | str = "auto",
 ):
     """The trainer on workload `w` (a real-model workload: from `model_dir`), sampling exactly R
     tokens per response (no stop token)."""
@@ -238,7 +238,7 @@ def main(argv=None) -> None:
             args.gradient_checkpointing,
             model_dir,
             args.compile_layers,
-            not args.bf16_attention,
+            False if args.bf16_attention else "auto",
         )
         n_measured = args.warmup + args.iters
         batches = prompt_batches(w, tokenizer, n_measured + bool(args.profile) + args.split_matmul, args, output_dir)
@@ -282,7 +282,8 @@ def main(argv=None) -> None:
         # Read back from the model, so the record says what ran, not what was asked.
         "gradient_checkpointing": is_activation_checkpointing(trainer.policy),
         "compile_layers": args.compile_layers,
-        "fp32_attention": not args.bf16_attention,
+        # What `auto` chose on this machine: the policy's attention implementation (sdpa: bf16 kernels).
+        "attention": trainer.policy.config._attn_implementation,
         "threads": torch.get_num_threads(),
         "seed": args.seed,
         "warmup_iters": args.warmup,

@@ -145,9 +145,17 @@ def decodes_in_fp32(model) -> bool:
 
 
 def _head_shape(config) -> tuple[int, int, int]:
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, getattr(config, "num_key_value_heads", None) or heads, head_dim
+    """(query heads, key/value heads, head dim) of a model's attention; a config that does not say
+    gets a typical small model's (8, 8, 64): the kernels' ratio is mostly the CPU's."""
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(heads, int) or heads <= 0:
+        return 8, 8, 64
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if isinstance(hidden, int) else 0)
+    if not isinstance(kv_heads, int) or heads % kv_heads or not isinstance(head_dim, int) or head_dim <= 0:
+        return 8, 8, 64
+    return heads, kv_heads, head_dim
 
 
 @functools.cache

@@ -245,3 +245,12 @@ def test_the_trainer_follows_what_auto_finds(tiny_policy, tiny_tokenizer, tiny_r
     assert {m.config._attn_implementation for m in models} == {"sdpa"}
     _, models = models_of(0.5, 0.5, fp32_attention=True)  # true: fp32 whatever the timing says
     assert {m.config._attn_implementation for m in models} == {fp32_attention.NAME}
+
+
+def test_a_config_that_does_not_give_its_head_shapes_is_timed_at_typical_ones(tiny_policy, probe):
+    asked = probe(0.5, 0.5)
+    model = copy.deepcopy(tiny_policy)
+    del model.config.head_dim
+    model.config.num_key_value_heads = 3  # does not divide the query heads: not a shape to time
+    assert fp32_attention.choose(model, "auto") is None
+    assert asked == [(8, 8, 64)]
