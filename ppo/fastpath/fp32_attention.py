@@ -102,7 +102,9 @@ def _decode_attention_forward(module, query, key, value, attention_mask, **kwarg
     """`DECODE_NAME`'s: transformers' SDPA function as it is, in fp32 while sampling (`sampling`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if _SAMPLING.get():
+    # Compiled layers (`compile_layers`) never sample (their calls are cache-free), and the compiler
+    # cannot trace a ContextVar: it is read outside compiled code only.
+    if not torch.compiler.is_compiling() and _SAMPLING.get():
         return _attention_forward(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 

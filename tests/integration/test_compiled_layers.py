@@ -140,3 +140,24 @@ def test_a_compiler_failure_warns_and_runs_the_layers_uncompiled(tiny_policy, mo
 def test_compile_layers_refuses_what_it_cannot_trace(other):
     with pytest.raises(ConfigError, match="compile_layers=true cannot run with"):
         PPOConfig(compile_layers=True, **other)
+
+
+def test_layers_attending_in_fp32_only_while_sampling_compile_without_a_break(tiny_policy):
+    """`fp32_attention`'s DECODE_NAME reads whether a rollout is running; compiled layers never
+    run one, and the compiler must not stop at that read (a graph break per layer and call)."""
+    from torch._dynamo.utils import counters
+
+    from ppo.fastpath import fp32_attention
+
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [3, 4, 5, 6, 7, 9]])
+    mask = (ids != 0).long()
+    tiny_policy.set_attn_implementation(fp32_attention.DECODE_NAME)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_logits, _ = forward_and_grads(tiny_policy, ids, mask)
+    counters.clear()
+    compile_decoder_layers(tiny_policy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = forward_and_grads(tiny_policy, ids, mask)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(logits.float(), eager_logits.float(), rtol=0.05, atol=0.05)
+    uncompile_decoder_layers(tiny_policy)
