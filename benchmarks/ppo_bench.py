@@ -104,14 +104,28 @@ def parse_args(argv=None):
 
 
 def system_label(
-    micro_batches: int, gradient_checkpointing: bool, compile_layers: bool = False, bf16_attention: bool = False
+    micro_batches: int, gradient_checkpointing: bool, compile_layers: bool = False, attention: str = ""
 ) -> str:
-    """The row's name: "ppo-rlhf", plus each memory or speed switch that is on (or off by request)."""
+    """The row's name: "ppo-rlhf", plus each memory or speed switch that is on (or off by request),
+    and `attention`: which bf16 attention kernels ran where they are not the fp32 ones."""
     switches = [f"{micro_batches} micro-batches"] if micro_batches != 1 else []
     switches += ["gradient checkpointing"] if gradient_checkpointing else []
     switches += ["compiled layers"] if compile_layers else []
-    switches += ["bf16 attention"] if bf16_attention else []
+    switches += [attention] if attention else []
     return ", ".join(["ppo-rlhf", *switches])
+
+
+def attention_switch(precision: str, implementation: str | None, asked_bf16: bool) -> str:
+    """What the row's name says about attention under bf16: nothing where it ran in fp32 (the
+    default's choice on CPUs without AMX), else whether `auto` or the command line chose bf16."""
+    from ppo.fastpath import fp32_attention
+
+    if precision != "bf16" or implementation == fp32_attention.NAME:
+        return ""
+    how = "" if asked_bf16 else " (auto)"
+    if implementation == fp32_attention.DECODE_NAME:
+        return f"bf16 attention outside sampling{how}"
+    return f"bf16 attention{how}"
 
 
 def build_trainer(
@@ -271,7 +285,10 @@ def main(argv=None) -> None:
         # Micro-batching and checkpointing are their own rows: the same maths and optimizer steps,
         # another memory (and time) figure.
         "system": system_label(
-            args.micro_batches, args.gradient_checkpointing, args.compile_layers, args.bf16_attention
+            args.micro_batches,
+            args.gradient_checkpointing,
+            args.compile_layers,
+            attention_switch(args.precision, trainer.policy.config._attn_implementation, args.bf16_attention),
         ),
         "workload": w.name,
         "workload_params": w.as_dict(),

@@ -151,3 +151,19 @@ def test_benchmark_memory_switches_get_their_own_row(tmp_path):
     (run,) = json.loads(out.read_text())["runs"]
     assert run["micro_batches"] == 2
     assert run["gradient_checkpointing"] is True
+
+
+def test_a_row_names_the_bf16_attention_kernels_that_ran():
+    """`fp32_attention: auto` may keep torch's bf16 kernels (on a CPU with AMX): the row says so,
+    and says nothing where attention ran in fp32."""
+    from ppo_bench import attention_switch, system_label
+
+    from ppo.fastpath import fp32_attention
+
+    assert attention_switch("fp32", "sdpa", asked_bf16=False) == ""
+    assert attention_switch("bf16", fp32_attention.NAME, asked_bf16=False) == ""
+    assert attention_switch("bf16", "sdpa", asked_bf16=False) == "bf16 attention (auto)"
+    assert attention_switch("bf16", "sdpa", asked_bf16=True) == "bf16 attention"
+    assert attention_switch("bf16", fp32_attention.DECODE_NAME, False) == "bf16 attention outside sampling (auto)"
+    label = system_label(2, False, attention="bf16 attention (auto)")
+    assert label == "ppo-rlhf, 2 micro-batches, bf16 attention (auto)"
