@@ -268,8 +268,8 @@ class PPOConfig:
     overwrite: bool = opt(
         False,
         "Start again in an output_dir that holds another run or a finished one (otherwise refused): its outputs "
-        "(config.yaml, metrics.jsonl, step_N/, latest, final/) are removed once the new run has loaded; other "
-        "files there stay.",
+        "(config.yaml, metrics.jsonl, run.json, step_N/, latest, final/) are removed once the new run has loaded; "
+        "other files there stay.",
     )
     report_to: list = opt([], "Extra metric backends: tensorboard, wandb (metrics.jsonl is always written).")
     skip_bad_rows: bool = opt(False, "Log and skip malformed dataset rows instead of stopping.")

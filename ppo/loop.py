@@ -23,6 +23,7 @@ from ppo import distributed as dist
 from ppo import resume
 from ppo.interrupt import StopOnSignal, TrainingInterrupted
 from ppo.metrics import main_logger
+from ppo.run_record import complete_start, record_start
 
 
 def prompt_rows(prompts, prompt_column: str = "prompt") -> list[dict[str, Any]]:
@@ -124,6 +125,7 @@ def train_loop(
         trainer, "on_train_start", ()
     ):  # e.g. the CLI's config.yaml: written once a resume has succeeded
         hook()
+    record_start(trainer, out)  # run.json: what this start ran on, and what `auto` resolved to
     planned = num_epochs * len(bounds) if max_steps is None else min(num_epochs * len(bounds), max_steps)
     trainer.planned_steps = planned  # what an lr schedule spans, unless configured
     logger = main_logger(out, getattr(cfg, "report_to", None))
@@ -146,6 +148,8 @@ def train_loop(
                     chunk = [rows[i] for i in batch[mine]]
                     extras = {k: [r[k] for r in chunk] for k in chunk[0] if k != cfg.prompt_column}
                     stats = trainer.step([r[cfg.prompt_column] for r in chunk], extras, row_offset=mine.start)
+                    if not history:  # this start's first step: every fast path has now been decided
+                        complete_start(out)
                     stats["epoch"] = epoch + (b + 1) / len(bounds)
                     if on_step is not None:
                         stats.update(on_step(stats, [rows[i] for i in batch]) or {})

@@ -30,7 +30,7 @@ class OutputDirError(FileExistsError):
 # What a stage writes in output_dir (names or glob patterns). `overwrite` removes these and nothing
 # else: a user's own files there (a prompts file, notes) are never touched.
 OUTPUTS = ("config.yaml", "metrics.jsonl", "final", ".tmp-*", ".trash-*")  # sft, reward (final/ is published by rename)
-PPO_OUTPUTS = OUTPUTS + ("final-merged", "step_*", "latest", "latest.tmp", "tensorboard")
+PPO_OUTPUTS = OUTPUTS + ("final-merged", "step_*", "latest", "latest.tmp", "tensorboard", "run.json")
 EVAL_OUTPUTS = ("config.yaml", "eval.json")
 # Config keys that name a run's inputs (files or directories it reads).
 INPUT_KEYS = (

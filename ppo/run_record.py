@@ -1,0 +1,124 @@
+"""output_dir/run.json: what a PPO run ran on, and what its `auto` settings resolved to there.
+
+`precision: auto`, `fp32_matmul: auto` and `fp32_attention: auto` each decide on the machine at
+hand (the CPU's bf16 support, a timing of two kernels), and the fast paths turn themselves off for
+releases or architectures they do not know. Two runs of the same config can therefore compute in
+different precisions or kernels on two machines. The config file cannot say which; this record
+does: one entry per start of the run (a resumed run adds its own, which may be another machine),
+with the library versions, the device and CPU, the thread and rank counts, each `auto` setting as
+asked and as resolved, the models' attention implementations and the fast-path gate's verdicts.
+Written by rank 0 only, before the first step of each start, and completed after it (some fast
+paths are decided at their first use).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppo import distributed as dist
+from ppo.fastpath.gate import verdicts
+from ppo.host_cpu import cpu_flags
+
+RUN_RECORD = "run.json"
+PACKAGES = ("ppo-rlhf", "torch", "transformers", "tokenizers", "accelerate", "peft", "datasets")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _attention(model) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) if config is not None else None
+
+
+def what_ran(trainer) -> dict[str, Any]:
+    """This start's record (see the module's docstring)."""
+    config = trainer.config
+    device = trainer.device
+    flags = cpu_flags()
+    models = {
+        "policy": trainer.policy,
+        "reference": trainer.ref_model,
+        "critic": trainer.critic.module if trainer.critic is not None else None,
+        "reward_model": trainer.rewards.reward_model,
+    }
+    return {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "step": trainer.global_step,
+        "versions": {"python": platform.python_version(), **_versions()},
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu": {"model": _cpu_model(), "bf16": [f for f in BF16_FLAGS if f in flags], "avx2": "avx2" in flags},
+        "threads": torch.get_num_threads(),
+        "world_size": dist.world_size(),
+        "precision": {"asked": config.precision, "ran": trainer.precision},
+        "fp32_matmul": {"asked": config.fp32_matmul, "ran": trainer.fp32_kernel},
+        "fp32_attention": {"asked": config.fp32_attention},
+        # transformers' attention implementation of each model: sdpa (torch's kernel for the autocast
+        # dtype), ppo_fp32_sdpa (fp32 kernel), ppo_fp32_decode_sdpa (fp32 while sampling only).
+        "attention": {name: _attention(model) for name, model in models.items() if model is not None},
+        "fast_paths": verdicts(),
+    }
+
+
+def record_start(trainer, output_dir: str | Path) -> None:
+    """Append this start's record to `output_dir`/run.json (rank 0; a fresh run starts a new file).
+    The file is rewritten whole, so that an interrupted write cannot leave half a JSON document."""
+    if not dist.is_main():
+        return
+    path = Path(output_dir) / RUN_RECORD
+    starts = []
+    if trainer.global_step > 0 and path.is_file():  # a resumed run keeps the earlier starts
+        try:
+            starts = json.loads(path.read_text(encoding="utf-8"))["starts"]
+        except (ValueError, KeyError, TypeError):
+            starts = []  # unreadable: this start's record is still worth keeping
+    starts.append(what_ran(trainer))
+    _write(path, starts)
+
+
+def complete_start(output_dir: str | Path) -> None:
+    """After this start's first step: the fast-path verdicts again, now that every fast path has
+    been asked for (some are decided at their first use, inside a step)."""
+    if not dist.is_main():
+        return
+    path = Path(output_dir) / RUN_RECORD
+    try:
+        starts = json.loads(path.read_text(encoding="utf-8"))["starts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # record_start could not write it: nothing to complete
+    starts[-1]["fast_paths"] = verdicts()
+    _write(path, starts)
+
+
+def _write(path: Path, starts: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{RUN_RECORD}.tmp")
+    tmp.write_text(json.dumps({"starts": starts}, indent=1), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,83 @@
+"""output_dir/run.json: one record per start of a run, saying what it ran on and what its `auto`
+settings resolved to; a resumed run adds its own record, a new run starts the file afresh."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from ppo import PPOConfig, PPOTrainer
+from ppo.fastpath import gate
+from ppo.rewards.funcs import RewardFunctionError
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_gate", "quiet_bf16_emulation")
+
+PROMPTS = ["w1 w2", "w3", "w4 w5 w6", "w7"]
+
+
+def trainer_for(policy, tokenizer, reward_model, out, reward_funcs=None, **overrides):
+    config = PPOConfig(
+        batch_size=2, max_new_tokens=3, output_dir=str(out), progress_bar=False, save_steps=1, **overrides
+    )
+    return PPOTrainer(
+        config, copy.deepcopy(policy), tokenizer, reward_model=copy.deepcopy(reward_model), reward_funcs=reward_funcs
+    )
+
+
+def starts(out):
+    return json.loads((out / "run.json").read_text())["starts"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_run_records_what_it_ran_on(tiny_policy, tiny_tokenizer, tiny_reward_model, tmp_path, precision):
+    trainer = trainer_for(tiny_policy, tiny_tokenizer, tiny_reward_model, tmp_path, precision=precision)
+    trainer.train(PROMPTS, num_epochs=1)
+    [record] = starts(tmp_path)
+    assert record["step"] == 0 and record["world_size"] == 1
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["device"] == "cpu" and record["threads"] == torch.get_num_threads()
+    assert record["precision"] == {"asked": precision, "ran": trainer.precision}
+    assert record["fp32_matmul"] == {"asked": "auto", "ran": trainer.fp32_kernel}
+    assert record["fp32_attention"] == {"asked": "auto"}
+    implementations = {
+        "policy": trainer.policy.config._attn_implementation,
+        "reference": trainer.ref_model.config._attn_implementation,
+        "critic": trainer.critic.module.config._attn_implementation,
+        "reward_model": trainer.rewards.reward_model.config._attn_implementation,
+    }
+    assert record["attention"] == implementations
+    if precision == "fp32":  # no autocast: attention stays transformers' own
+        assert set(implementations.values()) == {"sdpa"}
+    # completed after the first step: the fast paths decided inside a step are in it too
+    assert record["fast_paths"] == gate.verdicts()
+    assert any(key.startswith("kv_cache") for key in record["fast_paths"])
+
+
+def test_a_resumed_run_adds_its_start_and_a_new_run_starts_afresh(
+    tiny_policy, tiny_tokenizer, tiny_reward_model, tmp_path
+):
+    calls = {"n": 0}
+
+    def fails_in_step_two(completions, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("reward server down")
+        return [0.0] * len(completions)
+
+    crashing = trainer_for(tiny_policy, tiny_tokenizer, tiny_reward_model, tmp_path, [fails_in_step_two])
+    with pytest.raises(RewardFunctionError, match="reward server down"):
+        crashing.train(PROMPTS, num_epochs=1)
+    assert [s["step"] for s in starts(tmp_path)] == [0]  # written before the step that failed
+
+    resumed = trainer_for(
+        tiny_policy, tiny_tokenizer, tiny_reward_model, tmp_path, [fails_in_step_two], resume_from_checkpoint="latest"
+    )
+    resumed.train(PROMPTS, num_epochs=1)
+    assert [s["step"] for s in starts(tmp_path)] == [0, 1]
+
+    fresh = trainer_for(tiny_policy, tiny_tokenizer, tiny_reward_model, tmp_path, [fails_in_step_two], overwrite=True)
+    fresh.train(PROMPTS[:2], num_epochs=1)
+    assert [s["step"] for s in starts(tmp_path)] == [0]
