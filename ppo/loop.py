@@ -23,7 +23,7 @@ from ppo import distributed as dist
 from ppo import resume
 from ppo.interrupt import StopOnSignal, TrainingInterrupted
 from ppo.metrics import main_logger
-from ppo.run_record import complete_start, record_start
+from ppo.run_record import complete_start, ppo_run, record_start
 
 
 def prompt_rows(prompts, prompt_column: str = "prompt") -> list[dict[str, Any]]:
@@ -125,7 +125,7 @@ def train_loop(
         trainer, "on_train_start", ()
     ):  # e.g. the CLI's config.yaml: written once a resume has succeeded
         hook()
-    record_start(trainer, out)  # run.json: what this start ran on, and what `auto` resolved to
+    record_start(out, ppo_run(trainer))  # run.json: what this start ran on, and what `auto` resolved to
     planned = num_epochs * len(bounds) if max_steps is None else min(num_epochs * len(bounds), max_steps)
     trainer.planned_steps = planned  # what an lr schedule spans, unless configured
     logger = main_logger(out, getattr(cfg, "report_to", None))

@@ -124,7 +124,7 @@ def train_reward_model(config: RewardConfig, model=None, tokenizer=None, rows=No
     total_steps = config.num_epochs * math.ceil(len(pairs) / per_step)
     optimizer, scheduler = build_optimizer(model, config, total_steps)
     # 5. accuracy before, then train
-    logger = start_outputs(out, config)
+    logger = start_outputs(out, config, model, precision)
     before = held_out(model, tokenizer, eval_rows, config, autocast)
     if config.group_by_prompt:
         steps = prompt_grouped_steps([r["prompt"] for r in train_rows], per_step, config.num_epochs, config.seed)

@@ -1,4 +1,5 @@
-"""output_dir/run.json: what a PPO run ran on, and what its `auto` settings resolved to there.
+"""output_dir/run.json: what a run (PPO, SFT, reward model) ran on, and what its `auto` settings
+resolved to there.
 
 `precision: auto`, `fp32_matmul: auto` and `fp32_attention: auto` each decide on the machine at
 hand (the CPU's bf16 support, a timing of two kernels), and the fast paths turn themselves off for
@@ -7,8 +8,8 @@ different precisions or kernels on two machines. The config file cannot say whic
 does: one entry per start of the run (a resumed run adds its own, which may be another machine),
 with the library versions, the device and CPU, the thread and rank counts, each `auto` setting as
 asked and as resolved, the models' attention implementations and the fast-path gate's verdicts.
-Written by rank 0 only, before the first step of each start, and completed after it (some fast
-paths are decided at their first use).
+Written by rank 0 only, before the first step of each start, and completed after it (PPO) or
+after training (SFT, reward model): some fast paths are decided at their first use.
 """
 
 from __future__ import annotations
@@ -57,29 +58,24 @@ def _attention(model) -> str | None:
     return getattr(config, "_attn_implementation", None) if config is not None else None
 
 
-def what_ran(trainer) -> dict[str, Any]:
-    """This start's record (see the module's docstring)."""
-    config = trainer.config
-    device = trainer.device
+def what_ran(
+    config, device: torch.device, precision: str, models: dict, step: int = 0, fp32_kernel: str | None = None
+) -> dict[str, Any]:
+    """A start's record (see the module's docstring). `models`: name -> model (None: not in the run)."""
     flags = cpu_flags()
-    models = {
-        "policy": trainer.policy,
-        "reference": trainer.ref_model,
-        "critic": trainer.critic.module if trainer.critic is not None else None,
-        "reward_model": trainer.rewards.reward_model,
-    }
     return {
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "step": trainer.global_step,
+        "step": step,
         "versions": {"python": platform.python_version(), **_versions()},
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpu": {"model": _cpu_model(), "bf16": [f for f in BF16_FLAGS if f in flags], "avx2": "avx2" in flags},
         "threads": torch.get_num_threads(),
         "world_size": dist.world_size(),
-        "precision": {"asked": config.precision, "ran": trainer.precision},
-        "fp32_matmul": {"asked": config.fp32_matmul, "ran": trainer.fp32_kernel},
-        "fp32_attention": {"asked": config.fp32_attention},
+        "precision": {"asked": config.precision, "ran": precision},
+        # the fp32 linear kernel on a CPU: torch's (MKL) unless `fp32_matmul` took oneDNN
+        "fp32_matmul": {"asked": getattr(config, "fp32_matmul", None), "ran": fp32_kernel},
+        "fp32_attention": {"asked": getattr(config, "fp32_attention", "auto")},
         # transformers' attention implementation of each model: sdpa (torch's kernel for the autocast
         # dtype), ppo_fp32_sdpa (fp32 kernel), ppo_fp32_decode_sdpa (fp32 while sampling only).
         "attention": {name: _attention(model) for name, model in models.items() if model is not None},
@@ -87,25 +83,38 @@ def what_ran(trainer) -> dict[str, Any]:
     }
 
 
-def record_start(trainer, output_dir: str | Path) -> None:
-    """Append this start's record to `output_dir`/run.json (rank 0; a fresh run starts a new file).
-    The file is rewritten whole, so that an interrupted write cannot leave half a JSON document."""
+def ppo_run(trainer) -> dict[str, Any]:
+    """The record of a PPO trainer's start."""
+    models = {
+        "policy": trainer.policy,
+        "reference": trainer.ref_model,
+        "critic": trainer.critic.module if trainer.critic is not None else None,
+        "reward_model": trainer.rewards.reward_model,
+    }
+    cpu_kernel = trainer.fp32_kernel if trainer.device.type == "cpu" else None
+    return what_ran(trainer.config, trainer.device, trainer.precision, models, trainer.global_step, cpu_kernel)
+
+
+def record_start(output_dir: str | Path, record: dict[str, Any]) -> None:
+    """Append a start's record to `output_dir`/run.json (rank 0); a start from step 0 begins the
+    file afresh. The file is rewritten whole, so that an interrupted write cannot leave half a JSON
+    document."""
     if not dist.is_main():
         return
     path = Path(output_dir) / RUN_RECORD
     starts = []
-    if trainer.global_step > 0 and path.is_file():  # a resumed run keeps the earlier starts
+    if record["step"] > 0 and path.is_file():  # a resumed run keeps the earlier starts
         try:
             starts = json.loads(path.read_text(encoding="utf-8"))["starts"]
         except (ValueError, KeyError, TypeError):
             starts = []  # unreadable: this start's record is still worth keeping
-    starts.append(what_ran(trainer))
+    starts.append(record)
     _write(path, starts)
 
 
 def complete_start(output_dir: str | Path) -> None:
-    """After this start's first step: the fast-path verdicts again, now that every fast path has
-    been asked for (some are decided at their first use, inside a step)."""
+    """After a start's first step (PPO) or its training (SFT, reward model): the fast-path verdicts
+    again, now that every fast path has been asked for (some are decided at their first use)."""
     if not dist.is_main():
         return
     path = Path(output_dir) / RUN_RECORD

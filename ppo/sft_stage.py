@@ -146,7 +146,7 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, rows=None) -> dict[
     total_steps = config.num_epochs * math.ceil(len(examples) / per_step)
     optimizer, scheduler = build_optimizer(model, config, total_steps)
     # 5. train
-    logger = start_outputs(out, config)
+    logger = start_outputs(out, config, model, precision)
     eval_before = (
         evaluate_sft_loss(model, tokenizer, eval_rows, config.batch_size, config.max_length, loss_sum)
         if eval_rows

@@ -29,8 +29,9 @@ class OutputDirError(FileExistsError):
 
 # What a stage writes in output_dir (names or glob patterns). `overwrite` removes these and nothing
 # else: a user's own files there (a prompts file, notes) are never touched.
-OUTPUTS = ("config.yaml", "metrics.jsonl", "final", ".tmp-*", ".trash-*")  # sft, reward (final/ is published by rename)
-PPO_OUTPUTS = OUTPUTS + ("final-merged", "step_*", "latest", "latest.tmp", "tensorboard", "run.json")
+# sft, reward (final/ is published by rename)
+OUTPUTS = ("config.yaml", "metrics.jsonl", "run.json", "final", ".tmp-*", ".trash-*")
+PPO_OUTPUTS = OUTPUTS + ("final-merged", "step_*", "latest", "latest.tmp", "tensorboard")
 EVAL_OUTPUTS = ("config.yaml", "eval.json")
 # Config keys that name a run's inputs (files or directories it reads).
 INPUT_KEYS = (
@@ -131,14 +132,20 @@ def _check_inputs_outside(out: Path, config, outputs: tuple[str, ...]) -> None:
                 )
 
 
-def start_outputs(out: Path, config):
-    """Remove this recipe's previous outputs, write config.yaml, open metrics.jsonl (rank 0; the
-    barrier first lets every rank finish `check_output_dir` before anything is removed). Recipes
-    call it once the model and data have loaded: a run that cannot start removes nothing."""
+def start_outputs(out: Path, config, model, precision: str):
+    """Remove this recipe's previous outputs, write config.yaml and run.json (`ppo.run_record`:
+    what `model` runs on, in `precision`), open metrics.jsonl (rank 0; the barrier first lets every
+    rank finish `check_output_dir` before anything is removed). Recipes call it once the model and
+    data have loaded: a run that cannot start removes nothing."""
+    from ppo.run_record import record_start, what_ran
+
     dist.barrier()
     if dist.is_main():
         remove_outputs(out, OUTPUTS)
         save_config(config, out / "config.yaml")
+        device = next(model.parameters()).device
+        cpu_kernel = "mkl" if device.type == "cpu" else None  # the stages keep torch's fp32 linear kernel
+        record_start(out, what_ran(config, device, precision, {"model": dist.unwrap(model)}, 0, cpu_kernel))
     return main_logger(out)
 
 
@@ -254,6 +261,7 @@ def run_steps(
     from tqdm.auto import tqdm
 
     from ppo.optim import optimizer_step
+    from ppo.run_record import complete_start
 
     records: list[dict[str, float]] = []
     model.train()
@@ -269,6 +277,7 @@ def run_steps(
         bar.set_postfix(**postfix(numbers))
     bar.close()
     model.eval()
+    complete_start(config.output_dir)  # run.json: the fast paths the steps asked for
     return records
 
 

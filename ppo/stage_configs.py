@@ -63,7 +63,7 @@ class StageConfig:
     )
 
     # --- output ---
-    output_dir: str = opt("stage_output", "Where config.yaml, metrics.jsonl and final/ go.")
+    output_dir: str = opt("stage_output", "Where config.yaml, metrics.jsonl, run.json and final/ go.")
     logging_steps: int = opt(10, "Write a metrics.jsonl line every N optimizer steps.")
     progress_bar: bool = opt(True, "Show a progress bar.")
     save_final: bool = opt(True, "Save the trained model and tokenizer to output_dir/final.")
@@ -86,7 +86,7 @@ class SFTConfig(StageConfig):
 
     model_name_or_path: str | None = opt(None, "Causal LM to fine-tune: a Hugging Face model directory or hub name.")
     learning_rate: float = opt(2e-5, "AdamW peak learning rate (the tiny demo model needs ~1e-3).")
-    output_dir: str = opt("sft_output", "Where config.yaml, metrics.jsonl and final/ go.")
+    output_dir: str = opt("sft_output", "Where config.yaml, metrics.jsonl, run.json and final/ go.")
     save_final: bool = opt(True, "Save the fine-tuned model and tokenizer to output_dir/final.")
     # --- data (SFT's own columns) ---
     completion_column: str = opt("completion", "Column holding the target completion.")
@@ -119,7 +119,7 @@ class RewardConfig(StageConfig):
     num_epochs: int = opt(1, "Passes over the training pairs.")
     seed: int = opt(0, "Seeds shuffling, the eval split and the fresh score head.")
     eval_fraction: float = opt(0.1, "Share of pairs held out for pairwise accuracy before and after training.")
-    output_dir: str = opt("reward_output", "Where config.yaml, metrics.jsonl and final/ go.")
+    output_dir: str = opt("reward_output", "Where config.yaml, metrics.jsonl, run.json and final/ go.")
     save_final: bool = opt(True, "Save the reward model and tokenizer to output_dir/final.")
     # --- model and data (the reward model's own) ---
     init_from_policy: bool = opt(False, "Start from a causal-LM checkpoint: same backbone, fresh scalar head.")

@@ -81,3 +81,24 @@ def test_a_resumed_run_adds_its_start_and_a_new_run_starts_afresh(
     fresh = trainer_for(tiny_policy, tiny_tokenizer, tiny_reward_model, tmp_path, [fails_in_step_two], overwrite=True)
     fresh.train(PROMPTS[:2], num_epochs=1)
     assert [s["step"] for s in starts(tmp_path)] == [0]
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_the_sft_and_reward_stages_record_what_they_ran_on(tmp_path, stage):
+    from ppo.config import RewardConfig, SFTConfig
+    from ppo.demo.tiny import TinyModelSpec, build_policy, build_reward_model, build_tokenizer
+    from ppo.reward_stage import train_reward_model
+    from ppo.sft_stage import train_sft
+
+    tokenizer = build_tokenizer([f"w{i}" for i in range(29)])
+    common = {"output_dir": str(tmp_path), "num_epochs": 1, "batch_size": 2, "progress_bar": False}
+    if stage == "sft":
+        rows = [{"prompt": f"w{i}", "completion": f" w{i + 1}"} for i in range(4)]
+        metrics = train_sft(SFTConfig(**common), build_policy(tokenizer, TinyModelSpec(), seed=0), tokenizer, rows)
+    else:
+        rows = [{"prompt": f"w{i}", "chosen": f" w{i + 1}", "rejected": f" w{i + 2}"} for i in range(4)]
+        model = build_reward_model(tokenizer, TinyModelSpec(), seed=1)
+        metrics = train_reward_model(RewardConfig(**common), model, tokenizer, rows)
+    [record] = starts(tmp_path)
+    assert record["step"] == 0 and record["precision"] == {"asked": "auto", "ran": metrics["precision"]}
+    assert set(record["attention"]) == {"model"} and record["fast_paths"] == gate.verdicts()

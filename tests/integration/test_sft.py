@@ -258,7 +258,7 @@ def test_final_is_sealed_and_a_failed_save_leaves_no_half_written_model(tiny_tok
     monkeypatch.setattr(policy_class, "save_pretrained", write_half)
     with pytest.raises(OSError, match="No space left"):
         run(overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl", "run.json"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
