@@ -45,7 +45,13 @@ def load_models(config: PPOConfig) -> dict[str, Any]:
         "reward_funcs": [resolve_reward_function(spec) for spec in config.reward_funcs] or None,
     }
     if config.reward_model_path:
-        reward_model, reward_tokenizer = load_reward_model(RewardConfig(model_name_or_path=config.reward_model_path))
+        reward_model, reward_tokenizer = load_reward_model(
+            RewardConfig(model_name_or_path=config.reward_model_path),
+            # PPO has no init_from_policy: a causal LM's fresh head would be an untrained reward
+            causal_lm_advice="a reward model is trained first: `ppo-rlhf reward model_name_or_path="
+            f"{config.reward_model_path} init_from_policy=true data=PAIRS` makes one (pass its final/ as "
+            "reward_model_path); or score with reward_funcs instead",
+        )
         models["reward_model"] = reward_model.to(device)
         if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
             models["reward_tokenizer"] = reward_tokenizer  # completions are re-tokenized for it
@@ -96,9 +102,15 @@ def reward_model_from_policy(policy_dir_or_model):
     return model.to(device=reference.device, dtype=reference.dtype)
 
 
-def load_reward_model(config: RewardConfig, model=None, tokenizer=None):
+def load_reward_model(
+    config: RewardConfig,
+    model=None,
+    tokenizer=None,
+    causal_lm_advice: str = "to start a reward model from a causal LM set init_from_policy=true",
+):
     """(reward model, tokenizer): the ones given or loaded from `config.model_name_or_path`,
-    turned into a fresh-headed classifier with `init_from_policy`, checked to have one label."""
+    turned into a fresh-headed classifier with `init_from_policy`, checked to have one label.
+    `causal_lm_advice` ends the error for a causal LM given without `init_from_policy`."""
     from ppo.models import check_vocab_covers, load_config, load_sequence_classifier
 
     path = config.model_name_or_path
@@ -115,7 +127,7 @@ def load_reward_model(config: RewardConfig, model=None, tokenizer=None):
         if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
             raise ValueError(
                 f"{path} holds a {', '.join(architectures)}, not a sequence classifier with one label; "
-                "to start a reward model from a causal LM set init_from_policy=true"
+                + causal_lm_advice
             )
         model = load_sequence_classifier(path, num_labels=None, dtype=torch.float32)
     if not given:

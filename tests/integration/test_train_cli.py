@@ -112,7 +112,11 @@ def test_a_causal_lm_as_reward_model_is_refused(run_dirs, capsys):
         str(run_dirs / "o2"),
     ]
     assert train_main(argv) == 1
-    assert "not a sequence classifier" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a sequence classifier" in err
+    # the advice is one PPO can follow: train a reward model first (PPO has no init_from_policy key)
+    assert f"ppo-rlhf reward model_name_or_path={run_dirs / 'policy'} init_from_policy=true" in err
+    assert "reward_funcs" in err
     assert not (run_dirs / "o2").exists()
 
 
