@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import threading
 import warnings
@@ -47,9 +48,16 @@ def call_reward_function(
     some samples counts as 0 with a warning (the Hugging Face convention of "no opinion").
     """
     name = function_name(func)
-    values = _call(
-        func, name, timeout_s, dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **extras)
-    )
+    arguments = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **extras)
+    missing_columns = _unmet_parameters(func, arguments)
+    if missing_columns:  # before the call: Python's own TypeError would not say where they come from
+        raise RewardFunctionError(
+            f"reward function {name!r} needs the data column(s) {', '.join(map(repr, missing_columns))}, which "
+            f"the prompts do not have (they give: {', '.join(sorted(extras)) or 'no column besides the prompt'}). "
+            "Load the prompts from a file or dataset that has them (JSONL, CSV or a datasets.Dataset, one field "
+            "per column), or use a reward function that does not need them"
+        )
+    values = _call(func, name, timeout_s, arguments)
     try:
         if isinstance(values, (str, bytes, dict)):
             raise TypeError
@@ -97,6 +105,17 @@ def _score(value: Any, name: str, i: int, prompts: list[str], max_abs: float | N
             "this large swamps the KL penalty and the critic (raise reward_max_abs if it is meant)"
         )
     return number
+
+
+def _unmet_parameters(func: RewardFunction, arguments: dict[str, Any]) -> list[str]:
+    """`func`'s parameters without a default that `arguments` does not name (none where Python
+    cannot read its signature: a builtin, some C extensions)."""
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    named_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in named_kinds and p.default is p.empty and p.name not in arguments]
 
 
 def _call(func: RewardFunction, name: str, timeout_s: float | None, kwargs: dict[str, Any]) -> Any:

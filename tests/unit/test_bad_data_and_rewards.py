@@ -165,3 +165,20 @@ def test_the_worker_thread_keeps_the_callers_grad_and_inference_modes():
         call(probe, timeout_s=5.0)
     call(probe, timeout_s=0)  # no limit: called right here
     assert seen == [(False, False, True), (False, False, False), (True, True, False)]
+
+
+def needs_answer(completions, answer, *, tolerance=0.0, **kwargs):
+    return [float(c == a) for c, a in zip(completions, answer)]
+
+
+def test_a_function_needing_a_column_the_prompts_lack_says_which_and_what_they_have():
+    prompts, completions, ids = ["p0", "p1"], ["4", "5"], [[1], [2]]
+    with pytest.raises(RewardFunctionError) as caught:
+        call_reward_function(needs_answer, prompts, completions, ids, {"source": ["a", "b"]})
+    message = str(caught.value)
+    for fragment in ("'needs_answer'", "column(s) 'answer'", "they give: source", "JSONL"):
+        assert fragment in message, (fragment, message)
+    with pytest.raises(RewardFunctionError, match="no column besides the prompt"):
+        call_reward_function(needs_answer, prompts, completions, ids, {})
+    # given the column it runs; a parameter with a default and **kwargs are never required
+    assert call_reward_function(needs_answer, prompts, completions, ids, {"answer": ["4", "6"]}) == [1.0, 0.0]
