@@ -7,23 +7,13 @@ the benchmark workers can import this module before they pin their thread counts
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import statistics
 import time
 
 from ppo import host_cpu
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+cpu_model = host_cpu.cpu_model
 
 
 def cpu_flags(wanted=("avx2", "avx512f", "avx512_bf16", "amx_bf16")) -> list[str]:

@@ -7,6 +7,7 @@ policy with it, which must be set before torch loads OpenMP). Shared with `bench
 from __future__ import annotations
 
 import os
+import platform
 import time
 
 
@@ -20,6 +21,18 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC 9B14", ...), from /proc; else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine_busy_s() -> float:

@@ -25,7 +25,7 @@ import torch
 
 from ppo import distributed as dist
 from ppo.fastpath.gate import verdicts
-from ppo.host_cpu import cpu_flags
+from ppo.host_cpu import cpu_flags, cpu_model
 
 RUN_RECORD = "run.json"
 PACKAGES = ("ppo-rlhf", "torch", "transformers", "tokenizers", "accelerate", "peft", "datasets")
@@ -40,17 +40,6 @@ def _versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
     return found
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def _attention(model) -> str | None:
@@ -69,7 +58,7 @@ def what_ran(
         "versions": {"python": platform.python_version(), **_versions()},
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu": {"model": _cpu_model(), "bf16": [f for f in BF16_FLAGS if f in flags], "avx2": "avx2" in flags},
+        "cpu": {"model": cpu_model(), "bf16": [f for f in BF16_FLAGS if f in flags], "avx2": "avx2" in flags},
         "threads": torch.get_num_threads(),
         "world_size": dist.world_size(),
         "precision": {"asked": config.precision, "ran": precision},

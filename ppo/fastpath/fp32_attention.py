@@ -36,13 +36,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import time
 
 import torch
 from torch import Tensor
 from torch.nn import functional as TF
 
 from ppo.fastpath.gate import fast_path_allowed, max_error, tiny_batch
+from ppo.fastpath.timing import best_times
 
 NAME = "ppo_fp32_sdpa"  # the forwards and sampling attend in fp32
 DECODE_NAME = "ppo_fp32_decode_sdpa"  # sampling attends in fp32, the forwards on the stock kernel
@@ -166,7 +166,7 @@ def kernel_speedups(heads: int, kv_heads: int, head_dim: int, rounds: int = 5) -
     backward (4 rows of 128 positions, keys repeated per query head and a causal mask, as
     transformers calls it on padded rows) and for a decode step (16 rows, one query over a
     128-position cache, grouped heads, as `lean_decode` calls it). The kernels alternate `rounds`
-    times and each keeps its best time, as `onednn_linear.onednn_speedup` does. Once per process
+    times and each keeps its best time (`timing.best_times`). Once per process
     and shape; ~0.1 s at SmolLM2's shapes on 2 cores."""
     generator = torch.Generator().manual_seed(0)
 
@@ -198,15 +198,8 @@ def kernel_speedups(heads: int, kv_heads: int, head_dim: int, rounds: int = 5) -
         "decode bf16": lambda: decode(TF.scaled_dot_product_attention, dk, dv),
         "decode fp32": lambda: decode(sdpa, dk32, dv32),
     }
-    best = dict.fromkeys(trials, float("inf"))
     with torch.inference_mode(False), torch.enable_grad():
-        for trial in trials.values():
-            trial()  # warm-up: the first call builds the kernels
-        for _ in range(rounds):
-            for name, trial in trials.items():
-                start = time.perf_counter()
-                trial()
-                best[name] = min(best[name], time.perf_counter() - start)
+        best = best_times(trials, rounds)
     return best["train bf16"] / best["train fp32"], best["decode bf16"] / best["decode fp32"]
 
 

@@ -14,13 +14,13 @@ through oneDNN, forward and backward; anything else passes through untouched.
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 from torch import Tensor
 from torch.nn import functional as TF
 
 from ppo.fastpath.gate import fast_path_allowed, max_error
+from ppo.fastpath.timing import best_times
 
 
 def onednn_mm(a: Tensor, b_t: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -98,14 +98,7 @@ def onednn_speedup(hidden_size: int, tokens: int = 512, rounds: int = 7) -> floa
         "mkl": lambda: _torch_linear(x, weight).backward(grad),
         "onednn": lambda: _OneDNNLinear.apply(x, weight, None).backward(grad),
     }
-    best = dict.fromkeys(kernels, float("inf"))
-    for kernel in kernels.values():
-        kernel()  # warm-up: the first call builds the kernel
-    for _ in range(rounds):
-        for name, kernel in kernels.items():
-            start = time.perf_counter()
-            kernel()
-            best[name] = min(best[name], time.perf_counter() - start)
+    best = best_times(kernels, rounds)
     return best["mkl"] / best["onednn"]
 
 
