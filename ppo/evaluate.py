@@ -6,7 +6,7 @@ The recipe, top to bottom (`run_eval`):
     3. read the prompts (with any `answer` column) and keep the first `num_samples`
     4. sample (best-of-n when asked), score, measure KL, accuracy, length, EOS (`evaluate_policy`)
     5. perplexity on a text set (`perplexity`), when one is given
-    6. output_dir/eval.json (numbers and generations) and config.yaml; print a summary
+    6. output_dir/eval.json (numbers and generations), config.yaml and run.json; print a summary
 
 The measures (reward, KL, accuracy, best-of-n, perplexity) are defined in `ppo.measures`, which the
 demo uses too.
@@ -34,6 +34,7 @@ from ppo.rollout import SamplingParams
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """`ppo-rlhf eval`: everything in the module docstring, from a config; returns eval.json's dict."""
+    from ppo.run_record import record_start, what_ran
     from ppo.stage import EVAL_OUTPUTS, check_output_dir, load_causal_lm
 
     # 1. refuse to clobber another run before anything is loaded or written (the same command again
@@ -86,10 +87,13 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         result["perplexity"] = perplexity(model, tokenizer, read_prompts_file(config.text_file), config.batch_size)
     if not result:
         raise ValueError("nothing to evaluate: give prompts_file / dataset_name and/or text_file")
-    # 6. outputs
+    # 6. outputs; run.json says what the numbers came from (eval samples and scores in fp32)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     (out / "eval.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    device = next(model.parameters()).device
+    models = {"policy": model, "reference": ref_model, "reward_model": reward_model}
+    record_start(out, what_ran(config, device, "fp32", models, 0, "mkl" if device.type == "cpu" else None))
     result["output_dir"] = str(out)
     return result
 

@@ -1,5 +1,5 @@
-"""output_dir/run.json: what a run (PPO, SFT, reward model) ran on, and what its `auto` settings
-resolved to there.
+"""output_dir/run.json: what a run (PPO, SFT, reward model, eval) ran on, and what its `auto`
+settings resolved to there.
 
 `precision: auto`, `fp32_matmul: auto` and `fp32_attention: auto` each decide on the machine at
 hand (the CPU's bf16 support, a timing of two kernels), and the fast paths turn themselves off for
@@ -61,7 +61,7 @@ def what_ran(
         "cpu": {"model": cpu_model(), "bf16": [f for f in BF16_FLAGS if f in flags], "avx2": "avx2" in flags},
         "threads": torch.get_num_threads(),
         "world_size": dist.world_size(),
-        "precision": {"asked": config.precision, "ran": precision},
+        "precision": {"asked": getattr(config, "precision", None), "ran": precision},
         # the fp32 linear kernel on a CPU: torch's (MKL) unless `fp32_matmul` took oneDNN
         "fp32_matmul": {"asked": getattr(config, "fp32_matmul", None), "ran": fp32_kernel},
         "fp32_attention": {"asked": getattr(config, "fp32_attention", "auto")},

@@ -32,7 +32,7 @@ class OutputDirError(FileExistsError):
 # sft, reward (final/ is published by rename)
 OUTPUTS = ("config.yaml", "metrics.jsonl", "run.json", "final", ".tmp-*", ".trash-*")
 PPO_OUTPUTS = OUTPUTS + ("final-merged", "step_*", "latest", "latest.tmp", "tensorboard")
-EVAL_OUTPUTS = ("config.yaml", "eval.json")
+EVAL_OUTPUTS = ("config.yaml", "eval.json", "run.json")
 # Config keys that name a run's inputs (files or directories it reads).
 INPUT_KEYS = (
     "model_name_or_path",

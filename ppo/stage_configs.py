@@ -195,7 +195,7 @@ class EvalConfig:
     )
 
     # --- output ---
-    output_dir: str = opt("eval_output", "Where eval.json and config.yaml go.")
+    output_dir: str = opt("eval_output", "Where eval.json, config.yaml and run.json go.")
     overwrite: bool = opt(
         False,
         "Replace the outputs of another run in output_dir (otherwise refused; the same config may run again); "

@@ -253,6 +253,12 @@ def test_cli_writes_eval_json(saved, capsys):
     ):
         assert math.isfinite(result[key]), key
     assert (out / "config.yaml").is_file()
+    [run] = json.loads((out / "run.json").read_text())["starts"]  # what the numbers came from
+    assert run["precision"] == {"asked": None, "ran": "fp32"} and set(run["attention"]) == {
+        "policy",
+        "reference",
+        "reward_model",
+    }
     assert "perplexity" in capsys.readouterr().out
     assert main(args) == 0  # the same command again is the same run: allowed
 
