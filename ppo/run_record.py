@@ -18,6 +18,7 @@ import datetime
 import importlib.metadata
 import json
 import platform
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,10 @@ def complete_start(output_dir: str | Path) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         return  # record_start could not write it: nothing to complete
     starts[-1]["fast_paths"] = verdicts()
-    _write(path, starts)
+    try:
+        _write(path, starts)
+    except OSError as err:  # a record is not worth stopping a run that has started: it keeps its start's
+        warnings.warn(f"could not complete {path} with the fast paths' verdicts: {err}", stacklevel=2)
 
 
 def _write(path: Path, starts: list[dict]) -> None:

@@ -102,3 +102,24 @@ def test_the_sft_and_reward_stages_record_what_they_ran_on(tmp_path, stage):
     [record] = starts(tmp_path)
     assert record["step"] == 0 and record["precision"] == {"asked": "auto", "ran": metrics["precision"]}
     assert set(record["attention"]) == {"model"} and record["fast_paths"] == gate.verdicts()
+
+
+def test_a_record_that_cannot_be_completed_warns_and_the_run_goes_on(
+    tiny_policy, tiny_tokenizer, tiny_reward_model, tmp_path, monkeypatch
+):
+    from ppo import run_record
+
+    trainer = trainer_for(tiny_policy, tiny_tokenizer, tiny_reward_model, tmp_path)
+    written = run_record._write
+
+    def full_disk_after_the_start(path, starts):
+        if "fast_paths" in starts[-1] and any(k.startswith("kv_cache") for k in starts[-1]["fast_paths"]):
+            raise OSError(28, "No space left on device")
+        written(path, starts)
+
+    monkeypatch.setattr(run_record, "_write", full_disk_after_the_start)
+    with pytest.warns(UserWarning, match="could not complete .*run.json.*No space left"):
+        trainer.train(PROMPTS, num_epochs=1)
+    assert trainer.global_step == 2 and (tmp_path / "final").is_dir()
+    [record] = starts(tmp_path)  # the start's own record stays
+    assert record["step"] == 0
