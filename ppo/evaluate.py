@@ -93,7 +93,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     (out / "eval.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     device = next(model.parameters()).device
     models = {"policy": model, "reference": ref_model, "reward_model": reward_model}
-    record_start(out, what_ran(config, device, "fp32", models, 0, "mkl" if device.type == "cpu" else None))
+    record_start(out, what_ran(config, device, "fp32", models))
     result["output_dir"] = str(out)
     return result
 

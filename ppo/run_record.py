@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from ppo import distributed as dist
+from ppo import durable
+from ppo.fastpath.fp32_attention import implementation
 from ppo.fastpath.gate import verdicts
 from ppo.host_cpu import cpu_flags, cpu_model
 
@@ -43,15 +45,11 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
-def _attention(model) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) if config is not None else None
-
-
 def what_ran(
-    config, device: torch.device, precision: str, models: dict, step: int = 0, fp32_kernel: str | None = None
+    config, device: torch.device, precision: str, models: dict, step: int = 0, fp32_kernel: str = "mkl"
 ) -> dict[str, Any]:
-    """A start's record (see the module's docstring). `models`: name -> model (None: not in the run)."""
+    """A start's record (see the module's docstring). `models`: name -> model (None: not in the run);
+    `fp32_kernel`: the fp32 linear kernel on a CPU (the stages and eval keep torch's, MKL)."""
     flags = cpu_flags()
     return {
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -63,12 +61,14 @@ def what_ran(
         "threads": torch.get_num_threads(),
         "world_size": dist.world_size(),
         "precision": {"asked": getattr(config, "precision", None), "ran": precision},
-        # the fp32 linear kernel on a CPU: torch's (MKL) unless `fp32_matmul` took oneDNN
-        "fp32_matmul": {"asked": getattr(config, "fp32_matmul", None), "ran": fp32_kernel},
+        "fp32_matmul": {
+            "asked": getattr(config, "fp32_matmul", None),
+            "ran": fp32_kernel if device.type == "cpu" else None,  # an accelerator has its own kernels
+        },
         "fp32_attention": {"asked": getattr(config, "fp32_attention", "auto")},
         # transformers' attention implementation of each model: sdpa (torch's kernel for the autocast
         # dtype), ppo_fp32_sdpa (fp32 kernel), ppo_fp32_decode_sdpa (fp32 while sampling only).
-        "attention": {name: _attention(model) for name, model in models.items() if model is not None},
+        "attention": {name: implementation(model) for name, model in models.items() if model is not None},
         "fast_paths": verdicts(),
     }
 
@@ -81,14 +81,13 @@ def ppo_run(trainer) -> dict[str, Any]:
         "critic": trainer.critic.module if trainer.critic is not None else None,
         "reward_model": trainer.rewards.reward_model,
     }
-    cpu_kernel = trainer.fp32_kernel if trainer.device.type == "cpu" else None
-    return what_ran(trainer.config, trainer.device, trainer.precision, models, trainer.global_step, cpu_kernel)
+    return what_ran(trainer.config, trainer.device, trainer.precision, models, trainer.global_step, trainer.fp32_kernel)
 
 
 def record_start(output_dir: str | Path, record: dict[str, Any]) -> None:
     """Append a start's record to `output_dir`/run.json (rank 0); a start from step 0 begins the
-    file afresh. The file is rewritten whole, so that an interrupted write cannot leave half a JSON
-    document."""
+    file afresh. The file is replaced whole (`durable.write_text`), so that an interrupted write
+    cannot leave half a JSON document."""
     if not dist.is_main():
         return
     path = Path(output_dir) / RUN_RECORD
@@ -121,6 +120,4 @@ def complete_start(output_dir: str | Path) -> None:
 
 def _write(path: Path, starts: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{RUN_RECORD}.tmp")
-    tmp.write_text(json.dumps({"starts": starts}, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    durable.write_text(path, json.dumps({"starts": starts}, indent=1))

@@ -30,9 +30,9 @@ class OutputDirError(FileExistsError):
 # What a stage writes in output_dir (names or glob patterns). `overwrite` removes these and nothing
 # else: a user's own files there (a prompts file, notes) are never touched.
 # sft, reward (final/ is published by rename)
-OUTPUTS = ("config.yaml", "metrics.jsonl", "run.json", "final", ".tmp-*", ".trash-*")
+OUTPUTS = ("config.yaml", "metrics.jsonl", "run.json", "run.json.tmp", "final", ".tmp-*", ".trash-*")
 PPO_OUTPUTS = OUTPUTS + ("final-merged", "step_*", "latest", "latest.tmp", "tensorboard")
-EVAL_OUTPUTS = ("config.yaml", "eval.json", "run.json")
+EVAL_OUTPUTS = ("config.yaml", "eval.json", "run.json", "run.json.tmp")
 # Config keys that name a run's inputs (files or directories it reads).
 INPUT_KEYS = (
     "model_name_or_path",
@@ -144,8 +144,7 @@ def start_outputs(out: Path, config, model, precision: str):
         remove_outputs(out, OUTPUTS)
         save_config(config, out / "config.yaml")
         device = next(model.parameters()).device
-        cpu_kernel = "mkl" if device.type == "cpu" else None  # the stages keep torch's fp32 linear kernel
-        record_start(out, what_ran(config, device, precision, {"model": dist.unwrap(model)}, 0, cpu_kernel))
+        record_start(out, what_ran(config, device, precision, {"model": dist.unwrap(model)}))
     return main_logger(out)
 
 

@@ -119,7 +119,8 @@ def _register() -> None:
         AttentionMaskInterface.register(name, sdpa_mask)
 
 
-def _implementation(model) -> str | None:
+def implementation(model) -> str | None:
+    """`model`'s (or a config's) transformers attention implementation: sdpa, NAME, DECODE_NAME, ..."""
     config = getattr(model, "config", model)
     return getattr(config, "_attn_implementation", None)
 
@@ -138,12 +139,12 @@ def decode_sdpa_for(model):
 
 def uses_fp32_attention(model) -> bool:
     """Whether `model` (or the config of one) runs `NAME`: its forwards attend in fp32."""
-    return _implementation(model) == NAME
+    return implementation(model) == NAME
 
 
 def decodes_in_fp32(model) -> bool:
     """Whether `model`'s (or a config's) sampling attends in fp32, over a KV cache held in fp32."""
-    return _implementation(model) in NAMES
+    return implementation(model) in NAMES
 
 
 def _head_shape(config) -> tuple[int, int, int]:
@@ -221,7 +222,7 @@ def install(model, mode=True, agree=None) -> bool:
     `choose` finds faster here) where the gate allows it; False (and the model unchanged) otherwise.
     Models on another attention implementation keep it. `agree(name) -> name`, when given, settles
     the choice across processes (each times its own CPU; all must compute alike)."""
-    if _implementation(model) in NAMES:
+    if implementation(model) in NAMES:
         return True
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
