@@ -66,8 +66,12 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--compile-layers",
-        action="store_true",
-        help="PPOConfig.compile_layers: decoder layers through torch.compile (compiling falls in the warm-up)",
+        nargs="?",
+        const="true",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="PPOConfig.compile_layers: decoder layers through torch.compile (compiling falls in the warm-up); "
+        "alone: true; default auto (on under bf16 on an AMX CPU for layers of >= 10M parameters)",
     )
     p.add_argument(
         "--bf16-attention",
@@ -104,15 +108,20 @@ def parse_args(argv=None):
 
 
 def system_label(
-    micro_batches: int, gradient_checkpointing: bool, compile_layers: bool = False, attention: str = ""
+    micro_batches: int, gradient_checkpointing: bool, compiled_layers: str = "", attention: str = ""
 ) -> str:
     """The row's name: "ppo-rlhf", plus each memory or speed switch that is on (or off by request),
     and `attention`: which bf16 attention kernels ran where they are not the fp32 ones."""
     switches = [f"{micro_batches} micro-batches"] if micro_batches != 1 else []
     switches += ["gradient checkpointing"] if gradient_checkpointing else []
-    switches += ["compiled layers"] if compile_layers else []
+    switches += [compiled_layers] if compiled_layers else []
     switches += [attention] if attention else []
     return ", ".join(["ppo-rlhf", *switches])
+
+
+def compile_switch(compiled: bool, asked: str) -> str:
+    """What the row's name says about compile_layers: nothing where the layers ran eagerly."""
+    return ("compiled layers (auto)" if asked == "auto" else "compiled layers") if compiled else ""
 
 
 def attention_switch(precision: str, implementation: str | None, asked_bf16: bool) -> str:
@@ -138,7 +147,7 @@ def build_trainer(
     micro_batches: int = 1,
     gradient_checkpointing: bool = False,
     model_dir: str | None = None,
-    compile_layers: bool = False,
+    compile_layers: bool | str = "auto",
     fp32_attention: bool | str = "auto",
 ):
     """The trainer on workload `w` (a real-model workload: from `model_dir`), sampling exactly R
@@ -251,7 +260,7 @@ def main(argv=None) -> None:
             args.micro_batches,
             args.gradient_checkpointing,
             model_dir,
-            args.compile_layers,
+            {"true": True, "false": False}.get(args.compile_layers, "auto"),
             False if args.bf16_attention else "auto",
         )
         n_measured = args.warmup + args.iters
@@ -287,7 +296,7 @@ def main(argv=None) -> None:
         "system": system_label(
             args.micro_batches,
             args.gradient_checkpointing,
-            args.compile_layers,
+            compile_switch(trainer.compiles_layers, args.compile_layers),
             attention_switch(args.precision, trainer.policy.config._attn_implementation, args.bf16_attention),
         ),
         "workload": w.name,
@@ -298,7 +307,8 @@ def main(argv=None) -> None:
         "micro_batches": args.micro_batches,
         # Read back from the model, so the record says what ran, not what was asked.
         "gradient_checkpointing": is_activation_checkpointing(trainer.policy),
-        "compile_layers": args.compile_layers,
+        "compile_layers": trainer.compiles_layers,  # what ran; asked: compile_layers_asked
+        "compile_layers_asked": args.compile_layers,
         # What `auto` chose on this machine: the policy's attention implementation (sdpa: bf16 kernels).
         "attention": trainer.policy.config._attn_implementation,
         "threads": torch.get_num_threads(),

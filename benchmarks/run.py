@@ -87,8 +87,12 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--compile-layers",
-        action="store_true",
-        help="ppo-rlhf with PPOConfig.compile_layers (decoder layers through torch.compile); rows say so",
+        nargs="?",
+        const="true",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="ppo-rlhf's PPOConfig.compile_layers (decoder layers through torch.compile); alone: true; default "
+        "auto (on under bf16 on an AMX CPU for layers of >= 10M parameters); rows say when layers ran compiled",
     )
     p.add_argument(
         "--bf16-attention",
@@ -174,7 +178,7 @@ def run_ppo(workload: str, precision: str, args, real: dict) -> dict:
     cmd += ["--release-memory"] if args.release_memory else []
     cmd += ["--micro-batches", str(args.micro_batches)]
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
-    cmd += ["--compile-layers"] if args.compile_layers else []
+    cmd += ["--compile-layers", args.compile_layers]
     cmd += ["--bf16-attention"] if args.bf16_attention else []
     cmd += ["--split-matmul"] if args.split_matmul else []
     if WORKLOADS.get(workload) and WORKLOADS[workload].real_model:

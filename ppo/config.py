@@ -217,13 +217,14 @@ class PPOConfig:
         "maths, float rounding apart; faster sampling on CPU, see docs/performance.md). Other models, and "
         "adapters, always use their forward.",
     )
-    compile_layers: bool = opt(
-        False,
+    compile_layers: bool | str = opt(
+        "auto",
         "torch.compile each decoder layer of every model for scoring and the update (one graph per layer "
         "class, dynamic shapes): fuses the norms, rotary, activations and casts around the matmuls. Same "
-        "maths, float rounding apart; compiling takes ~1 min on a 2-core CPU, which short runs do not win back: "
-        "in bf16 it made iterations 12-30% shorter (SmolLM2, a small Qwen3), in fp32 on an AVX2 CPU nothing "
-        "(docs/performance.md). Sampling is not compiled; not with gradient_checkpointing.",
+        "maths, float rounding apart; compiling takes ~20 s on a 2-core CPU. auto: on under bf16 on a CPU with "
+        "AMX for decoder layers of >= 10M parameters, where it made iterations up to 1.5x shorter; off in "
+        "fp32, without AMX, for tiny models and on GPUs, where it was not measured to pay (docs/performance.md). "
+        "Sampling is not compiled; not with gradient_checkpointing.",
     )
     bf16_frozen_weights: bool = opt(
         True,

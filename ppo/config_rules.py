@@ -232,7 +232,11 @@ def check_ppo_relations(cfg) -> None:
             "runs outside the oneDNN context and computes the layers with another kernel; use auto or mkl",
             key="fp32_matmul",
         )
-    if cfg.compile_layers and (cfg.gradient_checkpointing or cfg.fp32_matmul == "onednn"):
+    if not (isinstance(cfg.compile_layers, bool) or cfg.compile_layers == "auto"):
+        raise ConfigError(
+            f"PPOConfig.compile_layers must be true, false or auto; got {cfg.compile_layers!r}", key="compile_layers"
+        )
+    if cfg.compile_layers is True and (cfg.gradient_checkpointing or cfg.fp32_matmul == "onednn"):
         other = "gradient_checkpointing=true" if cfg.gradient_checkpointing else "fp32_matmul=onednn"
         raise ConfigError(
             f"PPOConfig.compile_layers=true cannot run with {other}: the compiled layers are traced with torch's "

@@ -1,15 +1,16 @@
 """output_dir/run.json: what a run (PPO, SFT, reward model, eval) ran on, and what its `auto`
 settings resolved to there.
 
-`precision: auto`, `fp32_matmul: auto` and `fp32_attention: auto` each decide on the machine at
-hand (the CPU's bf16 support, a timing of two kernels), and the fast paths turn themselves off for
-releases or architectures they do not know. Two runs of the same config can therefore compute in
-different precisions or kernels on two machines. The config file cannot say which; this record
-does: one entry per start of the run (a resumed run adds its own, which may be another machine),
-with the library versions, the device and CPU, the thread and rank counts, each `auto` setting as
-asked and as resolved, the models' attention implementations and the fast-path gate's verdicts.
-Written by rank 0 only, before the first step of each start, and completed after it (PPO) or
-after training (SFT, reward model): some fast paths are decided at their first use.
+`precision: auto`, `fp32_matmul: auto`, `fp32_attention: auto` and `compile_layers: auto` each
+decide on the machine at hand (the CPU's bf16 support and matrix unit, a timing of two kernels),
+and the fast paths turn themselves off for releases or architectures they do not know. Two runs
+of the same config can therefore compute in different precisions or kernels on two machines. The
+config file cannot say which; this record does: one entry per start of the run (a resumed run
+adds its own, which may be another machine), with the library versions, the device and CPU, the
+thread and rank counts, each `auto` setting as asked and as resolved, the models' attention
+implementations and the fast-path gate's verdicts. Written by rank 0 only, before the first step
+of each start, and completed after it (PPO) or after training (SFT, reward model): some fast
+paths are decided at their first use.
 """
 
 from __future__ import annotations
@@ -46,10 +47,17 @@ def _versions() -> dict[str, str | None]:
 
 
 def what_ran(
-    config, device: torch.device, precision: str, models: dict, step: int = 0, fp32_kernel: str = "mkl"
+    config,
+    device: torch.device,
+    precision: str,
+    models: dict,
+    step: int = 0,
+    fp32_kernel: str = "mkl",
+    compiles_layers: bool = False,
 ) -> dict[str, Any]:
     """A start's record (see the module's docstring). `models`: name -> model (None: not in the run);
-    `fp32_kernel`: the fp32 linear kernel on a CPU (the stages and eval keep torch's, MKL)."""
+    `fp32_kernel`: the fp32 linear kernel on a CPU (the stages and eval keep torch's, MKL);
+    `compiles_layers`: whether the decoder layers run compiled (PPO's `compile_layers`)."""
     flags = cpu_flags()
     return {
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -66,6 +74,7 @@ def what_ran(
             "ran": fp32_kernel if device.type == "cpu" else None,  # an accelerator has its own kernels
         },
         "fp32_attention": {"asked": getattr(config, "fp32_attention", "auto")},
+        "compile_layers": {"asked": getattr(config, "compile_layers", False), "ran": compiles_layers},
         # transformers' attention implementation of each model: sdpa (torch's kernel for the autocast
         # dtype), ppo_fp32_sdpa (fp32 kernel), ppo_fp32_decode_sdpa (fp32 while sampling only).
         "attention": {name: implementation(model) for name, model in models.items() if model is not None},
@@ -81,7 +90,15 @@ def ppo_run(trainer) -> dict[str, Any]:
         "critic": trainer.critic.module if trainer.critic is not None else None,
         "reward_model": trainer.rewards.reward_model,
     }
-    return what_ran(trainer.config, trainer.device, trainer.precision, models, trainer.global_step, trainer.fp32_kernel)
+    return what_ran(
+        trainer.config,
+        trainer.device,
+        trainer.precision,
+        models,
+        trainer.global_step,
+        trainer.fp32_kernel,
+        trainer.compiles_layers,
+    )
 
 
 def record_start(output_dir: str | Path, record: dict[str, Any]) -> None:

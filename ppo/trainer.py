@@ -28,7 +28,7 @@ from ppo.batch import PromptBatch, Rollout, ScoredBatch
 from ppo.config import BatchPlan, PPOConfig, plan_batches
 from ppo.data import collate_prompts, ensure_pad_token
 from ppo.fastpath.compat import enable_activation_checkpointing
-from ppo.fastpath.compiled_layers import compile_decoder_layers
+from ppo.fastpath.compiled_layers import compile_decoder_layers, worth_compiling
 from ppo.fastpath.fused_head import fusing
 from ppo.fastpath.host_memory import memory_releaser
 from ppo.fastpath.last_layer import pruning
@@ -118,7 +118,7 @@ class PPOTrainer:
         # Compiled layers trace torch's own linear; the oneDNN kernel is a private op the compiler
         # would have to trace through.
         self.fp32_kernel = resolve_fp32_matmul(
-            "mkl" if config.gradient_checkpointing or config.compile_layers else config.fp32_matmul,
+            "mkl" if config.gradient_checkpointing or config.compile_layers is True else config.fp32_matmul,
             self.device,
             getattr(getattr(model, "config", None), "hidden_size", 512),
         )
@@ -154,7 +154,10 @@ class PPOTrainer:
         every_model = (self.policy, self.ref_model, self.critic.module if self.critic else None, reward_model)
         if config.fp32_attention:  # a shared backbone (critic, reward model) switches with its owner
             attend_in_fp32(every_model, self.precision, self.device, config.fp32_attention)
-        if config.compile_layers:
+        # auto compiles only under bf16, where the fp32 kernel is not used, and never recomputes layers.
+        compile_mode = False if config.gradient_checkpointing else config.compile_layers
+        self.compiles_layers = worth_compiling(compile_mode, self.policy, self.precision, self.device)
+        if self.compiles_layers:
             for module in every_model:
                 if module is not None:
                     compile_decoder_layers(module)  # idempotent: a shared backbone is compiled once

@@ -13,10 +13,15 @@ compiler would guard on and recompile for. Sampling's decode steps are `lean_dec
 model's own and are not compiled. A layer whose `forward` someone else replaced for a block of
 calls (`last_layer.last_layer_rows`) runs that replacement.
 
-Measured on an AVX2 CPU in fp32 (SmolLM2-135M, forward + backward of 8 x 128 tokens; docs/
-performance.md): no faster (the time there is the matmuls') and ~45 s of compiling on 2 cores, so
-the switch is off by default. Torch's own C++ compiler must be present on CPU; if compiling fails,
-one `FastPathWarning` says so and the layers run uncompiled.
+`auto` (the default) compiles where it was measured to pay (docs/performance.md): bf16 autocast
+on a CPU with AMX, whose bf16 matmuls are ~5x its fp32 ones so the tail is most of the time, and
+decoder layers of at least `MIN_LAYER_PARAMETERS`. There, on 2 cores, W2's iteration went from
+10.4 to 6.9 s after ~18 s of compiling and SmolLM2-135M's from 54.5 to 48.4 s after ~39 s: won
+back within a few iterations. Not in fp32 (no faster: the time is the matmuls'), not on
+AVX512-BF16 without AMX (W2 no faster), not on tiny models (W1: within its run-to-run spread, and
+the compiling would be most of a short run) and not on GPUs (not measured). Torch's own C++
+compiler must be present on CPU; if compiling fails, one `FastPathWarning` says so and the layers
+run uncompiled.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ import torch
 
 from ppo.fastpath.compat import layer_cache
 from ppo.fastpath.gate import FastPathWarning
+from ppo.host_cpu import cpu_flags
+
+MIN_LAYER_PARAMETERS = 10_000_000  # the decoder layers' parameters from which auto compiles
 
 _failed: list[str] = []  # why compiling failed in this process (then every layer runs uncompiled)
 _compiled: dict[type, object] = {}  # layer class -> its compiled forward: one graph cache per class
@@ -39,6 +47,17 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
         if isinstance(module, torch.nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
             return module
     return None
+
+
+def worth_compiling(mode, model: torch.nn.Module, precision: str, device: torch.device) -> bool:
+    """`PPOConfig.compile_layers` resolved: true and false as given; auto compiles under bf16 on a
+    CPU with AMX when `model`'s decoder layers hold >= MIN_LAYER_PARAMETERS (see the docstring)."""
+    if mode != "auto":
+        return bool(mode)
+    if precision != "bf16" or device.type != "cpu" or "amx_bf16" not in cpu_flags():
+        return False
+    layers = decoder_layers(model)
+    return layers is not None and sum(p.numel() for p in layers.parameters()) >= MIN_LAYER_PARAMETERS
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> int:
