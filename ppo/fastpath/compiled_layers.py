@@ -18,8 +18,8 @@ on a CPU with AMX, whose bf16 matmuls are ~5x its fp32 ones so the tail is most 
 decoder layers of at least `MIN_LAYER_PARAMETERS`. There, on 2 cores, W2's iteration went from
 10.4 to 6.9 s after ~18 s of compiling and SmolLM2-135M's from 54.5 to 48.4 s after ~39 s: won
 back within a few iterations. Not in fp32 (no faster: the time is the matmuls'), not on
-AVX512-BF16 without AMX (W2 no faster), not on tiny models (W1: within its run-to-run spread, and
-the compiling would be most of a short run) and not on GPUs (not measured). Torch's own C++
+AVX512-BF16 without AMX (W2 no faster), not on tiny models (W1: 0.2 s/iter, ~75 iterations to win back
+the compiling; W3 slower) and not on GPUs (not measured). Torch's own C++
 compiler must be present on CPU; if compiling fails, one `FastPathWarning` says so and the layers
 run uncompiled.
 """
