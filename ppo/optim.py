@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ppo import distributed as dist
 from ppo.lr_schedule import lr_factor, set_learning_rates
 
 
@@ -77,7 +78,7 @@ def optimizer_step(
     """Clip, set the learning rate of (1-based) optimizer step `step`, step, zero; returns the
     pre-clip gradient norm and the learning rate used."""
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
+    grad_norm = dist.clip_grad_norm(params, max_grad_norm if max_grad_norm is not None else float("inf"))
     check_loss(grad_norm, "gradient norm", step, epoch)
     lr = set_learning_rates([optimizer], schedule(step - 1))
     optimizer.step()
