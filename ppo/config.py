@@ -221,10 +221,11 @@ class PPOConfig:
         "auto",
         "torch.compile each decoder layer of every model for scoring and the update (one graph per layer "
         "class, dynamic shapes): fuses the norms, rotary, activations and casts around the matmuls. Same "
-        "maths, float rounding apart; compiling takes ~20 s on a 2-core CPU. auto: on under bf16 on a CPU with "
-        "AMX for decoder layers of >= 10M parameters, where it made iterations up to 1.5x shorter; off in "
-        "fp32, without AMX, for tiny models and on GPUs, where it was not measured to pay (docs/performance.md). "
-        "Sampling is not compiled; not with gradient_checkpointing.",
+        "maths, float rounding apart; compiling takes 20-60 s on a 2-core CPU, in the first step. auto: on "
+        "under bf16 on a CPU with AMX for decoder layers of >= 10M parameters trained whole, where it made "
+        "iterations up to 1.5x shorter; off in fp32, without AMX, for tiny models, with LoRA and on GPUs, where "
+        "it was not measured to pay (docs/performance.md). Sampling is not compiled; not with "
+        "gradient_checkpointing.",
     )
     bf16_frozen_weights: bool = opt(
         True,

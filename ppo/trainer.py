@@ -156,7 +156,7 @@ class PPOTrainer:
             attend_in_fp32(every_model, self.precision, self.device, config.fp32_attention)
         # auto compiles only under bf16, where the fp32 kernel is not used, and never recomputes layers.
         compile_mode = False if config.gradient_checkpointing else config.compile_layers
-        self.compiles_layers = worth_compiling(compile_mode, self.policy, self.precision, self.device)
+        self.compiles_layers = worth_compiling(compile_mode, self.policy, self.precision, self.device, use_lora)
         if self.compiles_layers:
             for module in every_model:
                 if module is not None:

@@ -19,7 +19,8 @@ decoder layers of at least `MIN_LAYER_PARAMETERS`. There, on 2 cores, W2's itera
 10.4 to 6.9 s after ~18 s of compiling and SmolLM2-135M's from 54.5 to 48.4 s after ~39 s: won
 back within a few iterations. Not in fp32 (no faster: the time is the matmuls'), not on
 AVX512-BF16 without AMX (W2 no faster), not on tiny models (W1: 0.2 s/iter, ~75 iterations to win back
-the compiling; W3 slower) and not on GPUs (not measured). Torch's own C++
+the compiling; W3 slower), not with LoRA adapters (SmolLM2-135M, r=4, 16 x 48 tokens: 11.4 -> 10.7
+s/step after ~48 s of compiling) and not on GPUs (not measured). Torch's own C++
 compiler must be present on CPU; if compiling fails, one `FastPathWarning` says so and the layers
 run uncompiled.
 """
@@ -49,12 +50,13 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     return None
 
 
-def worth_compiling(mode, model: torch.nn.Module, precision: str, device: torch.device) -> bool:
+def worth_compiling(mode, model: torch.nn.Module, precision: str, device: torch.device, adapters: bool = False) -> bool:
     """`PPOConfig.compile_layers` resolved: true and false as given; auto compiles under bf16 on a
-    CPU with AMX when `model`'s decoder layers hold >= MIN_LAYER_PARAMETERS (see the docstring)."""
+    CPU with AMX when `model`'s decoder layers hold >= MIN_LAYER_PARAMETERS and are trained whole,
+    not through LoRA `adapters` (see the docstring)."""
     if mode != "auto":
         return bool(mode)
-    if precision != "bf16" or device.type != "cpu" or "amx_bf16" not in cpu_flags():
+    if precision != "bf16" or device.type != "cpu" or "amx_bf16" not in cpu_flags() or adapters:
         return False
     layers = decoder_layers(model)
     return layers is not None and sum(p.numel() for p in layers.parameters()) >= MIN_LAYER_PARAMETERS

@@ -7,6 +7,7 @@ at their first call, which these tests never make (test_compiled_layers.py runs 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -116,3 +117,18 @@ def test_run_json_records_what_compile_layers_did(
     trainer = PPOTrainer(run_config(tmp_path, precision="fp32"), tiny_policy, tiny_tokenizer, reward_funcs=[count_w1])
     assert ppo_run(trainer)["compile_layers"] == {"asked": "auto", "ran": False}
     assert json.dumps(ppo_run(trainer))  # serialisable as it is written
+
+
+def test_auto_leaves_lora_runs_eager_and_true_compiles_them(
+    tmp_path, tiny_policy, tiny_tokenizer, amx, monkeypatch, quiet_bf16_emulation
+):
+    pytest.importorskip("peft")
+    monkeypatch.setattr(compiled_layers, "MIN_LAYER_PARAMETERS", 0)
+    assert not worth_compiling("auto", tiny_policy, "bf16", CPU, adapters=True)
+    for mode, compiled in (("auto", False), (True, True)):
+        config = run_config(tmp_path, precision="bf16", lora_r=4, lora_alpha=8, compile_layers=mode)
+        trainer = PPOTrainer(config, copy.deepcopy(tiny_policy), tiny_tokenizer, reward_funcs=[count_w1])
+        try:
+            assert trainer.compiles_layers is compiled
+        finally:
+            uncompile_decoder_layers(trainer.policy)
