@@ -64,15 +64,7 @@ def parse_args(argv=None):
         action="store_true",
         help="PPOConfig.gradient_checkpointing: activations recomputed in backward (less memory, more time)",
     )
-    p.add_argument(
-        "--compile-layers",
-        nargs="?",
-        const="true",
-        default="auto",
-        choices=["auto", "true", "false"],
-        help="PPOConfig.compile_layers: decoder layers through torch.compile (compiling falls in the warm-up); "
-        "alone: true; default auto (on under bf16 on an AMX CPU for layers of >= 10M parameters)",
-    )
+    add_compile_layers_option(p, "(compiling falls in the warm-up)")
     p.add_argument(
         "--bf16-attention",
         action="store_true",
@@ -105,6 +97,19 @@ def parse_args(argv=None):
         help="W4: the prompts file (texts, ids) the anchor reads too; default: made here",
     )
     return p.parse_args(argv)
+
+
+def add_compile_layers_option(parser: argparse.ArgumentParser, note: str) -> None:
+    """`--compile-layers [auto|true|false]`, PPOConfig.compile_layers (here and in run.py, which passes it on)."""
+    parser.add_argument(
+        "--compile-layers",
+        nargs="?",
+        const="true",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="PPOConfig.compile_layers: decoder layers through torch.compile; alone: true; default auto (on under "
+        f"bf16 on an AMX CPU for layers of >= 10M parameters) {note}",
+    )
 
 
 def system_label(

@@ -29,6 +29,7 @@ import machine
 import real_model
 import report
 import trl_anchor
+from ppo_bench import add_compile_layers_option
 from workloads import DEFAULT_WORKLOADS, WORKLOADS, trl_bench_args
 
 
@@ -85,15 +86,7 @@ def parse_args(argv=None):
         action="store_true",
         help="ppo-rlhf with PPOConfig.gradient_checkpointing (activations recomputed in backward); rows say so",
     )
-    p.add_argument(
-        "--compile-layers",
-        nargs="?",
-        const="true",
-        default="auto",
-        choices=["auto", "true", "false"],
-        help="ppo-rlhf's PPOConfig.compile_layers (decoder layers through torch.compile); alone: true; default "
-        "auto (on under bf16 on an AMX CPU for layers of >= 10M parameters); rows say when layers ran compiled",
-    )
+    add_compile_layers_option(p, "(ppo-rlhf; rows say when layers ran compiled)")
     p.add_argument(
         "--bf16-attention",
         action="store_true",
